@@ -1,0 +1,28 @@
+# `make test` and `make demo` set up .venv on first use and reuse it afterwards.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest
+
+demo: $(STAMP)
+	$(VENV)/bin/python jobs/certify.py --config jobs/configs/demo.yaml
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,145 @@
+"""Certify a batch of images in this process: the engine samples once, every certifier reads the counts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.certifiers.base import Certifier
+from pipeline.engine import Engine
+from pipeline.noise import noise_scheme
+from pipeline.results import to_table
+
+log = logging.getLogger(__name__)
+
+__all__ = ["certify", "content_ids"]
+
+
+def content_ids(images: torch.Tensor) -> list[str]:
+    """Ids from the images' pixels ('sha256:' + 16 hex digits), so an image keeps its noise whatever its
+    position; the k-th repeat of the same pixels gets '#k' appended."""
+    seen: Counter[str] = Counter()
+    ids = []
+    for image in images.detach().to("cpu", torch.float32):
+        digest = hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest()[:16]
+        ids.append(f"sha256:{digest}" + (f"#{seen[digest]}" if seen[digest] else ""))
+        seen[digest] += 1
+    return ids
+
+
+def _check_images(images) -> torch.Tensor:
+    images = torch.as_tensor(images)
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty float tensor [B, C, H, W], got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a float tensor with values in [0, 1], got dtype {images.dtype}")
+    if not torch.isfinite(images).all():
+        raise ValueError("images must be finite; found NaN or infinity")
+    low, high = float(images.min()), float(images.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"images must lie in [0, 1] (pixel space, before normalisation); found values in "
+                         f"[{low:.4g}, {high:.4g}]")
+    return images
+
+
+def _check_labels(labels, count: int, num_classes: int) -> list[int] | None:
+    if labels is None:
+        return None
+    labels = [int(label) for label in np.asarray(torch.as_tensor(labels).cpu()).reshape(-1)]
+    if len(labels) != count:
+        raise ValueError(f"labels must hold one label per image: got {len(labels)} labels for {count} images")
+    bad = [label for label in labels if not 0 <= label < num_classes]
+    if bad:
+        raise ValueError(f"labels must lie in [0, {num_classes - 1}] for this model; got {bad[:5]}")
+    return labels
+
+
+def _check_ids(image_ids, count: int) -> list[str]:
+    image_ids = [str(image_id) for image_id in image_ids]
+    if len(image_ids) != count:
+        raise ValueError(f"image_ids must hold one id per image: got {len(image_ids)} for {count} images")
+    if len(set(image_ids)) != count:
+        raise ValueError("image_ids must be unique: each id seeds its image's noise")
+    return image_ids
+
+
+def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Certifier] = (), *, seed: int = 0,
+            batch_size: int = 1000, device: str = "cpu", precision: str = "fp32",
+            image_ids: Sequence[str] | None = None, progress: bool = False) -> pa.Table:
+    """Certifies every image with every certifier; returns one row per (image, certifier) in
+    `pipeline.results.SCHEMA`.
+
+    `images` is a float tensor [B, C, H, W] in [0, 1]; normalisation belongs inside `model`, so sigma and
+    radii are in pixel units. `labels` (optional) are the true classes. The noise of each image is a pure
+    function of (`seed`, its id, stage, draw index): the table does not depend on `batch_size` or on the
+    order of the images. Certifiers asking for the same noise share forward passes (see
+    `pipeline.certifiers`).
+    """
+    certifiers = list(certifiers)
+    if not certifiers:
+        raise ValueError("certifiers: give at least one certifier, e.g. Cohen(sigma=0.25)")
+    for certifier in certifiers:
+        if not isinstance(certifier, Certifier):
+            raise ValueError(f"certifiers must be Certifier instances, got {certifier!r}")
+    images = _check_images(images)
+    image_ids = content_ids(images) if image_ids is None else _check_ids(image_ids, len(images))
+
+    engine = Engine(model, device=device, batch_size=batch_size, precision=precision, progress=progress)
+    num_classes = engine.num_classes(images[0])
+    labels = _check_labels(labels, len(images), num_classes)
+    for certifier in certifiers:
+        certifier.check_num_classes(num_classes)
+
+    labeled = labels is not None
+    own_draws = [certifier.draws(labeled) for certifier in certifiers]
+    requests = list(dict.fromkeys(draws for group in own_draws for draws in group))
+    log.info("certifying %d images with %s: %d noise streams, batch %d on %s", len(images),
+             ", ".join(c.name for c in certifiers), len({(d.stage, d.sigma) for d in requests}), batch_size, device)
+    counts = engine.count(images, image_ids, seed, requests)
+    log.info("sampled %d forward passes in %.1f s", engine.forward_passes, engine.seconds)
+
+    passes = [sum(draws.n for draws in group) for group in own_draws]
+    seconds_per_pass = engine.seconds / (len(images) * sum(passes))
+    settings = {"noise_scheme": noise_scheme(engine.device), "precision": precision}
+    params = [json.dumps({**certifier.params(), **settings}, sort_keys=True) for certifier in certifiers]
+    rows = []
+    for index in range(len(images)):
+        label = labels[index] if labeled else None
+        for certifier, group, forward_passes, setting in zip(certifiers, own_draws, passes, params, strict=True):
+            started = time.perf_counter()
+            certificate = certifier.certify({draws: counts[draws][index] for draws in group}, label)
+            rows.append({
+                "image_index": index,
+                "image_id": image_ids[index],
+                "label": label,
+                "certifier": certifier.name,
+                "sigma": float(certifier.sigma),
+                "prediction": certificate.prediction,
+                "abstained": certificate.abstained,
+                "radius": certificate.radius,
+                "norm": certifier.norm,
+                "p_lower": certificate.p_lower,
+                "count": certificate.count,
+                "n": sum(draws.n for draws in group if draws.stage != "selection"),
+                "n0": sum(draws.n for draws in group if draws.stage == "selection"),
+                "alpha": float(certifier.alpha),
+                "correct": None if label is None else (not certificate.abstained and certificate.prediction == label),
+                "topk_labels": certificate.topk_labels,
+                "forward_passes": forward_passes,
+                "seed": seed,
+                "wall_time_s": forward_passes * seconds_per_pass + time.perf_counter() - started,
+                "status": "ok",
+                "error": None,
+                "precision": precision,
+                "device": engine.device.type,
+                "params": setting,
+            })
+    return to_table(rows)

@@ -1,0 +1,16 @@
+"""The certifiers. Each module holds one method's math on counts and its `Certifier` class.
+
+Sharing: certifiers that ask for the same (stage, sigma) stream get the same draws, so one forward
+pass per draw serves `Cohen` and `TopK` together. Each certificate still holds with probability
+>= 1 - alpha on its own; being computed from shared draws, several certificates of one image hold
+together with probability >= 1 - (the sum of their alphas).
+"""
+
+from pipeline.certifiers import cohen, topk
+from pipeline.certifiers.base import ABSTAIN, Certificate, Certifier
+from pipeline.certifiers.cohen import Cohen
+from pipeline.certifiers.topk import TopK
+
+REGISTRY: dict[str, type[Certifier]] = {cls.name: cls for cls in (Cohen, TopK)}
+
+__all__ = ["ABSTAIN", "REGISTRY", "Certificate", "Certifier", "Cohen", "TopK", "cohen", "topk"]

@@ -1,0 +1,83 @@
+"""What every certifier shares: the certificate it returns and the checks on its settings.
+
+A certifier says which noise it needs (`draws`) and turns the counts the engine returns into a
+`Certificate` (`certify`). The math lives in plain functions on counts, so it is testable on stored
+counts without a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from pipeline.engine import Draws
+
+ABSTAIN = -1
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+__all__ = ["ABSTAIN", "Certificate", "Certifier"]
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """One certifier's verdict on one image. `prediction` is ABSTAIN (-1) with radius 0 when it abstains."""
+
+    prediction: int
+    radius: float
+    p_lower: float | None = None
+    count: int | None = None
+    topk_labels: list[int] | None = None
+
+    @property
+    def abstained(self) -> bool:
+        return self.prediction == ABSTAIN
+
+
+@dataclass(frozen=True, kw_only=True)
+class Certifier:
+    """Base of the certifiers: Gaussian smoothing at scale `sigma` with failure probability `alpha`."""
+
+    name: ClassVar[str]
+    norm: ClassVar[str] = "l2"
+
+    sigma: float
+    alpha: float = 0.001
+
+    def __post_init__(self) -> None:
+        if not (_is_real(self.sigma) and math.isfinite(self.sigma) and self.sigma > 0):
+            raise ValueError(f"{self.name}: sigma must be a finite number > 0, got {self.sigma!r}")
+        if not (_is_real(self.alpha) and 0 < self.alpha < 1):
+            raise ValueError(f"{self.name}: alpha must lie in (0, 1), got {self.alpha!r}")
+
+    def _require_count(self, field: str, minimum: int) -> None:
+        value = getattr(self, field)
+        if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or value < minimum:
+            raise ValueError(f"{self.name}: {field} must be an integer >= {minimum}, got {value!r}")
+
+    def _require_choice(self, field: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, field) not in choices:
+            raise ValueError(f"{self.name}: {field} must be one of {choices}, got {getattr(self, field)!r}")
+
+    def check_num_classes(self, num_classes: int) -> None:
+        """Raises ValueError when the settings cannot apply to a model with this many classes."""
+
+    def draws(self, labeled: bool) -> list[Draws]:
+        """The noise this certifier needs for every image; `labeled` says whether true labels are given."""
+        raise NotImplementedError
+
+    def certify(self, counts: Mapping[Draws, np.ndarray], label: int | None) -> Certificate:
+        """The certificate for one image from its count vectors, keyed by the requests of `draws`."""
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        """Every setting, for the result row."""
+        return {"certifier": self.name, **dataclasses.asdict(self)}

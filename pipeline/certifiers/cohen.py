@@ -1,0 +1,89 @@
+"""Cohen, Rosenfeld & Kolter (2019): CERTIFY and PREDICT for Gaussian smoothing in the l2 norm.
+
+g(x) = argmax_c P(f(x + eps) = c), eps ~ N(0, sigma^2 I). With probability >= 1 - alpha over the
+sampling, a certificate (c_A, R) that is not an abstention means g(x + delta) = c_A for every
+||delta||_2 < R, R = sigma * Phi^-1(p_lower) (Theorem 1 with p_B = 1 - p_A). PREDICT returns g(x) or
+abstains, wrong with probability at most alpha (Hung & Fithian's test).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from scipy.stats import norm
+
+from pipeline import stats
+from pipeline.certifiers.base import ABSTAIN, Certificate, Certifier
+from pipeline.engine import Draws
+
+__all__ = ["Cohen", "certificate_from_counts", "certify_from_counts", "predict_from_counts"]
+
+
+def certificate_from_counts(selection_counts, estimation_counts, sigma: float, alpha: float) -> Certificate:
+    """CERTIFY on counts: the top class of the selection draws, bounded on the fresh estimation draws.
+
+    p_lower is the one-sided Clopper–Pearson bound at level alpha; the certificate needs p_lower > 1/2
+    strictly, otherwise it abstains with radius 0.
+    """
+    selection_counts = np.asarray(selection_counts)
+    estimation_counts = np.asarray(estimation_counts)
+    top = int(np.argmax(selection_counts))
+    count, n = int(estimation_counts[top]), int(estimation_counts.sum())
+    p_lower = float(stats.clopper_pearson_lower(count, n, alpha))
+    if p_lower > 0.5:
+        return Certificate(prediction=top, radius=float(sigma * norm.ppf(p_lower)), p_lower=p_lower, count=count,
+                           topk_labels=[top])
+    return Certificate(prediction=ABSTAIN, radius=0.0, p_lower=p_lower, count=count)
+
+
+def certify_from_counts(selection_counts, estimation_counts, sigma: float, alpha: float) -> tuple[int, float]:
+    """CERTIFY on counts: (predicted class, certified l2 radius), or (-1, 0.0) on abstention."""
+    certificate = certificate_from_counts(selection_counts, estimation_counts, sigma, alpha)
+    return certificate.prediction, certificate.radius
+
+
+def predict_from_counts(counts, alpha: float) -> int:
+    """PREDICT on counts: the top class if the two-sided binomial test of its count against the runner-up's
+    rejects equality at level alpha, else -1. Ties between counts go to the lower class index."""
+    counts = np.asarray(counts)
+    first, second = np.argsort(-counts, kind="stable")[:2]
+    count_a, count_b = int(counts[first]), int(counts[second])
+    if stats.binomial_test_pvalue(count_a, count_a + count_b, 0.5) <= alpha:
+        return int(first)
+    return ABSTAIN
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cohen(Certifier):
+    """Cohen et al.'s smoothed classifier: `mode="certify"` (CERTIFY: n0 selection draws, n fresh
+    estimation draws) or `mode="predict"` (PREDICT on n draws, no radius)."""
+
+    name: ClassVar[str] = "cohen"
+
+    n0: int = 100
+    n: int = 100_000
+    mode: str = "certify"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._require_count("n0", 1)
+        self._require_count("n", 1)
+        self._require_choice("mode", ("certify", "predict"))
+
+    def draws(self, labeled: bool) -> list[Draws]:
+        estimation = Draws("estimation", self.sigma, self.n)
+        if self.mode == "predict":
+            return [estimation]
+        return [Draws("selection", self.sigma, self.n0), estimation]
+
+    def certify(self, counts: Mapping[Draws, np.ndarray], label: int | None) -> Certificate:
+        estimation = counts[Draws("estimation", self.sigma, self.n)]
+        if self.mode == "predict":
+            prediction = predict_from_counts(estimation, self.alpha)
+            return Certificate(prediction=prediction, radius=0.0,
+                               topk_labels=None if prediction == ABSTAIN else [prediction])
+        selection = counts[Draws("selection", self.sigma, self.n0)]
+        return certificate_from_counts(selection, estimation, self.sigma, self.alpha)

@@ -1,0 +1,1 @@
+"""Dataset readers. For now: the embedded demo set."""
