@@ -58,6 +58,7 @@ class Engine:
         self.progress = progress
         self.forward_passes = 0
         self.seconds = 0.0
+        self._num_classes: int | None = None
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """The model's output on a batch, under inference mode and the configured precision."""
@@ -67,12 +68,14 @@ class Engine:
             return self.model(inputs)
 
     def num_classes(self, image: torch.Tensor) -> int:
-        """Probes the model on one clean image and checks that it returns one score per class."""
-        out = self.logits(image[None].to(self.device, torch.float32))
-        if out.ndim != 2 or out.shape[0] != 1 or out.shape[1] < 2:
-            raise ValueError(f"the model must map a batch [B, C, H, W] to class scores [B, num_classes >= 2]; "
-                             f"it returned shape {tuple(out.shape)}")
-        return int(out.shape[1])
+        """Probes the model once, on one clean image, and checks that it returns one score per class."""
+        if self._num_classes is None:
+            out = self.logits(image[None].to(self.device, torch.float32))
+            if out.ndim != 2 or out.shape[0] != 1 or out.shape[1] < 2:
+                raise ValueError(f"the model must map a batch [B, C, H, W] to class scores [B, num_classes >= 2];"
+                                 f" it returned shape {tuple(out.shape)}")
+            self._num_classes = int(out.shape[1])
+        return self._num_classes
 
     def count(self, images: torch.Tensor, image_ids: Sequence[str], seed: int,
               requests: Sequence[Draws]) -> dict[Draws, np.ndarray]:
@@ -117,9 +120,15 @@ class Engine:
         owner = np.empty(self.batch_size, dtype=np.int64)
         ones = torch.ones(self.batch_size, dtype=torch.int64, device=self.device)
         total = len(images) * sum(ends[-1] for ends in cuts.values())
-        bar = tqdm(total=total, desc="noise draws", unit="draw", unit_scale=True, disable=not self.progress)
+        bar = tqdm(total=total, desc="noise draws", unit="draw", unit_scale=True, mininterval=2.0,
+                   disable=not self.progress)
+
+        runs: list[list] = []  # [first row, end row, image, sigma]: rows that get the same image and scale
 
         def flush(rows: int) -> None:
+            for first, end, image, sigma in runs:
+                torch.add(x[image], batch[first:end], alpha=sigma, out=batch[first:end])
+            runs.clear()
             index = torch.from_numpy(owner[:rows] * num_classes)
             if self.device.type == "cuda":
                 index = index.pin_memory().to(self.device, non_blocking=True)
@@ -137,8 +146,15 @@ class Engine:
                     while draw < end:
                         block, offset = divmod(draw, DRAWS_PER_BLOCK)
                         take = min(end - draw, DRAWS_PER_BLOCK - offset, self.batch_size - rows)
-                        eps = noise.get(seed, image_ids[image], stage, block)[offset:offset + take]
-                        torch.add(x[image], eps, alpha=sigma, out=batch[rows:rows + take])
+                        if take == DRAWS_PER_BLOCK:  # a whole block: generate it in place
+                            noise.fill(batch[rows:rows + take], seed, image_ids[image], stage, block)
+                        else:
+                            eps = noise.get(seed, image_ids[image], stage, block)[offset:offset + take]
+                            batch[rows:rows + take].copy_(eps)
+                        if runs and runs[-1][1] == rows and runs[-1][2:] == [image, sigma]:
+                            runs[-1][1] += take
+                        else:
+                            runs.append([rows, rows + take, image, sigma])
                         owner[rows:rows + take] = slot
                         rows += take
                         draw += take

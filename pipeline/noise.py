@@ -48,12 +48,16 @@ class GaussianBlocks:
         self._generator = torch.Generator(device=self.device)
         self._held: tuple | None = None
 
+    def fill(self, out: torch.Tensor, seed: int, image_id: str, stage: str, block: int) -> None:
+        """Writes the standard-normal draws of `block` into `out` (contiguous, [DRAWS_PER_BLOCK, *shape])."""
+        self._generator.manual_seed(block_seed(seed, image_id, stage, block))
+        torch.randn(out.shape, generator=self._generator, out=out)
+
     def get(self, seed: int, image_id: str, stage: str, block: int) -> torch.Tensor:
         """The standard-normal draws of `block` (a view into a buffer that the next call may overwrite)."""
         key = (seed, image_id, stage, block)
         if key != self._held:
-            self._generator.manual_seed(block_seed(*key))
-            torch.randn(self.block.shape, generator=self._generator, out=self.block)
+            self.fill(self.block, *key)
             self._held = key
         return self.block
 

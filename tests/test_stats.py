@@ -46,7 +46,7 @@ def test_clopper_pearson_matches_two_sided_interval_at_twice_alpha():
 
 @pytest.mark.parametrize(("bad_k", "bad_n"), [(-1, 10), (11, 10), (0, 0)])
 def test_clopper_pearson_rejects_impossible_counts(bad_k, bad_n):
-    with pytest.raises(ValueError, match="n must|counts must"):
+    with pytest.raises(ValueError, match=r"n must|counts must"):
         stats.clopper_pearson_lower(bad_k, bad_n, 0.01)
 
 

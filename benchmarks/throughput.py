@@ -1,0 +1,140 @@
+"""Engine throughput against the raw forward pass of the same model, in one run.
+
+    python benchmarks/throughput.py                        # CPU: demo CNN and a nearly free model
+    python benchmarks/throughput.py --device cuda --models demo cheap resnet50
+
+For each model, at one batch size, it measures noise draws per second of
+  forward     the model alone on a fixed batch (no noise): the ceiling;
+  floor       fresh Gaussian noise, the add, and the forward per batch: what any sampler must pay;
+  engine      pipeline's Engine.count on several images (seeded blocks, packing, on-device counting);
+  per-image   a per-image loop as in the reference code: one image per call, noise by randn_like,
+              a host sync and numpy counting per batch;
+and prints the ratios. Each figure is the best of --repeats runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from pipeline.engine import Draws, Engine
+from pipeline.models import DemoCNN
+
+
+class NearlyFree(nn.Module):
+    """Mean over pixels per channel, then a linear head: the forward costs almost nothing."""
+
+    def __init__(self, channels: int = 3, num_classes: int = 10):
+        super().__init__()
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def make_model(name: str) -> tuple[nn.Module, tuple[int, int, int]]:
+    if name == "demo":
+        return DemoCNN(), (3, 32, 32)
+    if name == "cheap":
+        return NearlyFree(), (3, 32, 32)
+    if name == "resnet50":
+        return torchvision.models.resnet50(weights=None), (3, 224, 224)
+    raise ValueError(f"unknown model {name!r}")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_rate(run, draws: int, repeats: int, device: torch.device) -> float:
+    """Best draws/s over repeats (one untimed warm-up)."""
+    run()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return draws / min(times)
+
+
+def measure(name: str, device: torch.device, images: int, draws: int, batch: int, sigma: float,
+            repeats: int) -> dict[str, float]:
+    model, shape = make_model(name)
+    model = model.to(device).eval()
+    torch.manual_seed(0)
+    x = torch.rand(images, *shape, device=device)
+    total = images * draws
+    batches = [min(batch, total - start) for start in range(0, total, batch)]
+    fixed = torch.rand(batch, *shape, device=device)
+    noise = torch.empty(batch, *shape, device=device)
+    noisy = torch.empty(batch, *shape, device=device)
+
+    def forward_only():
+        with torch.inference_mode():
+            for rows in batches:
+                model(fixed[:rows]).argmax(1)
+
+    def floor():
+        with torch.inference_mode():
+            for index, rows in enumerate(batches):
+                torch.randn(noise[:rows].shape, out=noise[:rows])
+                torch.add(x[index % images], noise[:rows], alpha=sigma, out=noisy[:rows])
+                model(noisy[:rows]).argmax(1)
+
+    engine = Engine(model, device=device, batch_size=batch)
+    ids = [f"bench/{i}" for i in range(images)]
+
+    def engine_count():
+        engine.count(x, ids, seed=0, requests=[Draws("estimation", sigma, draws)])
+
+    def per_image_loop():
+        with torch.no_grad():
+            for image in x:
+                counts = np.zeros(10, dtype=int)
+                remaining = draws
+                while remaining:
+                    rows = min(batch, remaining)
+                    repeated = image.repeat((rows, 1, 1, 1))
+                    predictions = model(repeated + torch.randn_like(repeated) * sigma).argmax(1)
+                    for prediction in predictions.cpu().numpy():
+                        counts[prediction] += 1
+                    remaining -= rows
+
+    return {label: best_rate(run, total, repeats, device) for label, run in
+            [("forward", forward_only), ("floor", floor), ("engine", engine_count), ("per-image", per_image_loop)]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--models", nargs="+", default=["demo", "cheap"], help="demo, cheap, resnet50")
+    parser.add_argument("--images", type=int, default=8, help="images per measurement (default 8)")
+    parser.add_argument("--draws", type=int, default=5000, help="noise draws per image (default 5000)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="rows per forward pass (default 1000)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the best counts (default 3)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch_size}, {args.images} images x {args.draws} draws\n")
+    print("| model | forward draws/s | floor draws/s | engine draws/s | per-image draws/s "
+          "| engine/forward | engine/floor | per-image/forward | engine/per-image |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for model in args.models:
+        r = measure(model, device, args.images, args.draws, args.batch_size, 0.25, args.repeats)
+        print(f"| {model} | {r['forward']:,.0f} | {r['floor']:,.0f} | {r['engine']:,.0f} | {r['per-image']:,.0f} "
+              f"| {r['engine'] / r['forward']:.3f} | {r['engine'] / r['floor']:.3f} "
+              f"| {r['per-image'] / r['forward']:.3f} | {r['engine'] / r['per-image']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
