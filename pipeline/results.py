@@ -23,8 +23,9 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
      "Certified radius in the row's norm, in [0, 1] pixel units; 0.0 on abstention."),
     ("norm", pa.string(), False, "Norm of the certified ball: 'l2' or 'l1'."),
     ("p_lower", pa.float64(), True,
-     "Lower confidence bound on the probability of `prediction` under noise (null where not defined)."),
-    ("count", pa.int64(), True, "Estimation draws that voted for `prediction` (for topk: for the certified label)."),
+     "Lower confidence bound on the probability under noise of the class examined (cohen: the selected top "
+     "class; topk: the label), also when it abstains; null where not defined."),
+    ("count", pa.int64(), True, "Estimation draws that voted for the class examined."),
     ("n", pa.int64(), False, "Estimation draws."),
     ("n0", pa.int64(), False, "Selection draws (0 when the certifier needed none)."),
     ("alpha", pa.float64(), False, "Probability that this certificate is wrong."),

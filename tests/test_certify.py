@@ -1,6 +1,7 @@
 """The public API: pipeline.certify on the demo model, its schema, its reproducibility, its errors."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -129,3 +130,8 @@ def test_invalid_run_arguments_are_rejected(demo):
         pipeline.certify(model, images, labels, CERTIFIERS, image_ids=["a"] * len(images))
     with pytest.raises(ValueError, match="batch_size"):
         pipeline.certify(model, images, labels, CERTIFIERS, batch_size=0)
+
+
+def test_readme_documents_every_result_column():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert [name for name in results.SCHEMA.names if f"| `{name}` |" not in readme] == []

@@ -4,9 +4,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy.special import ndtr
-from scipy.stats import norm
+from scipy.stats import multivariate_normal, norm
 
+import pipeline
 from pipeline import stats
 from pipeline.certifiers import topk
 
@@ -98,3 +100,57 @@ def test_k_outside_the_classes_is_rejected(k):
 def test_unknown_bound_is_rejected():
     with pytest.raises(ValueError, match="bound"):
         topk.radius_from_counts(np.array([10, 5, 3]), 0, k=1, sigma=0.25, alpha=0.001, bound="goodman")
+
+
+class LinearThreeClass(torch.nn.Module):
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x):
+        return x.flatten(1) @ self.weight.T + self.bias
+
+
+def smoothed_probabilities(weight, bias, x, sigma):
+    """Exact P(argmax(W(x + eps) + b) = c) for 3 classes: a bivariate normal orthant per class."""
+    probabilities = []
+    for c in range(3):
+        others = [j for j in range(3) if j != c]
+        rows = weight[c] - weight[others]  # margins of c over the others: rows @ (x + eps) + bias gap
+        mean = rows @ x + (bias[c] - bias[others])
+        cov = sigma**2 * rows @ rows.T
+        probabilities.append(multivariate_normal(mean=-mean, cov=cov).cdf(np.zeros(2)))
+    return np.array(probabilities)
+
+
+def test_no_counterexample_inside_the_certified_top2_radius():
+    """A 3-class linear classifier: its smoothed probabilities are exact, and they depend on x only
+    through the plane spanned by the weight differences. Scanning that plane at and inside each certified
+    radius finds no point where the label leaves the top 2, while scanning further out does, so the scan
+    can find a counterexample where there is one."""
+    rng = np.random.default_rng(0)
+    sigma, dim = 0.5, 8
+    weight, bias = rng.normal(size=(3, dim)), np.zeros(3)
+    basis, _ = np.linalg.qr((weight[1:] - weight[0]).T)  # orthonormal basis of the plane, [dim, 2]
+    model = LinearThreeClass(torch.tensor(weight, dtype=torch.float32), torch.tensor(bias, dtype=torch.float32))
+    points = np.clip(0.5 + 0.15 * rng.normal(size=(12, dim)), 0, 1)
+    labels = [int(np.argsort(smoothed_probabilities(weight, bias, x, sigma))[1]) for x in points]  # 2nd of 3
+    table = pipeline.certify(model, torch.tensor(points, dtype=torch.float32).view(12, 2, 2, 2), labels,
+                             [topk.TopK(k=2, sigma=sigma, n=2000, alpha=0.001)], seed=0)
+    angles = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    directions = basis @ np.stack([np.cos(angles), np.sin(angles)])
+
+    def drops_out(x, label, radius):
+        return any(np.argmin(smoothed_probabilities(weight, bias, x + radius * d, sigma)) == label
+                   for d in directions.T)
+
+    certified = 0
+    for x, label, row in zip(points, labels, table.to_pylist(), strict=True):
+        if row["abstained"]:
+            continue
+        certified += 1
+        for fraction in (0.5, 0.999):
+            assert not drops_out(x, label, fraction * row["radius"]), (x, label, row["radius"])
+        assert drops_out(x, label, 4 * row["radius"] + 4 * sigma)
+    assert certified >= 6

@@ -1,0 +1,75 @@
+"""The configuration and the command line, end to end on the demo set."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import cli, results
+from pipeline.config import ConfigError, load_config
+from pipeline.models import load_demo_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "jobs" / "configs" / "demo.yaml"
+SMALL = ["dataset.max=12", "certifiers.0.n=200", "certifiers.1.n=200", "batch_size=256"]
+
+
+def test_demo_config_loads_and_overrides_apply():
+    config = load_config(DEMO, ["certifiers.0.sigma=0.5", "seed=3"])
+    cohen, topk = config.build_certifiers()
+    assert (cohen.name, cohen.sigma, topk.k, config.seed) == ("cohen", 0.5, 3, 3)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("certifiers.0.name=smoothed", r"certifiers\[0\]\.name: unknown certifier 'smoothed'"),
+    ("certifiers.0.sigma=-1", r"certifiers\[0\]: cohen: sigma must be a finite number > 0"),
+    ("certifiers.1.k=0", r"certifiers\[1\]: topk: k must be an integer >= 1"),
+    ("certifiers.0.sigmaa=0.5", r"certifiers\[0\]: unknown setting\(s\) \['sigmaa'\]"),
+    ("certifiers=[]", "certifiers: give a non-empty list"),
+    ("batchsize=10", r"unknown config key\(s\) \['batchsize'\]"),
+    ("precision=int8", "precision must be one of"),
+    ("dataset.name=imagenet21k", "dataset.name: unknown dataset"),
+    ("model.name=vit", "model.name: unknown model"),
+])
+def test_invalid_configs_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEMO, [override])
+
+
+def test_unreadable_config_and_weights_give_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("certifiers: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "weights.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot load demo model weights"):
+        load_demo_model(tmp_path / "weights.pt")
+
+
+def test_certify_command_writes_results_and_a_summary(tmp_path, capsys):
+    args = ["certify", "--config", str(DEMO), "--output", str(tmp_path), "--run-id", "small"]
+    assert cli.main(args + [item for override in SMALL for item in ("--set", override)]) == 0
+    table = pq.read_table(tmp_path / "small" / "results.parquet")
+    assert table.schema.equals(results.SCHEMA)
+    assert table.num_rows == 24 and set(table.column("certifier").to_pylist()) == {"cohen", "topk"}
+    summary = (tmp_path / "small" / "summary.md").read_text()
+    assert "| cohen" in summary and "ACR" in summary and summary in capsys.readouterr().out
+
+
+def test_certify_job_rejects_a_bad_config_before_work(tmp_path):
+    job = subprocess.run([sys.executable, str(ROOT / "jobs" / "certify.py"), "--config", str(DEMO),
+                          "--output", str(tmp_path), "--set", "certifiers.0.alpha=2"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert job.returncode == 2
+    assert "invalid configuration: certifiers[0]: cohen: alpha must lie in (0, 1)" in job.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_help_reads_well():
+    help_text = subprocess.run([sys.executable, "-m", "pipeline.cli", "certify", "--help"], capture_output=True,
+                               text=True, cwd=ROOT).stdout
+    for option in ("--config FILE", "--output DIR", "--set KEY=VALUE", "certifiers.0.sigma=0.5"):
+        assert option in help_text
