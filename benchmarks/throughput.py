@@ -9,7 +9,7 @@ For each model, at one batch size, it measures noise draws per second of
   engine      pipeline's Engine.count on several images (seeded blocks, packing, on-device counting);
   per-image   a per-image loop as in the reference code: one image per call, noise by randn_like,
               a host sync and numpy counting per batch;
-and prints the ratios. Each figure is the best of --repeats runs.
+and prints the ratios. Each figure is the best of --repeats rounds in which the four alternate.
 """
 
 from __future__ import annotations
@@ -53,17 +53,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_rate(run, draws: int, repeats: int, device: torch.device) -> float:
-    """Best draws/s over repeats (one untimed warm-up)."""
-    run()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        sync(device)
-        times.append(time.perf_counter() - started)
-    return draws / min(times)
+def best_rates(runs: dict, draws: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Best draws/s of each run over `repeats` rounds; the runs alternate within a round, so a drift in the
+    machine's speed touches all of them alike. One untimed warm-up round first."""
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for round_ in range(repeats + 1):
+        for label, run in runs.items():
+            started = time.perf_counter()
+            run()
+            sync(device)
+            if round_:
+                times[label].append(time.perf_counter() - started)
+    return {label: draws / min(elapsed) for label, elapsed in times.items()}
 
 
 def measure(name: str, device: torch.device, images: int, draws: int, batch: int, sigma: float,
@@ -109,8 +110,8 @@ def measure(name: str, device: torch.device, images: int, draws: int, batch: int
                         counts[prediction] += 1
                     remaining -= rows
 
-    return {label: best_rate(run, total, repeats, device) for label, run in
-            [("forward", forward_only), ("floor", floor), ("engine", engine_count), ("per-image", per_image_loop)]}
+    runs = {"forward": forward_only, "floor": floor, "engine": engine_count, "per-image": per_image_loop}
+    return best_rates(runs, total, repeats, device)
 
 
 def main() -> None:
