@@ -50,13 +50,15 @@ def _check_images(images) -> torch.Tensor:
     return images
 
 
-def _check_labels(labels, count: int, num_classes: int) -> list[int] | None:
+def _check_labels(labels, count: int, num_classes: int) -> list[int | None]:
     if labels is None:
-        return None
-    labels = [int(label) for label in np.asarray(torch.as_tensor(labels).cpu()).reshape(-1)]
+        return [None] * count
+    if isinstance(labels, torch.Tensor | np.ndarray):
+        labels = labels.reshape(-1).tolist()
+    labels = [None if label is None else int(label) for label in labels]
     if len(labels) != count:
         raise ValueError(f"labels must hold one label per image: got {len(labels)} labels for {count} images")
-    bad = [label for label in labels if not 0 <= label < num_classes]
+    bad = [label for label in labels if label is not None and not 0 <= label < num_classes]
     if bad:
         raise ValueError(f"labels must lie in [0, {num_classes - 1}] for this model; got {bad[:5]}")
     return labels
@@ -71,6 +73,9 @@ def _check_ids(image_ids, count: int) -> list[str]:
     return image_ids
 
 
+RUN_COLUMNS = ("run_id", "model", "node", "code_version")
+
+
 def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Certifier] = (), *, seed: int = 0,
             batch_size: int = 1000, device: str = "cpu", precision: str = "fp32",
             image_ids: Sequence[str] | None = None, progress: bool = False) -> pa.Table:
@@ -78,11 +83,18 @@ def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Ce
     `pipeline.results.SCHEMA`.
 
     `images` is a float tensor [B, C, H, W] in [0, 1]; normalisation belongs inside `model`, so sigma and
-    radii are in pixel units. `labels` (optional) are the true classes. The noise of each image is a pure
-    function of (`seed`, its id, stage, draw index): the table does not depend on `batch_size` or on the
-    order of the images. Certifiers asking for the same noise share forward passes (see
-    `pipeline.certifiers`).
+    radii are in pixel units. `labels` (optional; entries may be None) are the true classes. The noise of
+    each image is a pure function of (`seed`, its id, stage, draw index): the table does not depend on
+    `batch_size` or on the order of the images. Certifiers asking for the same noise share forward passes
+    (see `pipeline.certifiers`).
     """
+    engine = Engine(model, device=device, batch_size=batch_size, precision=precision, progress=progress)
+    return to_table(certify_rows(engine, images, labels, certifiers, seed=seed, image_ids=image_ids))
+
+
+def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier], *, seed: int,
+                 image_ids: Sequence[str] | None = None, run_info: dict | None = None) -> list[dict]:
+    """`certify` on an existing engine, as result rows; `run_info` fills the run columns."""
     certifiers = list(certifiers)
     if not certifiers:
         raise ValueError("certifiers: give at least one certifier, e.g. Cohen(sigma=0.25)")
@@ -91,28 +103,27 @@ def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Ce
             raise ValueError(f"certifiers must be Certifier instances, got {certifier!r}")
     images = _check_images(images)
     image_ids = content_ids(images) if image_ids is None else _check_ids(image_ids, len(images))
-
-    engine = Engine(model, device=device, batch_size=batch_size, precision=precision, progress=progress)
     num_classes = engine.num_classes(images[0])
     labels = _check_labels(labels, len(images), num_classes)
     for certifier in certifiers:
         certifier.check_num_classes(num_classes)
 
-    labeled = labels is not None
+    labeled = all(label is not None for label in labels)
     own_draws = [certifier.draws(labeled) for certifier in certifiers]
     requests = list(dict.fromkeys(draws for group in own_draws for draws in group))
-    log.info("certifying %d images with %s: %d noise streams, batch %d on %s", len(images),
-             ", ".join(c.name for c in certifiers), len({(d.stage, d.sigma) for d in requests}), batch_size, device)
+    log.debug("certifying %d images with %s: %d noise streams, batch %d on %s", len(images),
+              ", ".join(c.name for c in certifiers), len({(d.stage, d.sigma) for d in requests}),
+              engine.batch_size, engine.device)
+    seconds_before = engine.seconds
     counts = engine.count(images, image_ids, seed, requests)
-    log.info("sampled %d forward passes in %.1f s", engine.forward_passes, engine.seconds)
-
     passes = [sum(draws.n for draws in group) for group in own_draws]
-    seconds_per_pass = engine.seconds / (len(images) * sum(passes))
-    settings = {"noise_scheme": noise_scheme(engine.device), "precision": precision}
+    seconds_per_pass = (engine.seconds - seconds_before) / (len(images) * sum(passes))
+    settings = {"noise_scheme": noise_scheme(engine.device), "precision": engine.precision}
     params = [json.dumps({**certifier.params(), **settings}, sort_keys=True) for certifier in certifiers]
+    context = {"seed": seed, "precision": engine.precision, "device": engine.device.type,
+               **{key: (run_info or {}).get(key) for key in RUN_COLUMNS}}
     rows = []
-    for index in range(len(images)):
-        label = labels[index] if labeled else None
+    for index, label in enumerate(labels):
         for certifier, group, forward_passes, setting in zip(certifiers, own_draws, passes, params, strict=True):
             started = time.perf_counter()
             certificate = certifier.certify({draws: counts[draws][index] for draws in group}, label)
@@ -121,6 +132,7 @@ def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Ce
                 "image_id": image_ids[index],
                 "label": label,
                 "certifier": certifier.name,
+                "setting": certifier.setting,
                 "sigma": float(certifier.sigma),
                 "prediction": certificate.prediction,
                 "abstained": certificate.abstained,
@@ -134,12 +146,10 @@ def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Ce
                 "correct": None if label is None else (not certificate.abstained and certificate.prediction == label),
                 "topk_labels": certificate.topk_labels,
                 "forward_passes": forward_passes,
-                "seed": seed,
                 "wall_time_s": forward_passes * seconds_per_pass + time.perf_counter() - started,
                 "status": "ok",
                 "error": None,
-                "precision": precision,
-                "device": engine.device.type,
                 "params": setting,
+                **context,
             })
-    return to_table(rows)
+    return rows

@@ -1,8 +1,9 @@
-"""The command line: `pipeline certify --config FILE`.
+"""The command line.
 
 Examples:
   pipeline certify --config jobs/configs/demo.yaml
-  pipeline certify --config jobs/configs/demo.yaml --output /tmp/runs --set certifiers.0.n=10000
+  pipeline certify --config jobs/configs/imagenet.yaml --output s3://bucket/runs --set model.weights=/ckpt/rn50.pt
+  pipeline report runs/demo
 """
 
 from __future__ import annotations
@@ -10,39 +11,63 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
-from pathlib import Path
 
-import pyarrow.parquet as pq
-
-import pipeline
-from pipeline import report
-from pipeline.config import ConfigError, RunConfig, load_config
-from pipeline.data import load_dataset
-from pipeline.models import load_model
+from pipeline.config import ConfigError, load_config
+from pipeline.data.sources import DatasetError
+from pipeline.storage import StorageError
 
 log = logging.getLogger("pipeline")
 
 
-def run_certify(config: RunConfig) -> Path:
-    """Certifies the configured dataset in this process; writes results and a summary under output/run_id."""
-    certifiers = config.build_certifiers()
-    images, labels, ids = load_dataset(config.dataset)
-    model = load_model(config.model)
-    log.info("run %s: %d images, certifiers %s", config.run_id, len(images), [c.name for c in certifiers])
-    started = time.perf_counter()
-    table = pipeline.certify(model, images, labels, certifiers, seed=config.seed, batch_size=config.batch_size,
-                             device=config.device, precision=config.precision, image_ids=ids, progress=True)
-    elapsed = time.perf_counter() - started
-    run_dir = Path(config.output) / config.run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, run_dir / "results.parquet")
-    text = report.summary(table)
-    (run_dir / "summary.md").write_text(text + "\n")
-    print(text)
-    log.info("certified %d images in %.1f s (%.2f images/s); results in %s", len(images), elapsed,
-             len(images) / elapsed, run_dir / "results.parquet")
-    return run_dir
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def add_certify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help="YAML run configuration")
+    parser.add_argument("--output", metavar="URI", help="directory or s3://bucket/prefix for runs (overrides `output`)")
+    parser.add_argument("--run-id", metavar="ID", help="name of this run (overrides `run_id`); re-running an id "
+                                                       "resumes it")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, dotted keys and YAML values, e.g. certifiers.0.sigma=0.5 "
+                             "(repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+
+
+def certify_main(args: argparse.Namespace) -> int:
+    """Runs `pipeline certify`; configuration, storage and dataset problems exit with status 2 before any work."""
+    _logging(args.verbose)
+    try:
+        config = load_config(args.config, args.set, output=args.output, run_id=args.run_id)
+        from pipeline.distributed.certify import run
+
+        uri = run(config)
+    except (ConfigError, StorageError, DatasetError, ValueError) as error:
+        print(f"pipeline: {'invalid configuration: ' if isinstance(error, ConfigError) else ''}{error}",
+              file=sys.stderr)
+        return 2
+    from pipeline.storage import open_location
+
+    print(open_location(uri, **config.storage).join("report").read_bytes("summary.md").decode())
+    print(f"results: {uri}/results  report: {uri}/report")
+    return 0
+
+
+def report_main(args: argparse.Namespace) -> int:
+    _logging(args.verbose)
+    from pipeline import report
+    from pipeline.results import read_results
+    from pipeline.storage import open_location
+
+    run = open_location(args.run, endpoint_url=args.endpoint_url)
+    results = read_results(run.join("results"))
+    if results.num_rows == 0:
+        print(f"pipeline: no results under {run.uri}/results", file=sys.stderr)
+        return 2
+    print(report.write_report(results, run.join("report"), args.radii))
+    print(f"report: {run.uri}/report")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,37 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     certify = commands.add_parser(
         "certify", help="certify a dataset with the configured certifiers",
-        description="Certify every image of the configured dataset with every configured certifier, "
-                    "and write one result row per (image, certifier) as Parquet under OUTPUT/RUN_ID/.")
+        description="Certify every image of the configured dataset with every configured certifier on Ray "
+                    "(the cluster in RAY_ADDRESS, or a local instance). Writes OUTPUT/RUN_ID/results/*.parquet, "
+                    "manifest.json and report/; re-running a run id certifies only the images it lacks.")
     add_certify_arguments(certify)
+    certify.set_defaults(handler=certify_main)
+    report = commands.add_parser("report", help="write the report of a run from its results",
+                                 description="Read RUN/results/*.parquet and write RUN/report/: summary.md, "
+                                             "certified_accuracy.csv and curves_<norm>.png.")
+    report.add_argument("run", metavar="RUN_URI", help="the run's directory or s3:// URI")
+    report.add_argument("--radii", type=float, nargs="+", metavar="R", help="radii for the tables")
+    report.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: the AWS chain)")
+    report.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    report.set_defaults(handler=report_main)
     return parser
-
-
-def add_certify_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, metavar="FILE", help="YAML run configuration")
-    parser.add_argument("--output", metavar="DIR", help="where runs are written (overrides `output`)")
-    parser.add_argument("--run-id", metavar="ID", help="name of this run's folder (overrides `run_id`)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, dotted keys and YAML values, e.g. certifiers.0.sigma=0.5 "
-                             "(repeatable)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
-
-
-def certify_main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(args.config, args.set, output=args.output, run_id=args.run_id)
-    except ConfigError as error:
-        print(f"pipeline: invalid configuration: {error}", file=sys.stderr)
-        return 2
-    run_certify(config)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return certify_main(args)
+    return args.handler(args)
 
 
 if __name__ == "__main__":

@@ -1,42 +1,123 @@
-"""Certified-accuracy figures from result rows alone."""
+"""Certified-accuracy figures, tables and plots, from result rows alone.
+
+Certified accuracy at radius r (Cohen et al.'s "approximate certified accuracy") is the fraction of
+labeled images whose certificate is correct with radius >= r; abstentions and error rows count as
+failures. Beside it: the average certified radius (ACR, radius times correctness, averaged), the
+abstention rate, and the Theorem 6 lower bound on the true certified accuracy at confidence 1 - rho.
+"""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+from matplotlib.figure import Figure
 
-GROUP = ["certifier", "norm", "sigma"]
+from pipeline import stats
+from pipeline.storage import Location
 
-__all__ = ["certified_accuracy", "summary"]
+DEFAULT_RADII = {"l2": (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0), "l1": (0.0, 0.5, 1.0, 2.0, 3.0, 4.0)}
+RHO = 0.001
+
+__all__ = ["certified_accuracy", "plot_curves", "summary", "write_report"]
+
+
+def _labeled(table: pa.Table) -> pd.DataFrame:
+    rows = table.to_pandas()
+    rows = rows[rows["label"].notna()].copy()
+    rows["certified_correct"] = rows["correct"].fillna(False).astype(bool) & (rows["status"] == "ok")
+    return rows
 
 
 def certified_accuracy(table: pa.Table, radii: Sequence[float]) -> pd.DataFrame:
-    """Approximate certified accuracy at each radius (Cohen et al.): the fraction of images whose certificate
-    is correct with radius >= r; abstentions and errors count as failures. One row per certifier setting."""
-    rows = table.to_pandas()
-    rows = rows[rows["label"].notna()]
+    """Certified accuracy at each radius, one row per setting (index: setting, norm)."""
+    rows = _labeled(table)
     out = {}
-    for key, group in rows.groupby(GROUP, sort=True):
-        certified = group["correct"].fillna(False).astype(bool) & (group["status"] == "ok")
-        out[key] = {f"r={r:g}": float((certified & (group["radius"] >= r)).mean()) for r in radii}
-    return pd.DataFrame.from_dict(out, orient="index").rename_axis(GROUP)
+    for key, group in rows.groupby(["setting", "norm"], sort=True):
+        out[key] = {f"r={r:g}": float((group["certified_correct"] & (group["radius"] >= r)).mean()) for r in radii}
+    frame = pd.DataFrame.from_dict(out, orient="index")
+    frame.index.names = ["setting", "norm"]
+    return frame
 
 
-def summary(table: pa.Table, radii: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0)) -> str:
-    """A Markdown table per certifier setting: images, abstention rate, certified accuracy at `radii`, ACR,
-    forward passes and seconds per image."""
+def _overview(table: pa.Table) -> pd.DataFrame:
     rows = table.to_pandas()
-    stats = rows.groupby(GROUP, sort=True).agg(
-        images=("image_id", "nunique"),
-        abstained=("abstained", "mean"),
-        passes_per_image=("forward_passes", "mean"),
-        seconds_per_image=("wall_time_s", "mean"),
-    )
-    labeled = rows[rows["label"].notna()]
+    labeled = _labeled(table)
+    overview = rows.groupby(["setting", "norm"], sort=True).agg(
+        images=("image_id", "nunique"), errors=("status", lambda s: int((s == "error").sum())),
+        abstention_rate=("abstained", "mean"), passes_per_image=("forward_passes", "mean"),
+        seconds_per_image=("wall_time_s", "mean"))
     if len(labeled):
-        correct = labeled["correct"].fillna(False).astype(bool)
-        stats = stats.join(certified_accuracy(table, radii))
-        stats["ACR"] = (labeled["radius"] * correct).groupby([labeled[c] for c in GROUP]).mean()
-    return stats.reset_index().to_markdown(index=False, floatfmt=".3g")
+        acr = (labeled["radius"] * labeled["certified_correct"]).groupby([labeled["setting"], labeled["norm"]]).mean()
+        overview["ACR"] = acr
+    return overview
+
+
+def _theorem6(table: pa.Table, radii: Sequence[float]) -> pd.DataFrame:
+    rows = _labeled(table)
+    out = {}
+    for key, group in rows.groupby(["setting", "norm"], sort=True):
+        alpha = float(group["alpha"].max())
+        out[key] = {f"r={r:g}": stats.certified_accuracy_lower_bound(
+            int((group["certified_correct"] & (group["radius"] >= r)).sum()), len(group), alpha, RHO) for r in radii}
+    frame = pd.DataFrame.from_dict(out, orient="index")
+    frame.index.names = ["setting", "norm"]
+    return frame
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    return frame.reset_index().to_markdown(index=False, floatfmt=".3g")
+
+
+def summary(table: pa.Table, radii: Sequence[float] | None = None) -> str:
+    """Markdown: an overview per setting, then certified accuracy at the radii (per norm), then the
+    Theorem 6 lower bounds."""
+    parts = ["## Overview", "", _markdown(_overview(table))]
+    if len(_labeled(table)) == 0:
+        return "\n".join(parts)
+    for norm in sorted(set(table["norm"].to_pylist())):
+        subset = table.filter(pc.equal(table["norm"], norm))
+        norm_radii = radii or DEFAULT_RADII.get(norm, DEFAULT_RADII["l2"])
+        parts += ["", f"## Certified accuracy, {norm} radius", "", _markdown(certified_accuracy(subset, norm_radii)),
+                  "", f"## Lower bound on the true certified accuracy, {norm} (Cohen et al. Theorem 6, "
+                      f"confidence {1 - RHO:g})", "", _markdown(_theorem6(subset, norm_radii))]
+    return "\n".join(parts)
+
+
+def plot_curves(table: pa.Table, norm: str) -> bytes:
+    """PNG of certified accuracy against radius, one curve per setting of the norm."""
+    rows = _labeled(table.filter(pc.equal(table["norm"], norm)))
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
+    top = max(float(rows["radius"].max()) if len(rows) else 1.0, 1e-3) * 1.05
+    grid = np.linspace(0, top, 400)
+    for setting, group in rows.groupby("setting", sort=True):
+        certified = group["radius"].to_numpy()[group["certified_correct"].to_numpy()]
+        axes.plot(grid, [(certified >= r).sum() / len(group) for r in grid], label=setting)
+    axes.set(xlabel=f"{norm} radius (pixel units)", ylabel="certified accuracy", ylim=(0, 1),
+             title=f"Certified accuracy ({norm})")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="upper right")
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def write_report(table: pa.Table, location: Location, radii: Sequence[float] | None = None) -> str:
+    """Writes summary.md, certified_accuracy.csv and one curves_<norm>.png per norm; returns the Markdown."""
+    text = summary(table, radii)
+    location.write_bytes("summary.md", (text + "\n").encode())
+    labeled = table.filter(pc.invert(pc.is_null(table["label"])))
+    if labeled.num_rows:
+        frames = [certified_accuracy(table.filter(pc.equal(table["norm"], norm)),
+                                     radii or DEFAULT_RADII.get(norm, DEFAULT_RADII["l2"]))
+                  for norm in sorted(set(table["norm"].to_pylist()))]
+        location.write_bytes("certified_accuracy.csv", pd.concat(frames).to_csv().encode())
+        for norm in sorted(set(labeled["norm"].to_pylist())):
+            location.write_bytes(f"curves_{norm}.png", plot_curves(table, norm))
+    return text

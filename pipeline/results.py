@@ -6,7 +6,13 @@ Parquet file of results documents itself.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pyarrow as pa
+import pyarrow.dataset as pads
+
+from pipeline.storage import Location
 
 _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("image_index", pa.int64(), False, "Position of the image in the batch given to the run."),
@@ -14,6 +20,9 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
      "Stable identity of the image: the caller's id, or 'sha256:' and a hash of its pixels. It seeds the noise."),
     ("label", pa.int64(), True, "True class of the image; null when labels were not given."),
     ("certifier", pa.string(), False, "Certifier name, as in config: 'cohen', 'topk', ..."),
+    ("setting", pa.string(), False,
+     "The certifier with all its settings, e.g. 'cohen(sigma=0.25, alpha=0.001, n0=100, n=100000, mode=certify)'; "
+     "a run holds one row per (image_id, setting)."),
     ("sigma", pa.float64(), False, "Noise scale in [0, 1] pixel units."),
     ("prediction", pa.int64(), False,
      "Class the certificate is about (cohen: the smoothed prediction; topk: the label certified to stay in "
@@ -45,6 +54,10 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("device", pa.string(), False, "Device the model ran on ('cpu', 'cuda', ...)."),
     ("params", pa.string(), False,
      "JSON of the certifier's full settings plus the noise scheme and precision."),
+    ("run_id", pa.string(), True, "The run that wrote the row (null outside a run)."),
+    ("model", pa.string(), True, "The classifier certified, as named in the run's config."),
+    ("node", pa.string(), True, "Host name of the machine that certified the image."),
+    ("code_version", pa.string(), True, "Version of this package (and git commit, where known) that wrote the row."),
 ]
 
 SCHEMA = pa.schema(
@@ -52,7 +65,8 @@ SCHEMA = pa.schema(
      for name, dtype, nullable, text in _COLUMNS]
 )
 
-__all__ = ["SCHEMA", "describe", "to_table"]
+__all__ = ["SCHEMA", "code_version", "describe", "environment", "error_row", "manifest_matches", "read_certify_log",
+           "read_results", "to_table"]
 
 
 def describe() -> dict[str, str]:
@@ -67,3 +81,102 @@ def to_table(rows: list[dict]) -> pa.Table:
             missing, extra = set(SCHEMA.names) - set(row), set(row) - set(SCHEMA.names)
             raise ValueError(f"result row does not match the schema: missing {sorted(missing)}, extra {sorted(extra)}")
     return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def error_row(image_index: int, image_id: str, label: int | None, certifier, message: str, **context) -> dict:
+    """The row that stands for an image the certifier could not examine: status 'error', no certificate."""
+    params = json.dumps({**certifier.params(), **context.pop("settings", {})}, sort_keys=True)
+    return {
+        "image_index": image_index, "image_id": image_id, "label": label, "certifier": certifier.name,
+        "setting": certifier.setting, "sigma": float(certifier.sigma), "prediction": -1, "abstained": True,
+        "radius": 0.0, "norm": certifier.norm, "p_lower": None, "count": None, "n": 0, "n0": 0,
+        "alpha": float(certifier.alpha), "correct": None if label is None else False, "topk_labels": None,
+        "forward_passes": 0, "status": "error", "error": message, "params": params,
+        **{key: None for key in ("run_id", "model", "node", "code_version")}, **context,
+    }
+
+
+def read_results(location: Location, columns: list[str] | None = None) -> pa.Table:
+    """Every result row under a run's `results/` directory (an empty table when there is none)."""
+    files = location.list_files(".parquet")
+    if not files:
+        return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
+    dataset = pads.dataset(files, filesystem=location.fs, format="parquet", schema=SCHEMA)
+    return dataset.to_table(columns=columns)
+
+
+def read_certify_log(path: str | Path, sigma: float, alpha: float = 0.001, n: int = 100_000,
+                     n0: int = 100) -> pa.Table:
+    """Rows of this schema from a certify.py log of Cohen et al.'s reference code
+    (`idx label predict radius correct time`), so the report can be checked against published results.
+    The log does not record p_lower, counts or the seed: those columns are null or 0."""
+    from datetime import timedelta
+
+    def seconds(text: str) -> float:
+        if ":" not in text:
+            return float(text)
+        hours, minutes, rest = text.split(":")
+        return timedelta(hours=int(hours), minutes=int(minutes), seconds=float(rest)).total_seconds()
+
+    lines = Path(path).read_text().splitlines()
+    if lines[0].split() != ["idx", "label", "predict", "radius", "correct", "time"]:
+        raise ValueError(f"{path}: not a certify.py log (header {lines[0]!r})")
+    setting = f"cohen(sigma={sigma}, alpha={alpha}, n0={n0}, n={n}, mode=certify)"
+    rows = []
+    for line in lines[1:]:
+        idx, label, predict, radius, correct, time = line.split("\t")
+        rows.append({
+            "image_index": int(idx), "image_id": idx, "label": int(label), "certifier": "cohen", "setting": setting,
+            "sigma": sigma, "prediction": int(predict), "abstained": int(predict) == -1, "radius": float(radius),
+            "norm": "l2", "p_lower": None, "count": None, "n": n, "n0": n0, "alpha": alpha,
+            "correct": bool(int(correct)), "topk_labels": None if int(predict) == -1 else [int(predict)],
+            "forward_passes": n + n0, "seed": 0, "wall_time_s": seconds(time), "status": "ok", "error": None,
+            "precision": "fp32", "device": "cuda", "params": json.dumps({"source": str(path)}), "run_id": None,
+            "model": None, "node": None, "code_version": None,
+        })
+    return to_table(rows)
+
+
+def code_version() -> str:
+    """This package's version, plus the git commit (and '-dirty') when it runs from a checkout."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("pipeline")
+    except PackageNotFoundError:
+        text = "unknown"
+    try:
+        root = Path(__file__).resolve().parents[1]
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=root,
+                                capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0 and commit.stdout.strip():
+            text += f"+g{commit.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return text
+
+
+def environment() -> dict:
+    """What a manifest records about the software and machine that ran it."""
+    import platform
+    import socket
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = {}
+    for name in ("torch", "torchvision", "ray", "numpy", "scipy", "pyarrow"):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    return {"code_version": code_version(), "packages": packages, "python": platform.python_version(),
+            "driver_host": socket.gethostname()}
+
+
+def manifest_matches(earlier: dict, current: dict) -> None:
+    """Raises ValueError when a run id is reused with settings that would change its results."""
+    keys = ("certifiers", "dataset", "model", "seed", "precision")
+    changed = [key for key in keys if earlier.get("config", {}).get(key) != current["config"].get(key)]
+    if changed:
+        raise ValueError(f"run {current['run_id']!r} already exists with different {', '.join(changed)}; "
+                         f"resume it with the same settings or choose another run_id")

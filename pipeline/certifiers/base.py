@@ -81,3 +81,9 @@ class Certifier:
     def params(self) -> dict:
         """Every setting, for the result row."""
         return {"certifier": self.name, **dataclasses.asdict(self)}
+
+    @property
+    def setting(self) -> str:
+        """A readable identity of the settings, e.g. 'cohen(sigma=0.25, alpha=0.001, n0=100, n=100000, ...)'."""
+        values = ", ".join(f"{key}={value}" for key, value in dataclasses.asdict(self).items())
+        return f"{self.name}({values})"

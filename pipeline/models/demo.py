@@ -57,6 +57,6 @@ def load_demo_model(path: str | Path = WEIGHTS) -> DemoCNN:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         raise ValueError(f"cannot load demo model weights from {path}: {error}") from error
     return model.eval()

@@ -1,0 +1,230 @@
+"""Where images come from: a listing of (image_id, label, path or bytes) in dataset order.
+
+Layouts:
+- `demo`: the embedded digits (`pipeline.data.demo`), as PNG bytes.
+- `imagenet_folder`: `root/<wnid>/<file>`; labels are the wnid's position in the sorted synset list
+  (torchvision's ImageNet class index).
+- `imagenet_val`: the flat validation folder plus a ground-truth file, either Kaggle's
+  `LOC_val_solution.csv` (wnids) or the devkit's `ILSVRC2012_validation_ground_truth.txt`
+  (ILSVRC2012_IDs, mapped to wnids through the devkit's `meta.mat`).
+- `parquet`: shards with columns `image` (encoded bytes), `label` and `image_id`.
+
+Image ids are the file names (ImageNet's are unique across the dataset, so an image keeps its id, and
+therefore its noise, in every layout), or the paths relative to the root with `id: relative_path`.
+The synset list comes from `synsets` (a text file, one wnid first on each line, as in
+`LOC_synset_mapping.txt`), or the devkit's `meta.mat`, or else the sorted folder names. Dataset order
+(sorted paths, or shard order) is what the papers' subsample (`skip`, `max`) counts in.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+from PIL import Image
+
+from pipeline.data.demo import load_demo
+from pipeline.storage import Location, StorageError, open_location
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("demo", "imagenet_folder", "imagenet_val", "parquet")
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+LISTING_SCHEMA = pa.schema([("image_id", pa.string()), ("label", pa.int64()), ("path", pa.string()),
+                            ("image", pa.binary())])
+
+__all__ = ["LAYOUTS", "LISTING_SCHEMA", "list_images", "subsample"]
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read as configured; the message names the file or key."""
+
+
+def subsample(count: int, skip: int = 1, max_index: int | None = None) -> list[int]:
+    """Dataset indices certified by the papers' protocol: every `skip`-th index, stopping at index `max_index`."""
+    if skip < 1:
+        raise DatasetError(f"dataset.skip must be >= 1, got {skip!r}")
+    stop = count if max_index is None else min(count, max_index)
+    return list(range(0, stop, skip))
+
+
+def _read_text(location: Location, path: str) -> str:
+    try:
+        with location.fs.open_input_stream(path) as stream:
+            return stream.read().decode()
+    except OSError as error:
+        raise DatasetError(f"cannot read {path}: {error}") from error
+
+
+def _file_location(uri: str, storage: dict) -> tuple[Location, str]:
+    location = open_location(uri, **storage)
+    return location, location.path
+
+
+def _synsets_from_meta(uri: str, storage: dict) -> tuple[list[str], dict[int, str]]:
+    """(sorted wnids of the 1000 classes, ILSVRC2012_ID -> wnid) from the devkit's meta.mat."""
+    from scipy.io import loadmat
+
+    location, path = _file_location(uri, storage)
+    try:
+        with location.fs.open_input_stream(path) as stream:
+            synsets = loadmat(io.BytesIO(stream.read()), squeeze_me=True)["synsets"]
+    except (OSError, KeyError, ValueError) as error:
+        raise DatasetError(f"cannot read the synset table of the devkit file {uri}: {error}") from error
+    by_id = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in np.atleast_1d(synsets)
+             if int(s["num_children"]) == 0}
+    return sorted(by_id.values()), by_id
+
+
+def _synsets_from_file(uri: str, storage: dict) -> list[str]:
+    location, path = _file_location(uri, storage)
+    wnids = [line.split()[0] for line in _read_text(location, path).splitlines() if line.strip()]
+    if not all(re.fullmatch(r"n\d{8}", wnid) for wnid in wnids):
+        raise DatasetError(f"{uri}: expected one wnid (n01234567) first on every line")
+    return sorted(wnids)
+
+
+def _class_index(spec: dict, storage: dict, fallback: list[str]) -> dict[str, int]:
+    if spec.get("synsets"):
+        wnids = _synsets_from_file(spec["synsets"], storage)
+    elif spec.get("meta"):
+        wnids, _ = _synsets_from_meta(spec["meta"], storage)
+    else:
+        wnids = sorted(set(fallback))
+        if len(wnids) != 1000:
+            log.warning("class index from the %d synsets present; give dataset.synsets or dataset.meta to use "
+                        "the full ImageNet list", len(wnids))
+    return {wnid: index for index, wnid in enumerate(wnids)}
+
+
+def _list_files(location: Location) -> list[pafs.FileInfo]:
+    try:
+        infos = location.fs.get_file_info(pafs.FileSelector(location.path, recursive=True))
+    except (FileNotFoundError, OSError) as error:
+        raise DatasetError(f"cannot list dataset root {location.uri}: {error}") from error
+    return sorted((i for i in infos if i.type == pafs.FileType.File and i.base_name.lower().endswith(IMAGE_SUFFIXES)),
+                  key=lambda i: i.path)
+
+
+def _image_ids(spec: dict, root: Location, files: list[pafs.FileInfo]) -> list[str]:
+    if spec.get("id", "name") == "relative_path":
+        return [info.path[len(root.path):].lstrip("/") for info in files]
+    return [info.base_name for info in files]
+
+
+def _imagenet_folder(spec: dict, storage: dict) -> pa.Table:
+    root = open_location(spec["root"], **storage)
+    files = _list_files(root)
+    relative = [info.path[len(root.path):].lstrip("/") for info in files]
+    folders = [name.split("/")[0] for name in relative if "/" in name]
+    index = _class_index(spec, storage, folders)
+    labels = []
+    for name in relative:
+        wnid = name.split("/")[0] if "/" in name else None
+        if wnid not in index:
+            raise DatasetError(f"{root.uri}/{name}: folder {wnid!r} is not a synset of the class list")
+        labels.append(index[wnid])
+    return pa.table({"image_id": _image_ids(spec, root, files), "label": labels, "path": [info.path for info in files],
+                     "image": [None] * len(files)}, schema=LISTING_SCHEMA)
+
+
+def _ground_truth(spec: dict, storage: dict) -> dict[str, int]:
+    """Image stem ('ILSVRC2012_val_00000001') -> class index, from either ground-truth convention."""
+    location, path = _file_location(spec["ground_truth"], storage)
+    text = _read_text(location, path)
+    if path.endswith(".csv"):
+        rows = list(csv.DictReader(io.StringIO(text)))
+        if not rows or "ImageId" not in rows[0] or "PredictionString" not in rows[0]:
+            raise DatasetError(f"{spec['ground_truth']}: expected the columns ImageId,PredictionString")
+        wnid_of = {row["ImageId"]: row["PredictionString"].split()[0] for row in rows}
+        index = _class_index(spec, storage, list(wnid_of.values()))
+        return {stem: index[wnid] for stem, wnid in wnid_of.items()}
+    if not spec.get("meta"):
+        raise DatasetError("dataset.meta: the devkit ground truth numbers classes by ILSVRC2012_ID; give the "
+                           "devkit's meta.mat to map them to wnids")
+    wnids, by_id = _synsets_from_meta(spec["meta"], storage)
+    index = {wnid: position for position, wnid in enumerate(wnids)}
+    ids = [int(line) for line in text.split()]
+    return {f"ILSVRC2012_val_{number:08d}": index[by_id[ilsvrc_id]] for number, ilsvrc_id in enumerate(ids, 1)}
+
+
+def _imagenet_val(spec: dict, storage: dict) -> pa.Table:
+    if not spec.get("ground_truth"):
+        raise DatasetError("dataset.ground_truth: the flat validation layout needs LOC_val_solution.csv or "
+                           "ILSVRC2012_validation_ground_truth.txt")
+    root = open_location(spec["root"], **storage)
+    labels_of = _ground_truth(spec, storage)
+    files = _list_files(root)
+    labels, paths = [], []
+    for info in files:
+        stem = info.base_name.rsplit(".", 1)[0]
+        if stem not in labels_of:
+            raise DatasetError(f"{root.uri}/{info.base_name} has no entry in {spec['ground_truth']}")
+        labels.append(labels_of[stem])
+        paths.append(info.path)
+    return pa.table({"image_id": _image_ids(spec, root, files), "label": labels, "path": paths,
+                     "image": [None] * len(paths)}, schema=LISTING_SCHEMA)
+
+
+def parquet_files(spec: dict, storage: dict) -> tuple[Location, list[str]]:
+    root = open_location(spec["root"], **storage)
+    info = root.fs.get_file_info(root.path)
+    files = [root.path] if info.type == pafs.FileType.File else root.list_files(".parquet")
+    if not files:
+        raise DatasetError(f"no Parquet files at {root.uri}")
+    return root, files
+
+
+def _parquet(spec: dict, storage: dict) -> pa.Table:
+    root, files = parquet_files(spec, storage)
+    try:
+        ids = pads.dataset(files, filesystem=root.fs, format="parquet").to_table(columns=["image_id", "label"])
+    except (OSError, pa.ArrowInvalid) as error:
+        raise DatasetError(f"cannot read image_id and label from the Parquet shards at {root.uri}: {error}") from error
+    return pa.table({"image_id": ids["image_id"].cast(pa.string()), "label": ids["label"].cast(pa.int64()),
+                     "path": pa.nulls(len(ids), pa.string()), "image": pa.nulls(len(ids), pa.binary())},
+                    schema=LISTING_SCHEMA)
+
+
+def _demo(spec: dict) -> pa.Table:
+    images, labels, ids = load_demo(spec.get("split", "test"))
+    encoded = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    return pa.table({"image_id": ids, "label": labels.tolist(), "path": [None] * len(ids), "image": encoded},
+                    schema=LISTING_SCHEMA)
+
+
+def list_images(spec: dict[str, Any], storage: dict | None = None) -> pa.Table:
+    """The dataset's images in dataset order, after the `skip` / `max` subsample; columns of LISTING_SCHEMA.
+
+    Rows of `parquet` datasets carry neither path nor bytes here: the shards are read by the job itself.
+    """
+    storage = storage or {}
+    layout = spec.get("layout")
+    readers = {"demo": lambda: _demo(spec), "imagenet_folder": lambda: _imagenet_folder(spec, storage),
+               "imagenet_val": lambda: _imagenet_val(spec, storage), "parquet": lambda: _parquet(spec, storage)}
+    if layout not in readers:
+        raise DatasetError(f"dataset.layout: unknown layout {layout!r}; known: {list(LAYOUTS)}")
+    if layout != "demo" and not spec.get("root"):
+        raise DatasetError(f"dataset.root: the {layout} layout needs a root path or s3:// URI")
+    try:
+        listing = readers[layout]()
+    except StorageError as error:
+        raise DatasetError(str(error)) from error
+    keep = subsample(listing.num_rows, int(spec.get("skip", 1)), spec.get("max"))
+    listing = listing.take(keep)
+    duplicates = listing.num_rows - len(set(listing["image_id"].to_pylist()))
+    if duplicates:
+        raise DatasetError(f"dataset has {duplicates} repeated image_id(s); ids must be unique (for folder layouts "
+                           f"with repeated file names, set dataset.id: relative_path)")
+    return listing

@@ -1,0 +1,120 @@
+"""Local paths and object storage behind one interface: pyarrow's filesystem layer.
+
+`s3://bucket/prefix` goes through `pyarrow.fs.S3FileSystem` with credentials and region from the standard
+AWS chain; `endpoint_url` (or the AWS_ENDPOINT_URL variable) points it at any S3-speaking server.
+Writes of whole files are atomic: a reader sees a file completely or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+__all__ = ["Location", "StorageError", "check_writable", "open_location"]
+
+
+class StorageError(OSError):
+    """Output or input storage that cannot be used; the message names the bucket or path."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A directory on a filesystem: `fs` and the path inside it, plus the URI the user gave."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    def join(self, *parts: str) -> Location:
+        path = "/".join([self.path.rstrip("/"), *parts]) if self.path else "/".join(parts)
+        uri = "/".join([self.uri.rstrip("/"), *parts])
+        return Location(self.fs, path, uri)
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def list_files(self, suffix: str = "") -> list[str]:
+        """Paths of the files directly in this directory whose names end with `suffix`, sorted."""
+        info = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted(i.path for i in info if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self._atomic(name, lambda stream: stream.write(data))
+
+    def write_json(self, name: str, value) -> None:
+        self.write_bytes(name, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self.join(name).path) as stream:
+            return stream.read()
+
+    def read_json(self, name: str):
+        return json.loads(self.read_bytes(name))
+
+    def write_parquet(self, name: str, table: pa.Table) -> None:
+        self._atomic(name, lambda stream: pq.write_table(table, stream))
+
+    def _atomic(self, name: str, write) -> None:
+        target = self.join(name).path
+        if self.is_s3:  # an S3 object appears only once its upload completes
+            with self.fs.open_output_stream(target) as stream:
+                write(stream)
+            return
+        self.fs.create_dir(self.path, recursive=True)
+        partial = self.join(f".{name}.{uuid.uuid4().hex}.partial").path
+        with self.fs.open_output_stream(partial) as stream:
+            write(stream)
+        self.fs.move(partial, target)
+
+
+def _s3_filesystem(uri: str, endpoint_url: str | None, region: str | None) -> pafs.S3FileSystem:
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options = {"region": region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")}
+    if endpoint_url:
+        parsed = urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
+        options.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    options["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=3)
+    return pafs.S3FileSystem(**{key: value for key, value in options.items() if value is not None})
+
+
+def open_location(uri: str, endpoint_url: str | None = None, region: str | None = None) -> Location:
+    """The directory at a local path or `s3://bucket/prefix`."""
+    if uri.startswith("s3://"):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise StorageError(f"{uri}: an s3 URI needs a bucket, as in s3://bucket/prefix")
+        fs = _s3_filesystem(uri, endpoint_url, region)
+        return Location(fs, f"{parsed.netloc}{parsed.path}".rstrip("/"), uri.rstrip("/"))
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"{uri}: unsupported storage; use a local path or s3://bucket/prefix")
+    path = os.path.abspath(uri.removeprefix("file://"))
+    return Location(pafs.LocalFileSystem(), path, path)
+
+
+def check_writable(location: Location) -> None:
+    """Fails fast, naming the bucket or directory, when the location cannot be written."""
+    if location.is_s3:
+        bucket = location.path.split("/", 1)[0]
+        try:
+            info = location.fs.get_file_info(bucket)
+        except OSError as error:
+            raise StorageError(f"cannot reach bucket {bucket!r} for {location.uri}: {error}") from error
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"bucket {bucket!r} does not exist (output {location.uri})")
+    probe = f".write-check-{uuid.uuid4().hex}"
+    try:
+        location.write_bytes(probe, b"ok")
+        location.fs.delete_file(location.join(probe).path)
+    except OSError as error:
+        raise StorageError(f"cannot write to {location.uri}: {error}") from error
