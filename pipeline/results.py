@@ -15,7 +15,9 @@ import pyarrow.dataset as pads
 from pipeline.storage import Location
 
 _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
-    ("image_index", pa.int64(), False, "Position of the image in the batch given to the run."),
+    ("image_index", pa.int64(), False,
+     "Position of the image in its dataset (in a run: the dataset index, as the papers' `idx`; in "
+     "`pipeline.certify`: the position in the batch given)."),
     ("image_id", pa.string(), False,
      "Stable identity of the image: the caller's id, or 'sha256:' and a hash of its pixels. It seeds the noise."),
     ("label", pa.int64(), True, "True class of the image; null when labels were not given."),

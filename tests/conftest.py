@@ -37,3 +37,29 @@ class LinearBinary(nn.Module):
 @pytest.fixture
 def linear_binary() -> type[LinearBinary]:
     return LinearBinary
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A local S3-compatible server (moto) on 127.0.0.1, with dummy credentials in the environment."""
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
+    """A local Ray instance with 4 logical CPUs, shared by the tests (started after the S3 credentials are set,
+    so workers inherit them)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -1,15 +1,17 @@
 """The configuration and the command line, end to end on the demo set."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline import cli, results
 from pipeline.config import ConfigError, load_config
 from pipeline.models import load_demo_model
+from pipeline.results import read_results
+from pipeline.storage import open_location
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs" / "configs" / "demo.yaml"
@@ -30,8 +32,11 @@ def test_demo_config_loads_and_overrides_apply():
     ("certifiers=[]", "certifiers: give a non-empty list"),
     ("batchsize=10", r"unknown config key\(s\) \['batchsize'\]"),
     ("precision=int8", "precision must be one of"),
-    ("dataset.name=imagenet21k", "dataset.name: unknown dataset"),
-    ("model.name=vit", "model.name: unknown model"),
+    ("dataset.layout=imagenet21k", "dataset.layout: unknown layout"),
+    ("model.name=vit_tiny", "model.name: unknown model"),
+    ("dataset.size=0", r"dataset\.size \(the centre-crop side\) must be an integer >= 1"),
+    ("actors.gpus=-1", r"actors\.gpus must be a number >= 0"),
+    ("run_id=a/b", "run_id must be letters"),
 ])
 def test_invalid_configs_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -49,14 +54,23 @@ def test_unreadable_config_and_weights_give_clear_errors(tmp_path):
         load_demo_model(tmp_path / "weights.pt")
 
 
-def test_certify_command_writes_results_and_a_summary(tmp_path, capsys):
+def test_certify_and_report_commands_write_results_and_a_report(ray_cluster, tmp_path, capsys):
     args = ["certify", "--config", str(DEMO), "--output", str(tmp_path), "--run-id", "small"]
     assert cli.main(args + [item for override in SMALL for item in ("--set", override)]) == 0
-    table = pq.read_table(tmp_path / "small" / "results.parquet")
+    table = read_results(open_location(str(tmp_path / "small")).join("results"))
     assert table.schema.equals(results.SCHEMA)
     assert table.num_rows == 24 and set(table.column("certifier").to_pylist()) == {"cohen", "topk"}
-    summary = (tmp_path / "small" / "summary.md").read_text()
-    assert "| cohen" in summary and "ACR" in summary and summary in capsys.readouterr().out
+    assert set(table.column("run_id").to_pylist()) == {"small"}
+    summary = (tmp_path / "small" / "report" / "summary.md").read_text()
+    assert "| cohen(sigma=0.25" in summary and "ACR" in summary and summary in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "small" / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["counts"]["images"] == 12
+    assert manifest["packages"]["torch"] and manifest["config"]["seed"] == 0
+
+    (tmp_path / "small" / "report" / "summary.md").unlink()
+    assert cli.main(["report", str(tmp_path / "small"), "--radii", "0", "0.5"]) == 0
+    assert "r=0.5" in (tmp_path / "small" / "report" / "summary.md").read_text()
+    assert (tmp_path / "small" / "report" / "curves_l2.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_certify_job_rejects_a_bad_config_before_work(tmp_path):
@@ -71,5 +85,5 @@ def test_certify_job_rejects_a_bad_config_before_work(tmp_path):
 def test_help_reads_well():
     help_text = subprocess.run([sys.executable, "-m", "pipeline.cli", "certify", "--help"], capture_output=True,
                                text=True, cwd=ROOT).stdout
-    for option in ("--config FILE", "--output DIR", "--set KEY=VALUE", "certifiers.0.sigma=0.5"):
+    for option in ("--config FILE", "--output URI", "--set KEY=VALUE", "certifiers.0.sigma=0.5"):
         assert option in help_text

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 LAYOUTS = ("demo", "imagenet_folder", "imagenet_val", "parquet")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
-LISTING_SCHEMA = pa.schema([("image_id", pa.string()), ("label", pa.int64()), ("path", pa.string()),
-                            ("image", pa.binary())])
+LISTING_SCHEMA = pa.schema([("index", pa.int64()), ("image_id", pa.string()), ("label", pa.int64()),
+                            ("path", pa.string()), ("image", pa.binary())])
 
 __all__ = ["LAYOUTS", "LISTING_SCHEMA", "list_images", "subsample"]
 
@@ -91,6 +91,13 @@ def _synsets_from_file(uri: str, storage: dict) -> list[str]:
     return sorted(wnids)
 
 
+def _listing(ids: list[str], labels: list, paths: list | None = None, images: list | None = None) -> pa.Table:
+    """A listing in dataset order; `index` is each image's position in the whole dataset."""
+    empty = [None] * len(ids)
+    return pa.table({"index": range(len(ids)), "image_id": ids, "label": labels, "path": paths or empty,
+                     "image": images or empty}, schema=LISTING_SCHEMA)
+
+
 def _class_index(spec: dict, storage: dict, fallback: list[str]) -> dict[str, int]:
     if spec.get("synsets"):
         wnids = _synsets_from_file(spec["synsets"], storage)
@@ -131,8 +138,7 @@ def _imagenet_folder(spec: dict, storage: dict) -> pa.Table:
         if wnid not in index:
             raise DatasetError(f"{root.uri}/{name}: folder {wnid!r} is not a synset of the class list")
         labels.append(index[wnid])
-    return pa.table({"image_id": _image_ids(spec, root, files), "label": labels, "path": [info.path for info in files],
-                     "image": [None] * len(files)}, schema=LISTING_SCHEMA)
+    return _listing(_image_ids(spec, root, files), labels, paths=[info.path for info in files])
 
 
 def _ground_truth(spec: dict, storage: dict) -> dict[str, int]:
@@ -169,8 +175,7 @@ def _imagenet_val(spec: dict, storage: dict) -> pa.Table:
             raise DatasetError(f"{root.uri}/{info.base_name} has no entry in {spec['ground_truth']}")
         labels.append(labels_of[stem])
         paths.append(info.path)
-    return pa.table({"image_id": _image_ids(spec, root, files), "label": labels, "path": paths,
-                     "image": [None] * len(paths)}, schema=LISTING_SCHEMA)
+    return _listing(_image_ids(spec, root, files), labels, paths=paths)
 
 
 def parquet_files(spec: dict, storage: dict) -> tuple[Location, list[str]]:
@@ -188,9 +193,7 @@ def _parquet(spec: dict, storage: dict) -> pa.Table:
         ids = pads.dataset(files, filesystem=root.fs, format="parquet").to_table(columns=["image_id", "label"])
     except (OSError, pa.ArrowInvalid) as error:
         raise DatasetError(f"cannot read image_id and label from the Parquet shards at {root.uri}: {error}") from error
-    return pa.table({"image_id": ids["image_id"].cast(pa.string()), "label": ids["label"].cast(pa.int64()),
-                     "path": pa.nulls(len(ids), pa.string()), "image": pa.nulls(len(ids), pa.binary())},
-                    schema=LISTING_SCHEMA)
+    return _listing(ids["image_id"].cast(pa.string()).to_pylist(), ids["label"].cast(pa.int64()).to_pylist())
 
 
 def _demo(spec: dict) -> pa.Table:
@@ -200,12 +203,12 @@ def _demo(spec: dict) -> pa.Table:
         buffer = io.BytesIO()
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
         encoded.append(buffer.getvalue())
-    return pa.table({"image_id": ids, "label": labels.tolist(), "path": [None] * len(ids), "image": encoded},
-                    schema=LISTING_SCHEMA)
+    return _listing(ids, labels.tolist(), images=encoded)
 
 
 def list_images(spec: dict[str, Any], storage: dict | None = None) -> pa.Table:
-    """The dataset's images in dataset order, after the `skip` / `max` subsample; columns of LISTING_SCHEMA.
+    """The dataset's images in dataset order, after the `skip` / `max` subsample; columns of LISTING_SCHEMA
+    (`index` counts in the whole dataset, before the subsample).
 
     Rows of `parquet` datasets carry neither path nor bytes here: the shards are read by the job itself.
     """

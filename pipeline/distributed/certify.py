@@ -52,14 +52,15 @@ def init_ray() -> None:
 
 
 def preprocess(batch: dict[str, np.ndarray], transform: Transform, storage: dict, root: str | None,
-               keep: set[str] | None = None) -> dict[str, np.ndarray]:
+               keep: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """Decodes a batch of rows (encoded bytes, or paths read from `root`'s filesystem) into uint8 pixels.
 
     An image that cannot be read or decoded keeps its row, with zeros for pixels and the reason in `error`.
-    With `keep`, rows whose image_id is not in it are dropped (used for Parquet shards).
+    With `keep` (image_id -> dataset index, for Parquet shards), rows whose image_id is not in it are dropped.
     """
     ids = [str(i) for i in batch["image_id"]]
     rows = [i for i, image_id in enumerate(ids) if keep is None or image_id in keep]
+    indices = [keep[ids[row]] if keep is not None else int(batch["index"][row]) for row in rows]
     fs = open_location(root, **storage).fs if root and "path" in batch else None
     pixels = np.zeros((len(rows), *transform.shape), dtype=np.uint8)
     errors = []
@@ -74,7 +75,7 @@ def preprocess(batch: dict[str, np.ndarray], transform: Transform, storage: dict
         except (ImageError, OSError) as error:
             errors.append(f"{ids[row]}: {error}")
     labels = [_label(batch["label"][row]) for row in rows]
-    return {"image_id": np.array([ids[row] for row in rows], dtype=object),
+    return {"index": np.array(indices, dtype=np.int64), "image_id": np.array([ids[row] for row in rows], dtype=object),
             "label": np.array([-1 if label is None else label for label in labels], dtype=np.int64),
             "pixels": pixels, "error": np.array(errors, dtype=object)}
 
@@ -109,9 +110,12 @@ class CertifyActor:
             pixels = torch.from_numpy(batch["pixels"][good]).float().div_(255)
             rows = certify_rows(self.engine, pixels, [labels[i] for i in good], self.certifiers,
                                 seed=self.config.seed, image_ids=[ids[i] for i in good], run_info=self.run_info)
+            for row in rows:  # the dataset index, as the papers' `idx`
+                row["image_index"] = int(batch["index"][good[row["image_index"]]])
         for i, error in enumerate(batch["error"]):
             if error:
-                rows += [error_row(i, ids[i], labels[i], certifier, error, seed=self.config.seed, wall_time_s=0.0,
+                rows += [error_row(int(batch["index"][i]), ids[i], labels[i], certifier, error,
+                                   seed=self.config.seed, wall_time_s=0.0,
                                    precision=self.config.precision, device=self.engine.device.type,
                                    **self.run_info) for certifier in self.certifiers]
         table = to_table(rows).sort_by([("image_id", "ascending"), ("setting", "ascending")])
@@ -165,7 +169,7 @@ def certify_dataset(config: RunConfig, results_uri: str, run_info: dict[str, Any
     if config.dataset["layout"] == "parquet":
         root, files = parquet_files(config.dataset, config.storage)
         source = ray.data.read_parquet(files, filesystem=root.fs, columns=None)
-        keep = set(todo["image_id"].to_pylist())
+        keep = dict(zip(todo["image_id"].to_pylist(), todo["index"].to_pylist(), strict=True))
         prepare = {"transform": transform, "storage": config.storage, "root": None, "keep": keep}
     else:
         blocks = max(1, min(math.ceil(todo.num_rows / per_batch), 1000))
