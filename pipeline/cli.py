@@ -44,6 +44,8 @@ def certify_main(args: argparse.Namespace) -> int:
 
         uri = run(config)
     except (ConfigError, StorageError, DatasetError, ValueError) as error:
+        if args.verbose:
+            raise
         print(f"pipeline: {'invalid configuration: ' if isinstance(error, ConfigError) else ''}{error}",
               file=sys.stderr)
         return 2

@@ -130,6 +130,19 @@ def test_results_in_object_storage_equal_the_local_run(ray_cluster, s3_endpoint,
     assert {"manifest.json", "report/summary.md", "report/curves_l2.png"} <= keys
 
 
+def test_reads_an_imagenet_folder_from_object_storage(ray_cluster, s3_endpoint, imagenet, tmp_path):
+    bucket = f"data-{uuid.uuid4().hex[:8]}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket=bucket)
+    for path in (imagenet / "folder").rglob("*.JPEG"):
+        client.upload_file(str(path), bucket, f"val/{path.relative_to(imagenet / 'folder')}")
+    storage = {"endpoint_url": s3_endpoint}
+    remote = rows(run(config(tmp_path, {"layout": "imagenet_folder", "root": f"s3://{bucket}/val"}, run_id="remote",
+                             storage=storage)))
+    local = rows(run(config(tmp_path, {"layout": "imagenet_folder", "root": str(imagenet / "folder")})))
+    assert len(remote) == 18 and remote == local
+
+
 def test_missing_bucket_fails_before_any_work(ray_cluster, s3_endpoint, tmp_path):
     cfg = config(f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/runs", {"layout": "demo", "max": 4},
                  storage={"endpoint_url": s3_endpoint})

@@ -67,6 +67,8 @@ def preprocess(batch: dict[str, np.ndarray], transform: Transform, storage: dict
     for out, row in enumerate(rows):
         data = batch["image"][row] if "image" in batch else None
         try:
+            if data is None and fs is None:
+                raise ImageError("the row holds no image bytes")
             if data is None:
                 with fs.open_input_stream(str(batch["path"][row])) as stream:
                     data = stream.read()
@@ -92,7 +94,7 @@ class CertifyActor:
 
     def __init__(self, config: dict[str, Any], results_uri: str, run_info: dict[str, Any], device: str):
         self.config: RunConfig = validate(config)
-        torch.set_num_threads(max(1, math.floor(self.config.actors["cpus"]) or 1))
+        torch.set_num_threads(max(1, math.floor(self.config.actors["cpus"])))
         self.certifiers = self.config.build_certifiers()
         model = load_model(self.config.model, self.config.storage)
         self.engine = Engine(model, device=device, batch_size=self.config.batch_size,
@@ -103,6 +105,8 @@ class CertifyActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch["image_id"]]
+        if not ids:
+            return {"image_id": np.array([], dtype=object), "failed": np.array([], dtype=bool)}
         labels = [None if label < 0 else int(label) for label in batch["label"]]
         good = [i for i, error in enumerate(batch["error"]) if not error]
         rows = []
@@ -144,13 +148,12 @@ def _device_and_gpus(config: RunConfig) -> tuple[str, float]:
     return "cuda", gpus or 1.0
 
 
-def certify_dataset(config: RunConfig, results_uri: str, run_info: dict[str, Any],
+def certify_dataset(config: RunConfig, listing: pa.Table, results_uri: str, run_info: dict[str, Any],
                     log_every: float = 5.0) -> dict[str, int]:
-    """Certifies the images of the configured dataset that `results_uri` does not hold yet.
+    """Certifies the images of `listing` (from `list_images`) that `results_uri` does not hold yet.
 
     Returns counts: listed, already done, certified now, failed now.
     """
-    listing = list_images(config.dataset, config.storage)
     settings = [certifier.setting for certifier in config.build_certifiers()]
     done = done_image_ids(read_results(open_location(results_uri, **config.storage), ["image_id", "setting"]),
                           settings)
@@ -210,7 +213,7 @@ def run(config: RunConfig) -> str:
     run_location = open_location(config.output, **config.storage).join(config.run_id)
     check_writable(run_location)
     load_model(config.model, config.storage)  # an unreadable checkpoint fails here, before any work
-    list_images(config.dataset, config.storage)
+    listing = list_images(config.dataset, config.storage)
     manifest = {"run_id": config.run_id, "config": config.to_dict(), **environment()}
     if run_location.join("manifest.json").exists():
         earlier = run_location.read_json("manifest.json")
@@ -224,7 +227,7 @@ def run(config: RunConfig) -> str:
     run_location.write_json("manifest.json", manifest)
 
     run_info = {"run_id": config.run_id, "model": config.model["name"], "code_version": manifest["code_version"]}
-    counts = certify_dataset(config, run_location.join("results").uri, run_info)
+    counts = certify_dataset(config, listing, run_location.join("results").uri, run_info)
     results = read_results(run_location.join("results"))
     keys = pa.table({"image_id": results["image_id"], "setting": results["setting"]})
     unique = keys.group_by(["image_id", "setting"]).aggregate([]).num_rows
