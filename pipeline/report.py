@@ -101,7 +101,7 @@ def plot_curves(table: pa.Table, norm: str) -> bytes:
     axes.set(xlabel=f"{norm} radius (pixel units)", ylabel="certified accuracy", ylim=(0, 1),
              title=f"Certified accuracy ({norm})")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="upper right")
+    axes.legend(fontsize=7, loc="lower left")
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=120)
