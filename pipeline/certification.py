@@ -107,19 +107,21 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
     labels = _check_labels(labels, len(images), num_classes)
     for certifier in certifiers:
         certifier.check_num_classes(num_classes)
+        certifier.check_images(images, image_ids)
 
     labeled = all(label is not None for label in labels)
     own_draws = [certifier.draws(labeled) for certifier in certifiers]
     requests = list(dict.fromkeys(draws for group in own_draws for draws in group))
     log.debug("certifying %d images with %s: %d noise streams, batch %d on %s", len(images),
-              ", ".join(c.name for c in certifiers), len({(d.stage, d.sigma) for d in requests}),
+              ", ".join(c.name for c in certifiers), len({d.stream for d in requests}),
               engine.batch_size, engine.device)
     seconds_before = engine.seconds
     counts = engine.count(images, image_ids, seed, requests)
     passes = [sum(draws.n for draws in group) for group in own_draws]
     seconds_per_pass = (engine.seconds - seconds_before) / (len(images) * sum(passes))
     settings = {"noise_scheme": noise_scheme(engine.device), "precision": engine.precision}
-    params = [json.dumps({**certifier.params(), **settings}, sort_keys=True) for certifier in certifiers]
+    shape = tuple(images.shape[1:])
+    params = [json.dumps({**certifier.params(shape), **settings}, sort_keys=True) for certifier in certifiers]
     context = {"seed": seed, "precision": engine.precision, "device": engine.device.type,
                **{key: (run_info or {}).get(key) for key in RUN_COLUMNS}}
     rows = []

@@ -6,7 +6,7 @@ into full batches of `batch_size`, runs the model once per batch under `torch.in
 adds each batch's predictions into a count tensor on the device with one `index_add_`: no Python loop
 over predictions and no host synchronisation until the counts are read at the end.
 
-Requests that share (stage, sigma) share their draws: draw i of a stream is the same tensor for every
+Requests that share (stage, sigma, noise) share their draws: draw i of a stream is the same tensor for every
 request (see `pipeline.noise`), so n = 1,000 and n = 10,000 on one stream cost 10,000 forward passes,
 and the smaller count is the prefix of the larger. The engine knows nothing of certificates or Ray.
 """
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.noise import DRAWS_PER_BLOCK, GaussianBlocks
+from pipeline.noise import DRAWS_PER_BLOCK, make_noise
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -30,15 +30,22 @@ __all__ = ["PRECISIONS", "Draws", "Engine"]
 
 @dataclass(frozen=True)
 class Draws:
-    """A sampling request: `n` noisy copies x + sigma * eps of every image, eps from stream `stage`."""
+    """A sampling request: `n` noisy copies of every image from the noise stream `stage`, of kind `noise`
+    ("gaussian", "ssn", "dssn"; see `pipeline.noise`) at scale `sigma`, with `options` as (name, value) pairs."""
 
     stage: str
     sigma: float
     n: int
+    noise: str = "gaussian"
+    options: tuple = ()
+
+    @property
+    def stream(self) -> tuple:
+        return (self.stage, float(self.sigma), self.noise, self.options)
 
 
 class Engine:
-    """Runs a classifier on Gaussian-noised copies of images and counts its top-1 predictions.
+    """Runs a classifier on noisy copies of images and counts its top-1 predictions.
 
     `precision="bf16"` runs the model under bf16 autocast. The noise is drawn in fp32 and added to the
     image before any rounding, so the counts are exact samples of the reduced-precision classifier:
@@ -87,12 +94,12 @@ class Engine:
         started = time.perf_counter()
         num_classes = self.num_classes(images[0])
 
-        # One stream per (stage, sigma); each is cut at every requested n into segments, one count slot each.
-        streams: dict[tuple[str, float], list[int]] = {}
+        # One stream per (stage, sigma, noise); each is cut at every requested n into segments, one count slot each.
+        streams: dict[tuple, list[int]] = {}
         for draws in requests:
             if draws.n < 0:
                 raise ValueError(f"a request needs n >= 0 draws, got {draws}")
-            streams.setdefault((draws.stage, float(draws.sigma)), []).append(draws.n)
+            streams.setdefault(draws.stream, []).append(draws.n)
         cuts = {key: sorted(set(ns) - {0}) for key, ns in streams.items()}
         first_slot, slots_per_image = {}, 0
         for key, ends in cuts.items():
@@ -107,7 +114,7 @@ class Engine:
 
         result = {}
         for draws in requests:
-            key = (draws.stage, float(draws.sigma))
+            key = draws.stream
             used = cuts[key].index(draws.n) + 1 if draws.n else 0
             start = first_slot[key]
             result[draws] = per_slot[:, start:start + used].sum(axis=1)
@@ -115,7 +122,7 @@ class Engine:
 
     def _run(self, images, image_ids, seed, cuts, first_slot, slots_per_image, num_classes, counts):
         x = images.to(self.device, torch.float32)
-        noise = GaussianBlocks(x.shape[1:], self.device)
+        noises = {key: make_noise(key[2], x.shape[1:], self.device, key[1], key[3]) for key in cuts}
         batch = torch.empty((self.batch_size, *x.shape[1:]), device=self.device)
         owner = np.empty(self.batch_size, dtype=np.int64)
         ones = torch.ones(self.batch_size, dtype=torch.int64, device=self.device)
@@ -123,11 +130,11 @@ class Engine:
         bar = tqdm(total=total, desc="noise draws", unit="draw", unit_scale=True, mininterval=2.0,
                    disable=not self.progress)
 
-        runs: list[list] = []  # [first row, end row, image, sigma]: rows that get the same image and scale
+        runs: list[list] = []  # [first row, end row, image, noise]: rows made from one image with one noise
 
         def flush(rows: int) -> None:
-            for first, end, image, sigma in runs:
-                torch.add(x[image], batch[first:end], alpha=sigma, out=batch[first:end])
+            for first, end, image, noise in runs:
+                noise.apply(x[image], batch[first:end])
             runs.clear()
             index = torch.from_numpy(owner[:rows] * num_classes)
             if self.device.type == "cuda":
@@ -139,8 +146,9 @@ class Engine:
 
         rows = 0
         for image in range(len(images)):
-            for (stage, sigma), ends in cuts.items():
-                slot = image * slots_per_image + first_slot[stage, sigma]
+            for key, ends in cuts.items():
+                stage, noise = key[0], noises[key]
+                slot = image * slots_per_image + first_slot[key]
                 draw = 0
                 for end in ends:
                     while draw < end:
@@ -151,10 +159,10 @@ class Engine:
                         else:
                             eps = noise.get(seed, image_ids[image], stage, block)[offset:offset + take]
                             batch[rows:rows + take].copy_(eps)
-                        if runs and runs[-1][1] == rows and runs[-1][2:] == [image, sigma]:
+                        if runs and runs[-1][1] == rows and runs[-1][2] == image and runs[-1][3] is noise:
                             runs[-1][1] += take
                         else:
-                            runs.append([rows, rows + take, image, sigma])
+                            runs.append([rows, rows + take, image, noise])
                         owner[rows:rows + take] = slot
                         rows += take
                         draw += take

@@ -1,11 +1,21 @@
 """Seeded noise: every draw is a pure function of (run seed, image id, stage, draw index).
 
-Draws come in fixed blocks of `DRAWS_PER_BLOCK`. Block b of a stream holds draws
+Three kinds, each a `NoiseStream` that writes raw noise for a block of draws and then turns raw rows
+into noisy inputs in place:
+
+- `Gaussian(sigma)`: x + sigma * eps, eps ~ N(0, I) (Cohen et al.).
+- `Splitting(sigma)`: splitting noise, SSN (Levine & Feizi 2021). Each coordinate gets a fresh split
+  offset s_i ~ U[0, 2 lambda), lambda = sqrt(3) sigma; the real line is cut at s_i + 2 lambda k and x_i is
+  replaced by the centre of its cell, clipped to [0, 1].
+- `DerandomizedSplitting(sigma, q, template)`: DSSN. Inputs on the 1/q grid; L = int(2 lambda q) levels;
+  draw j (j = 0..L-1, enumerated, not sampled) cuts coordinate i at ((v_i + j) mod L + 0.5) / q with a
+  fixed template v in {0..L-1}^d, cells of width L / q.
+
+Random draws come in fixed blocks of `DRAWS_PER_BLOCK`. Block b of a stream holds draws
 [b * DRAWS_PER_BLOCK, (b + 1) * DRAWS_PER_BLOCK) and is generated from its own seed, derived from
 (run seed, image id, stage, b). Whoever asks for draw i, in whatever batch, next to whichever other
-images, gets the same tensor, so counts do not depend on batch size, packing or image order.
-
-Streams with different stage names are independent (Cohen's selection and estimation draws must be).
+images, gets the same tensor, so counts do not depend on batch size, packing or image order. Streams
+with different stage names are independent (Cohen's selection and estimation draws must be).
 The values depend on the device type's generator (the CPU's Mersenne Twister, CUDA's Philox): the
 same seed gives the same draws on every machine with the same device type and torch version. The
 generator is recorded with every certificate (`noise_scheme`).
@@ -14,13 +24,17 @@ generator is recorded with every certificate (`noise_scheme`).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 DRAWS_PER_BLOCK = 64
 
-__all__ = ["DRAWS_PER_BLOCK", "GaussianBlocks", "block_seed", "gaussian_draws", "noise_scheme"]
+__all__ = ["DRAWS_PER_BLOCK", "DerandomizedSplitting", "Gaussian", "NoiseStream", "Splitting", "SplittingAugment",
+           "block_seed", "dssn_levels", "dssn_template", "gaussian_draws", "make_noise", "noise_scheme",
+           "split_cells"]
 
 
 def block_seed(seed: int, image_id: str, stage: str, block: int) -> int:
@@ -33,39 +47,167 @@ def noise_scheme(device: torch.device | str) -> str:
     """Names the generator behind the draws on a device, for the certificate's record."""
     kind = torch.device(device).type
     generator = {"cpu": "mt19937", "cuda": "philox"}.get(kind, kind)
-    return f"gaussian/blake2b-blocks{DRAWS_PER_BLOCK}/torch-{kind}-{generator}"
+    return f"blake2b-blocks{DRAWS_PER_BLOCK}/torch-{kind}-{generator}"
 
 
-class GaussianBlocks:
-    """Standard-normal noise blocks of shape [DRAWS_PER_BLOCK, *shape] on one device.
+class NoiseStream:
+    """Raw noise for blocks of draws of shape [DRAWS_PER_BLOCK, *shape], and the map to noisy inputs.
 
-    Keeps the last block it made, so a block that a batch boundary splits is generated once.
+    Keeps the last block it made, so a block that a batch boundary splits is generated once. Each kind
+    seeds its blocks under its own name, so streams of different kinds are independent.
     """
 
+    seed_prefix: str = ""
+
     def __init__(self, shape: Sequence[int], device: torch.device | str = "cpu"):
+        self.shape = tuple(shape)
         self.device = torch.device(device)
-        self.block = torch.empty((DRAWS_PER_BLOCK, *shape), device=self.device)
+        self.block = torch.empty((DRAWS_PER_BLOCK, *self.shape), device=self.device)
         self._generator = torch.Generator(device=self.device)
         self._held: tuple | None = None
 
     def fill(self, out: torch.Tensor, seed: int, image_id: str, stage: str, block: int) -> None:
-        """Writes the standard-normal draws of `block` into `out` (contiguous, [DRAWS_PER_BLOCK, *shape])."""
-        self._generator.manual_seed(block_seed(seed, image_id, stage, block))
-        torch.randn(out.shape, generator=self._generator, out=out)
+        """Writes the raw noise of `block` into `out` (contiguous, [DRAWS_PER_BLOCK, *shape])."""
+        raise NotImplementedError
+
+    def apply(self, image: torch.Tensor, rows: torch.Tensor) -> None:
+        """Turns raw noise rows into noisy copies of `image`, in place."""
+        raise NotImplementedError
 
     def get(self, seed: int, image_id: str, stage: str, block: int) -> torch.Tensor:
-        """The standard-normal draws of `block` (a view into a buffer that the next call may overwrite)."""
+        """The raw noise of `block` (a view into a buffer that the next call may overwrite)."""
         key = (seed, image_id, stage, block)
         if key != self._held:
             self.fill(self.block, *key)
             self._held = key
         return self.block
 
+    def _seeded(self, seed: int, image_id: str, stage: str, block: int) -> torch.Generator:
+        return self._generator.manual_seed(block_seed(seed, image_id, f"{self.seed_prefix}{stage}", block))
+
+
+class Gaussian(NoiseStream):
+    """x + sigma * eps with eps ~ N(0, I), drawn in fp32 before any rounding."""
+
+    def __init__(self, shape, device="cpu", *, sigma: float):
+        super().__init__(shape, device)
+        self.sigma = float(sigma)
+
+    def fill(self, out, seed, image_id, stage, block):
+        torch.randn(out.shape, generator=self._seeded(seed, image_id, stage, block), out=out)
+
+    def apply(self, image, rows):
+        torch.add(image, rows, alpha=self.sigma, out=rows)
+
+
+def split_cells(image: torch.Tensor, splits: torch.Tensor, width: float) -> torch.Tensor:
+    """The centre of the cell holding each coordinate, cells [split + width k, split + width (k + 1)),
+    clipped to [0, 1]; `splits` broadcasts against `image`."""
+    upper = splits + width * torch.ceil((image - splits) / width)
+    return (upper.clamp(max=1.0) + (upper - width).clamp(min=0.0)) / 2
+
+
+class Splitting(NoiseStream):
+    """SSN: an independent split offset s_i ~ U[0, 2 lambda) per coordinate, fresh for every draw."""
+
+    seed_prefix = "ssn/"
+
+    def __init__(self, shape, device="cpu", *, sigma: float):
+        super().__init__(shape, device)
+        self.width = 2 * math.sqrt(3) * float(sigma)
+
+    def fill(self, out, seed, image_id, stage, block):
+        torch.rand(out.shape, generator=self._seeded(seed, image_id, stage, block), out=out)
+
+    def apply(self, image, rows):
+        rows.copy_(split_cells(image, rows * self.width, self.width))
+
+
+def dssn_levels(sigma: float, q: int) -> int:
+    """L = int(2 lambda q), lambda = sqrt(3) sigma: the number of DSSN offsets (and forward passes)."""
+    return int(2 * math.sqrt(3) * sigma * q)
+
+
+def dssn_template(dimension: int, levels: int, template: str | int = "reference") -> np.ndarray:
+    """The fixed template v in {0..L-1}^d. `"reference"` is the reference implementation's
+    `numpy.random.RandomState(0).randint(L, size=d)`, so its published models certify identically; an
+    integer seeds numpy's PCG64 with (seed, d, L)."""
+    if template == "reference":
+        return np.random.RandomState(0).randint(levels, size=dimension)
+    if isinstance(template, int) and not isinstance(template, bool):
+        return np.random.default_rng([template, dimension, levels]).integers(levels, size=dimension)
+    raise ValueError(f"template must be 'reference' or an integer seed, got {template!r}")
+
+
+def template_identity(dimension: int, levels: int, template: str | int) -> str:
+    """A record of the template: how it was made and a digest of its values."""
+    values = dssn_template(dimension, levels, template)
+    digest = hashlib.sha256(values.astype(np.int64).tobytes()).hexdigest()[:16]
+    return f"{template}(d={dimension}, L={levels}) sha256:{digest}"
+
+
+class DerandomizedSplitting(NoiseStream):
+    """DSSN: draw j cuts coordinate i at ((v_i + j) mod L + 0.5) / q. No randomness: draws 0..L-1 are every
+    cut position once. Exact for inputs on the 1/q grid (cells are computed on integer levels)."""
+
+    def __init__(self, shape, device="cpu", *, sigma: float, q: int, template: str | int):
+        super().__init__(shape, device)
+        self.q, self.levels = int(q), dssn_levels(sigma, q)
+        template_values = dssn_template(math.prod(self.shape), self.levels, template)
+        self.template = torch.as_tensor(template_values, dtype=torch.float64).view(self.shape).to(self.device)
+        self.offsets = torch.arange(DRAWS_PER_BLOCK, dtype=torch.float64, device=self.device)
+
+    def fill(self, out, seed, image_id, stage, block):
+        shifts = self.offsets + block * DRAWS_PER_BLOCK
+        out.copy_(torch.remainder(self.template + shifts.view(-1, *[1] * len(self.shape)), self.levels))
+
+    def apply(self, image, rows):
+        level = torch.round(image.double() * self.q)  # the input's integer level k
+        # the cut below level k sits at m + 0.5 + L c for the largest such c: cell index ceil((k - m - 0.5) / L)
+        cell = torch.floor((level - rows.double() - 1) / self.levels) + 1
+        upper = (rows.double() + 0.5 + self.levels * cell) / self.q
+        width = self.levels / self.q
+        rows.copy_((upper.clamp(max=1.0) + (upper - width).clamp(min=0.0)) / 2)
+
+
+def make_noise(kind: str, shape: Sequence[int], device, sigma: float, options: tuple = ()) -> NoiseStream:
+    """The noise stream of a kind ("gaussian", "ssn", "dssn") with its options ((name, value) pairs)."""
+    streams = {"gaussian": Gaussian, "ssn": Splitting, "dssn": DerandomizedSplitting}
+    if kind not in streams:
+        raise ValueError(f"unknown noise kind {kind!r}; known: {sorted(streams)}")
+    return streams[kind](shape, device, sigma=sigma, **dict(options))
+
+
+class SplittingAugment:
+    """Training-time splitting noise for a batch [B, C, H, W] in [0, 1], the same noise as certification:
+    SSN (fresh offsets per image) or DSSN (the fixed template plus one random shared offset per image;
+    images must be on the 1/q grid)."""
+
+    def __init__(self, kind: str, sigma: float, q: int = 255, template: str | int = "reference"):
+        if kind not in ("ssn", "dssn"):
+            raise ValueError(f"kind must be 'ssn' or 'dssn', got {kind!r}")
+        self.kind, self.sigma, self.q, self.template = kind, sigma, q, template
+        self._dssn: DerandomizedSplitting | None = None
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.kind == "ssn":
+            width = 2 * math.sqrt(3) * self.sigma
+            return split_cells(images, width * torch.rand(images.shape, generator=generator), width)
+        shape = tuple(images.shape[1:])
+        if self._dssn is None or self._dssn.shape != shape:
+            self._dssn = DerandomizedSplitting(shape, images.device, sigma=self.sigma, q=self.q,
+                                               template=self.template)
+        shifts = torch.randint(self._dssn.levels, (len(images),), generator=generator).double()
+        rows = torch.remainder(self._dssn.template + shifts.view(-1, *[1] * len(shape)), self._dssn.levels)
+        rows = rows.to(images.dtype)
+        self._dssn.apply(images, rows)
+        return rows
+
 
 def gaussian_draws(seed: int, image_id: str, stage: str, start: int, stop: int, shape: Sequence[int],
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """Standard-normal draws [start, stop) of one stream, shape [stop - start, *shape] (a fresh tensor)."""
-    blocks = GaussianBlocks(shape, device)
+    blocks = Gaussian(shape, device, sigma=1.0)
     parts = []
     index = start
     while index < stop:

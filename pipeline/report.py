@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from pipeline import stats
 from pipeline.storage import Location
 
-DEFAULT_RADII = {"l2": (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0), "l1": (0.0, 0.5, 1.0, 2.0, 3.0, 4.0)}
+DEFAULT_RADII = {"l2": (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0), "l1": (0.0, 0.25, 0.5, 0.75, 1.0, 2.0, 3.0, 4.0)}
 RHO = 0.001
 
 __all__ = ["certified_accuracy", "plot_curves", "summary", "write_report"]

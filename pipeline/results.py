@@ -32,14 +32,14 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("abstained", pa.bool_(), False, "True when no certificate was issued (prediction -1, radius 0)."),
     ("radius", pa.float64(), False,
      "Certified radius in the row's norm, in [0, 1] pixel units; 0.0 on abstention."),
-    ("norm", pa.string(), False, "Norm of the certified ball: 'l2' or 'l1'."),
+    ("norm", pa.string(), False, "Norm of the certified ball: 'l2' (cohen, topk) or 'l1' (dssn, ssn)."),
     ("p_lower", pa.float64(), True,
-     "Lower confidence bound on the probability under noise of the class examined (cohen: the selected top "
-     "class; topk: the label), also when it abstains; null where not defined."),
+     "Lower confidence bound on the probability under noise of the class examined (cohen, ssn: the selected "
+     "top class; topk: the label), also when it abstains; dssn: the exact vote share c_A / L."),
     ("count", pa.int64(), True, "Estimation draws that voted for the class examined."),
     ("n", pa.int64(), False, "Estimation draws."),
     ("n0", pa.int64(), False, "Selection draws (0 when the certifier needed none)."),
-    ("alpha", pa.float64(), False, "Probability that this certificate is wrong."),
+    ("alpha", pa.float64(), False, "Probability that this certificate is wrong (0 for the deterministic DSSN)."),
     ("correct", pa.bool_(), True,
      "Certified and about the true label (prediction == label); null when labels were not given."),
     ("topk_labels", pa.list_(pa.int64()), True,

@@ -105,13 +105,16 @@ def certified_accuracy_lower_bound(num_certified_correct: int, num_examples: int
 
     where Y of the m examples were certified correctly at the radius of interest. This is the paper's
     form; the factor 2 and the 1/(1 - alpha) are not dropped. A negative bound is reported as 0.
+    alpha = 0 (a deterministic certifier such as DSSN) makes Y/m exact: it is returned as it is.
     """
-    _check_alpha(alpha)
     _check_alpha(rho, "rho")
     m = int(num_examples)
     if m < 1 or not 0 <= num_certified_correct <= m:
         raise ValueError(f"need 0 <= certified correct <= examples and examples >= 1, got "
                          f"{num_certified_correct} of {num_examples}")
+    if alpha == 0:
+        return num_certified_correct / m
+    _check_alpha(alpha)
     log_term = math.log(1.0 / rho)
     bound = (num_certified_correct / m - alpha - math.sqrt(2.0 * alpha * (1.0 - alpha) * log_term / m)
              - log_term / (3.0 * m)) / (1.0 - alpha)

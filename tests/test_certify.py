@@ -51,7 +51,7 @@ def test_table_follows_the_schema_and_records_every_setting(demo):
     assert row["status"] == "ok" and row["precision"] == "fp32" and row["device"] == "cpu"
     params = json.loads(row["params"])
     assert params["k"] == 3 and params["bound"] == "simuem" and params["precision"] == "fp32"
-    assert params["noise_scheme"].startswith("gaussian/")
+    assert params["noise_scheme"].startswith("blake2b-blocks64/torch-cpu")
     accuracy = sum(r["correct"] for r in table.to_pylist() if r["certifier"] == "cohen") / len(images)
     assert accuracy >= 0.75  # the demo model is trained for sigma = 0.25
 

@@ -15,13 +15,14 @@ from pipeline.storage import open_location
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs" / "configs" / "demo.yaml"
-SMALL = ["dataset.max=12", "certifiers.0.n=200", "certifiers.1.n=200", "batch_size=256"]
+SMALL = ["dataset.max=12", "certifiers.0.n=200", "certifiers.1.n=200", "certifiers.3.n=200", "batch_size=256"]
 
 
 def test_demo_config_loads_and_overrides_apply():
     config = load_config(DEMO, ["certifiers.0.sigma=0.5", "seed=3"])
-    cohen, topk = config.build_certifiers()
+    cohen, topk, dssn, ssn = config.build_certifiers()
     assert (cohen.name, cohen.sigma, topk.k, config.seed) == ("cohen", 0.5, 3, 3)
+    assert (dssn.name, dssn.levels, ssn.name) == ("dssn", 441, "ssn")
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -59,7 +60,7 @@ def test_certify_and_report_commands_write_results_and_a_report(ray_cluster, tmp
     assert cli.main(args + [item for override in SMALL for item in ("--set", override)]) == 0
     table = read_results(open_location(str(tmp_path / "small")).join("results"))
     assert table.schema.equals(results.SCHEMA)
-    assert table.num_rows == 24 and set(table.column("certifier").to_pylist()) == {"cohen", "topk"}
+    assert table.num_rows == 48 and set(table.column("certifier").to_pylist()) == {"cohen", "topk", "dssn", "ssn"}
     assert set(table.column("run_id").to_pylist()) == {"small"}
     summary = (tmp_path / "small" / "report" / "summary.md").read_text()
     assert "| cohen(sigma=0.25" in summary and "ACR" in summary and summary in capsys.readouterr().out
@@ -70,7 +71,8 @@ def test_certify_and_report_commands_write_results_and_a_report(ray_cluster, tmp
     (tmp_path / "small" / "report" / "summary.md").unlink()
     assert cli.main(["report", str(tmp_path / "small"), "--radii", "0", "0.5"]) == 0
     assert "r=0.5" in (tmp_path / "small" / "report" / "summary.md").read_text()
-    assert (tmp_path / "small" / "report" / "curves_l2.png").read_bytes().startswith(b"\x89PNG")
+    for norm in ("l1", "l2"):  # one plot per norm
+        assert (tmp_path / "small" / "report" / f"curves_{norm}.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_certify_job_rejects_a_bad_config_before_work(tmp_path):

@@ -103,6 +103,7 @@ def test_theorem6_bound_is_the_papers_formula():
 
 def test_theorem6_bound_is_never_negative_and_checks_its_inputs():
     assert stats.certified_accuracy_lower_bound(0, 10, 0.01, 0.01) == 0.0
+    assert stats.certified_accuracy_lower_bound(7, 10, 0.0, 0.01) == 0.7  # deterministic certificates
     with pytest.raises(ValueError, match="certified correct"):
         stats.certified_accuracy_lower_bound(11, 10, 0.01, 0.01)
     with pytest.raises(ValueError, match="rho"):

@@ -48,6 +48,7 @@ class Certifier:
 
     name: ClassVar[str]
     norm: ClassVar[str] = "l2"
+    deterministic: ClassVar[bool] = False  # True: the certificate holds with certainty (alpha = 0)
 
     sigma: float
     alpha: float = 0.001
@@ -55,7 +56,10 @@ class Certifier:
     def __post_init__(self) -> None:
         if not (_is_real(self.sigma) and math.isfinite(self.sigma) and self.sigma > 0):
             raise ValueError(f"{self.name}: sigma must be a finite number > 0, got {self.sigma!r}")
-        if not (_is_real(self.alpha) and 0 < self.alpha < 1):
+        if self.deterministic:
+            if self.alpha != 0:
+                raise ValueError(f"{self.name}: alpha must be 0, the certificate is deterministic; got {self.alpha!r}")
+        elif not (_is_real(self.alpha) and 0 < self.alpha < 1):
             raise ValueError(f"{self.name}: alpha must lie in (0, 1), got {self.alpha!r}")
 
     def _require_count(self, field: str, minimum: int) -> None:
@@ -70,6 +74,9 @@ class Certifier:
     def check_num_classes(self, num_classes: int) -> None:
         """Raises ValueError when the settings cannot apply to a model with this many classes."""
 
+    def check_images(self, images, image_ids) -> None:
+        """Raises ValueError, naming the image, when an input lies outside the certifier's threat model."""
+
     def draws(self, labeled: bool) -> list[Draws]:
         """The noise this certifier needs for every image; `labeled` says whether true labels are given."""
         raise NotImplementedError
@@ -78,8 +85,8 @@ class Certifier:
         """The certificate for one image from its count vectors, keyed by the requests of `draws`."""
         raise NotImplementedError
 
-    def params(self) -> dict:
-        """Every setting, for the result row."""
+    def params(self, input_shape: tuple | None = None) -> dict:
+        """Every setting, for the result row (plus what depends on the input shape, where it is known)."""
         return {"certifier": self.name, **dataclasses.asdict(self)}
 
     @property

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-WEIGHTS = Path(__file__).with_name("weights") / "demo_cnn_sigma0.25.pt"
+WEIGHTS = Path(__file__).with_name("weights") / "demo_cnn.pt"
 
 __all__ = ["WEIGHTS", "DemoCNN", "Normalize", "load_demo_model"]
 
