@@ -74,6 +74,7 @@ def _check_ids(image_ids, count: int) -> list[str]:
 
 
 RUN_COLUMNS = ("run_id", "model", "node", "code_version")
+EXTRA_COLUMNS = ("eps_in", "eps_out", "smoothing_error", "metric", "output", "abstain_reason")
 
 
 def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Certifier] = (), *, seed: int = 0,
@@ -110,48 +111,55 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
         certifier.check_images(images, image_ids)
 
     labeled = all(label is not None for label in labels)
-    own_draws = [certifier.draws(labeled) for certifier in certifiers]
+    settings = {"noise_scheme": noise_scheme(engine.device), "precision": engine.precision}
+    shape = tuple(images.shape[1:])
+    context = {"seed": seed, "precision": engine.precision, "device": engine.device.type,
+               **{key: (run_info or {}).get(key) for key in RUN_COLUMNS}}
+
+    def row(index: int, certifier: Certifier, certificate, n: int, n0: int, passes: int, seconds: float) -> dict:
+        label = labels[index]
+        correct = None
+        if certifier.classifies and label is not None:
+            correct = not certificate.abstained and certificate.prediction == label
+        return {
+            "image_index": index, "image_id": image_ids[index], "label": label, "certifier": certifier.name,
+            "setting": certifier.setting, "sigma": float(certifier.sigma), "prediction": certificate.prediction,
+            "abstained": certificate.abstained, "radius": certificate.radius, "norm": certifier.norm,
+            "p_lower": certificate.p_lower, "count": certificate.count, "n": n, "n0": n0,
+            "alpha": float(certifier.alpha), "correct": correct, "topk_labels": certificate.topk_labels,
+            "forward_passes": passes, "wall_time_s": seconds, "status": "ok", "error": None,
+            "params": json.dumps({**certifier.params(shape), **settings}, sort_keys=True),
+            **dict.fromkeys(EXTRA_COLUMNS), **(certificate.extra or {}), **context,
+        }
+
+    counted = [certifier for certifier in certifiers if not certifier.self_sampling]
+    own_draws = [certifier.draws(labeled) for certifier in counted]
     requests = list(dict.fromkeys(draws for group in own_draws for draws in group))
     log.debug("certifying %d images with %s: %d noise streams, batch %d on %s", len(images),
               ", ".join(c.name for c in certifiers), len({d.stream for d in requests}),
               engine.batch_size, engine.device)
-    seconds_before = engine.seconds
-    counts = engine.count(images, image_ids, seed, requests)
-    passes = [sum(draws.n for draws in group) for group in own_draws]
-    seconds_per_pass = (engine.seconds - seconds_before) / (len(images) * sum(passes))
-    settings = {"noise_scheme": noise_scheme(engine.device), "precision": engine.precision}
-    shape = tuple(images.shape[1:])
-    params = [json.dumps({**certifier.params(shape), **settings}, sort_keys=True) for certifier in certifiers]
-    context = {"seed": seed, "precision": engine.precision, "device": engine.device.type,
-               **{key: (run_info or {}).get(key) for key in RUN_COLUMNS}}
-    rows = []
-    for index, label in enumerate(labels):
-        for certifier, group, forward_passes, setting in zip(certifiers, own_draws, passes, params, strict=True):
+    rows_by_certifier: dict[int, list[dict]] = {}
+    if counted:
+        seconds_before = engine.seconds
+        counts = engine.count(images, image_ids, seed, requests)
+        passes = [sum(draws.n for draws in group) for group in own_draws]
+        seconds_per_pass = (engine.seconds - seconds_before) / (len(images) * sum(passes))
+        for certifier, group, forward_passes in zip(counted, own_draws, passes, strict=True):
+            n0 = sum(draws.n for draws in group if draws.stage == "selection")
+            rows_by_certifier[id(certifier)] = []
+            for index in range(len(images)):
+                started = time.perf_counter()
+                certificate = certifier.certify({draws: counts[draws][index] for draws in group}, labels[index])
+                seconds = forward_passes * seconds_per_pass + time.perf_counter() - started
+                rows_by_certifier[id(certifier)].append(
+                    row(index, certifier, certificate, forward_passes - n0, n0, forward_passes, seconds))
+    for certifier in certifiers:
+        if certifier.self_sampling:
             started = time.perf_counter()
-            certificate = certifier.certify({draws: counts[draws][index] for draws in group}, label)
-            rows.append({
-                "image_index": index,
-                "image_id": image_ids[index],
-                "label": label,
-                "certifier": certifier.name,
-                "setting": certifier.setting,
-                "sigma": float(certifier.sigma),
-                "prediction": certificate.prediction,
-                "abstained": certificate.abstained,
-                "radius": certificate.radius,
-                "norm": certifier.norm,
-                "p_lower": certificate.p_lower,
-                "count": certificate.count,
-                "n": sum(draws.n for draws in group if draws.stage != "selection"),
-                "n0": sum(draws.n for draws in group if draws.stage == "selection"),
-                "alpha": float(certifier.alpha),
-                "correct": None if label is None else (not certificate.abstained and certificate.prediction == label),
-                "topk_labels": certificate.topk_labels,
-                "forward_passes": forward_passes,
-                "wall_time_s": forward_passes * seconds_per_pass + time.perf_counter() - started,
-                "status": "ok",
-                "error": None,
-                "params": setting,
-                **context,
-            })
-    return rows
+            certificates = certifier.run(engine, images, image_ids, seed)
+            seconds = (time.perf_counter() - started) / len(images)
+            passes = certifier.forward_passes
+            rows_by_certifier[id(certifier)] = [
+                row(index, certifier, certificate, certifier.m, passes - certifier.m, passes, seconds)
+                for index, certificate in enumerate(certificates)]
+    return [rows_by_certifier[id(certifier)][index] for index in range(len(images)) for certifier in certifiers]

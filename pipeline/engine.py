@@ -67,12 +67,16 @@ class Engine:
         self.seconds = 0.0
         self._num_classes: int | None = None
 
-    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The model's output on a batch, under inference mode and the configured precision."""
+    def forward(self, function, inputs: torch.Tensor) -> torch.Tensor:
+        """`function(inputs)` under inference mode and the configured precision."""
         dtype = PRECISIONS[self.precision]
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype or torch.float32,
                                                     enabled=dtype is not None):
-            return self.model(inputs)
+            return function(inputs)
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's output on a batch, under inference mode and the configured precision."""
+        return self.forward(self.model, inputs)
 
     def num_classes(self, image: torch.Tensor) -> int:
         """Probes the model once, on one clean image, and checks that it returns one score per class."""
@@ -87,11 +91,8 @@ class Engine:
     def count(self, images: torch.Tensor, image_ids: Sequence[str], seed: int,
               requests: Sequence[Draws]) -> dict[Draws, np.ndarray]:
         """Class counts of the model's prediction on noisy copies of each image, one array [B, C] per request."""
-        if images.ndim != 4:
-            raise ValueError(f"images must have shape [B, C, H, W], got {tuple(images.shape)}")
-        if len(image_ids) != len(images):
-            raise ValueError(f"got {len(image_ids)} image ids for {len(images)} images")
         started = time.perf_counter()
+        self._check(images, image_ids)
         num_classes = self.num_classes(images[0])
 
         # One stream per (stage, sigma, noise); each is cut at every requested n into segments, one count slot each.
@@ -107,8 +108,13 @@ class Engine:
             slots_per_image += len(ends)
 
         counts = torch.zeros(len(images) * slots_per_image * num_classes, dtype=torch.int64, device=self.device)
+        ones = torch.ones(self.batch_size, dtype=torch.int64, device=self.device)
+
+        def add_votes(inputs: torch.Tensor, slots: torch.Tensor, draws: torch.Tensor) -> None:
+            counts.index_add_(0, slots * num_classes + self.logits(inputs).argmax(dim=1), ones[:len(inputs)])
+
         if slots_per_image:
-            self._run(images, image_ids, seed, cuts, first_slot, slots_per_image, num_classes, counts)
+            self._run(images, image_ids, seed, cuts, first_slot, slots_per_image, add_votes)
         per_slot = counts.view(len(images), slots_per_image, num_classes).cpu().numpy()
         self.seconds += time.perf_counter() - started
 
@@ -120,27 +126,50 @@ class Engine:
             result[draws] = per_slot[:, start:start + used].sum(axis=1)
         return result
 
-    def _run(self, images, image_ids, seed, cuts, first_slot, slots_per_image, num_classes, counts):
+    def outputs(self, images: torch.Tensor, image_ids: Sequence[str], seed: int, draws: Draws, head,
+                sink) -> None:
+        """Runs `head` on the `draws.n` noisy copies of every image, batched like `count`; calls
+        `sink(outputs, image_index, draw_index)` for each batch, the indices as device tensors."""
+        started = time.perf_counter()
+        self._check(images, image_ids)
+
+        def forward(inputs: torch.Tensor, slots: torch.Tensor, draw_index: torch.Tensor) -> None:
+            sink(self.forward(head, inputs), slots, draw_index)
+
+        if draws.n:
+            self._run(images, image_ids, seed, {draws.stream: [draws.n]}, {draws.stream: 0}, 1, forward)
+        self.seconds += time.perf_counter() - started
+
+    @staticmethod
+    def _check(images: torch.Tensor, image_ids: Sequence[str]) -> None:
+        if images.ndim != 4:
+            raise ValueError(f"images must have shape [B, C, H, W], got {tuple(images.shape)}")
+        if len(image_ids) != len(images):
+            raise ValueError(f"got {len(image_ids)} image ids for {len(images)} images")
+
+    def _run(self, images, image_ids, seed, cuts, first_slot, slots_per_image, sink):
         x = images.to(self.device, torch.float32)
         noises = {key: make_noise(key[2], x.shape[1:], self.device, key[1], key[3]) for key in cuts}
         batch = torch.empty((self.batch_size, *x.shape[1:]), device=self.device)
         owner = np.empty(self.batch_size, dtype=np.int64)
-        ones = torch.ones(self.batch_size, dtype=torch.int64, device=self.device)
+        drawn = np.empty(self.batch_size, dtype=np.int64)
         total = len(images) * sum(ends[-1] for ends in cuts.values())
         bar = tqdm(total=total, desc="noise draws", unit="draw", unit_scale=True, mininterval=2.0,
                    disable=not self.progress)
 
         runs: list[list] = []  # [first row, end row, image, noise]: rows made from one image with one noise
 
+        def to_device(values: np.ndarray) -> torch.Tensor:
+            tensor = torch.from_numpy(values.copy())
+            if self.device.type == "cuda":
+                return tensor.pin_memory().to(self.device, non_blocking=True)
+            return tensor
+
         def flush(rows: int) -> None:
             for first, end, image, noise in runs:
                 noise.apply(x[image], batch[first:end])
             runs.clear()
-            index = torch.from_numpy(owner[:rows] * num_classes)
-            if self.device.type == "cuda":
-                index = index.pin_memory().to(self.device, non_blocking=True)
-            predictions = self.logits(batch[:rows]).argmax(dim=1)
-            counts.index_add_(0, index + predictions, ones[:rows])
+            sink(batch[:rows], to_device(owner[:rows]), to_device(drawn[:rows]))
             self.forward_passes += rows
             bar.update(rows)
 
@@ -164,6 +193,7 @@ class Engine:
                         else:
                             runs.append([rows, rows + take, image, noise])
                         owner[rows:rows + take] = slot
+                        drawn[rows:rows + take] = np.arange(draw, draw + take)
                         rows += take
                         draw += take
                         if rows == self.batch_size:

@@ -4,6 +4,8 @@ Certified accuracy at radius r (Cohen et al.'s "approximate certified accuracy")
 labeled images whose certificate is correct with radius >= r; abstentions and error rows count as
 failures. Beside it: the average certified radius (ACR, radius times correctness, averaged), the
 abstention rate, and the Theorem 6 lower bound on the true certified accuracy at confidence 1 - rho.
+Center smoothing certifies outputs, not classes: its rows get the median eps_out and the median
+smoothing error over the images it did not abstain on, as Kumar & Goldstein report them.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ __all__ = ["certified_accuracy", "plot_curves", "summary", "write_report"]
 
 
 def _labeled(table: pa.Table) -> pd.DataFrame:
+    """Rows of classifying certifiers on labeled images (those with a `correct` value)."""
     rows = table.to_pandas()
-    rows = rows[rows["label"].notna()].copy()
+    rows = rows[rows["correct"].notna()].copy()
     rows["certified_correct"] = rows["correct"].fillna(False).astype(bool) & (rows["status"] == "ok")
     return rows
 
@@ -57,6 +60,18 @@ def _overview(table: pa.Table) -> pd.DataFrame:
     return overview
 
 
+def _center(table: pa.Table) -> pd.DataFrame:
+    rows = table.to_pandas()
+    rows = rows[rows["certifier"] == "center"]
+    certified = rows[~rows["abstained"] & (rows["status"] == "ok")]
+    frame = rows.groupby("setting", sort=True).agg(output=("output", "first"), metric=("metric", "first"),
+                                                    eps_in=("eps_in", "first"), images=("image_id", "nunique"),
+                                                    abstention_rate=("abstained", "mean"))
+    frame["median_eps_out"] = certified.groupby("setting")["eps_out"].median()
+    frame["median_smoothing_error"] = certified.groupby("setting")["smoothing_error"].median()
+    return frame
+
+
 def _theorem6(table: pa.Table, radii: Sequence[float]) -> pd.DataFrame:
     rows = _labeled(table)
     out = {}
@@ -77,10 +92,11 @@ def summary(table: pa.Table, radii: Sequence[float] | None = None) -> str:
     """Markdown: an overview per setting, then certified accuracy at the radii (per norm), then the
     Theorem 6 lower bounds."""
     parts = ["## Overview", "", _markdown(_overview(table))]
-    if len(_labeled(table)) == 0:
-        return "\n".join(parts)
-    for norm in sorted(set(table["norm"].to_pylist())):
-        subset = table.filter(pc.equal(table["norm"], norm))
+    if "center" in table["certifier"].to_pylist():
+        parts += ["", "## Center smoothing (medians over the images not abstained on)", "", _markdown(_center(table))]
+    classified = table.filter(pc.invert(pc.is_null(table["correct"])))
+    for norm in sorted(set(classified["norm"].to_pylist())):
+        subset = classified.filter(pc.equal(classified["norm"], norm))
         norm_radii = radii or DEFAULT_RADII.get(norm, DEFAULT_RADII["l2"])
         parts += ["", f"## Certified accuracy, {norm} radius", "", _markdown(certified_accuracy(subset, norm_radii)),
                   "", f"## Lower bound on the true certified accuracy, {norm} (Cohen et al. Theorem 6, "
@@ -112,12 +128,12 @@ def write_report(table: pa.Table, location: Location, radii: Sequence[float] | N
     """Writes summary.md, certified_accuracy.csv and one curves_<norm>.png per norm; returns the Markdown."""
     text = summary(table, radii)
     location.write_bytes("summary.md", (text + "\n").encode())
-    labeled = table.filter(pc.invert(pc.is_null(table["label"])))
-    if labeled.num_rows:
-        frames = [certified_accuracy(table.filter(pc.equal(table["norm"], norm)),
-                                     radii or DEFAULT_RADII.get(norm, DEFAULT_RADII["l2"]))
-                  for norm in sorted(set(table["norm"].to_pylist()))]
+    classified = table.filter(pc.invert(pc.is_null(table["correct"])))
+    norms = sorted(set(classified["norm"].to_pylist()))
+    if norms:
+        frames = [certified_accuracy(classified.filter(pc.equal(classified["norm"], norm)),
+                                     radii or DEFAULT_RADII.get(norm, DEFAULT_RADII["l2"])) for norm in norms]
         location.write_bytes("certified_accuracy.csv", pd.concat(frames).to_csv().encode())
-        for norm in sorted(set(labeled["norm"].to_pylist())):
-            location.write_bytes(f"curves_{norm}.png", plot_curves(table, norm))
+        for norm in norms:
+            location.write_bytes(f"curves_{norm}.png", plot_curves(classified, norm))
     return text

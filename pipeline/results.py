@@ -26,22 +26,23 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
      "The certifier with all its settings, e.g. 'cohen(sigma=0.25, alpha=0.001, n0=100, n=100000, mode=certify)'; "
      "a run holds one row per (image_id, setting)."),
     ("sigma", pa.float64(), False, "Noise scale in [0, 1] pixel units."),
-    ("prediction", pa.int64(), False,
-     "Class the certificate is about (cohen: the smoothed prediction; topk: the label certified to stay in "
-     "the top k); -1 when the certifier abstained."),
+    ("prediction", pa.int64(), True,
+     "Class the certificate is about (cohen, dssn, ssn: the smoothed prediction; topk: the label certified to "
+     "stay in the top k); -1 when the certifier abstained; null for center smoothing, which certifies outputs."),
     ("abstained", pa.bool_(), False, "True when no certificate was issued (prediction -1, radius 0)."),
     ("radius", pa.float64(), False,
-     "Certified radius in the row's norm, in [0, 1] pixel units; 0.0 on abstention."),
+     "Certified input radius in the row's norm, in [0, 1] pixel units (center: eps_in); 0.0 on abstention."),
     ("norm", pa.string(), False, "Norm of the certified ball: 'l2' (cohen, topk) or 'l1' (dssn, ssn)."),
     ("p_lower", pa.float64(), True,
      "Lower confidence bound on the probability under noise of the class examined (cohen, ssn: the selected "
      "top class; topk: the label), also when it abstains; dssn: the exact vote share c_A / L."),
     ("count", pa.int64(), True, "Estimation draws that voted for the class examined."),
-    ("n", pa.int64(), False, "Estimation draws."),
-    ("n0", pa.int64(), False, "Selection draws (0 when the certifier needed none)."),
+    ("n", pa.int64(), False, "Estimation draws (center: the m certification draws)."),
+    ("n0", pa.int64(), False,
+     "Selection draws (0 when the certifier needed none; center: the draws of the centre search and check)."),
     ("alpha", pa.float64(), False, "Probability that this certificate is wrong (0 for the deterministic DSSN)."),
     ("correct", pa.bool_(), True,
-     "Certified and about the true label (prediction == label); null when labels were not given."),
+     "Certified and about the true label (prediction == label); null without labels and for center rows."),
     ("topk_labels", pa.list_(pa.int64()), True,
      "cohen: [prediction] unless it abstained; topk: top-k PREDICT on the estimation draws (null on abstention)."),
     ("forward_passes", pa.int64(), False,
@@ -56,6 +57,13 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("device", pa.string(), False, "Device the model ran on ('cpu', 'cuda', ...)."),
     ("params", pa.string(), False,
      "JSON of the certifier's full settings plus the noise scheme and precision."),
+    ("eps_in", pa.float64(), True, "center: the l2 input radius the output bound is for."),
+    ("eps_out", pa.float64(), True,
+     "center: certified bound on the distance between the smoothed outputs at x and at any x' within eps_in."),
+    ("smoothing_error", pa.float64(), True, "center: distance between the smoothed output and the clean output f(x)."),
+    ("metric", pa.string(), True, "center: the output distance (l2, angular, total_variation, tv1, tv2, jaccard)."),
+    ("output", pa.string(), True, "center: what was smoothed (logits, probs, features, denoised)."),
+    ("abstain_reason", pa.string(), True, "Why the certifier abstained, where it says (center: the check failed)."),
     ("run_id", pa.string(), True, "The run that wrote the row (null outside a run)."),
     ("model", pa.string(), True, "The classifier certified, as named in the run's config."),
     ("node", pa.string(), True, "Host name of the machine that certified the image."),
@@ -88,13 +96,15 @@ def to_table(rows: list[dict]) -> pa.Table:
 def error_row(image_index: int, image_id: str, label: int | None, certifier, message: str, **context) -> dict:
     """The row that stands for an image the certifier could not examine: status 'error', no certificate."""
     params = json.dumps({**certifier.params(), **context.pop("settings", {})}, sort_keys=True)
+    classifies = certifier.classifies
     return {
         "image_index": image_index, "image_id": image_id, "label": label, "certifier": certifier.name,
-        "setting": certifier.setting, "sigma": float(certifier.sigma), "prediction": -1, "abstained": True,
-        "radius": 0.0, "norm": certifier.norm, "p_lower": None, "count": None, "n": 0, "n0": 0,
-        "alpha": float(certifier.alpha), "correct": None if label is None else False, "topk_labels": None,
-        "forward_passes": 0, "status": "error", "error": message, "params": params,
-        **{key: None for key in ("run_id", "model", "node", "code_version")}, **context,
+        "setting": certifier.setting, "sigma": float(certifier.sigma), "prediction": -1 if classifies else None,
+        "abstained": True, "radius": 0.0, "norm": certifier.norm, "p_lower": None, "count": None, "n": 0, "n0": 0,
+        "alpha": float(certifier.alpha), "correct": False if classifies and label is not None else None,
+        "topk_labels": None, "forward_passes": 0, "status": "error", "error": message, "params": params,
+        **dict.fromkeys(("eps_in", "eps_out", "smoothing_error", "metric", "output", "abstain_reason",
+                         "run_id", "model", "node", "code_version")), **context,
     }
 
 
@@ -133,8 +143,9 @@ def read_certify_log(path: str | Path, sigma: float, alpha: float = 0.001, n: in
             "norm": "l2", "p_lower": None, "count": None, "n": n, "n0": n0, "alpha": alpha,
             "correct": bool(int(correct)), "topk_labels": None if int(predict) == -1 else [int(predict)],
             "forward_passes": n + n0, "seed": 0, "wall_time_s": seconds(time), "status": "ok", "error": None,
-            "precision": "fp32", "device": "cuda", "params": json.dumps({"source": str(path)}), "run_id": None,
-            "model": None, "node": None, "code_version": None,
+            "precision": "fp32", "device": "cuda", "params": json.dumps({"source": str(path)}),
+            **dict.fromkeys(("eps_in", "eps_out", "smoothing_error", "metric", "output", "abstain_reason",
+                             "run_id", "model", "node", "code_version")),
         })
     return to_table(rows)
 

@@ -6,12 +6,14 @@ pass per draw serves `Cohen` and `TopK` together. Each certificate still holds w
 together with probability >= 1 - (the sum of their alphas).
 """
 
-from pipeline.certifiers import cohen, dssn, topk
+from pipeline.certifiers import center, cohen, dssn, topk
 from pipeline.certifiers.base import ABSTAIN, Certificate, Certifier
+from pipeline.certifiers.center import Center
 from pipeline.certifiers.cohen import Cohen
 from pipeline.certifiers.dssn import DSSN, SSN
 from pipeline.certifiers.topk import TopK
 
-REGISTRY: dict[str, type[Certifier]] = {cls.name: cls for cls in (Cohen, TopK, DSSN, SSN)}
+REGISTRY: dict[str, type[Certifier]] = {cls.name: cls for cls in (Cohen, TopK, DSSN, SSN, Center)}
 
-__all__ = ["ABSTAIN", "DSSN", "REGISTRY", "SSN", "Certificate", "Certifier", "Cohen", "TopK", "cohen", "dssn", "topk"]
+__all__ = ["ABSTAIN", "DSSN", "REGISTRY", "SSN", "Center", "Certificate", "Certifier", "Cohen", "TopK", "center",
+           "cohen", "dssn", "topk"]

@@ -29,17 +29,21 @@ __all__ = ["ABSTAIN", "Certificate", "Certifier"]
 
 @dataclass(frozen=True)
 class Certificate:
-    """One certifier's verdict on one image. `prediction` is ABSTAIN (-1) with radius 0 when it abstains."""
+    """One certifier's verdict on one image. A classifier's certificate has `prediction` ABSTAIN (-1) with
+    radius 0 when it abstains; a certificate about outputs (center smoothing) has no prediction and says
+    `abstained` itself. `extra` holds values of the result columns only some certifiers fill."""
 
-    prediction: int
+    prediction: int | None
     radius: float
     p_lower: float | None = None
     count: int | None = None
     topk_labels: list[int] | None = None
+    abstained: bool | None = None
+    extra: dict | None = None
 
-    @property
-    def abstained(self) -> bool:
-        return self.prediction == ABSTAIN
+    def __post_init__(self) -> None:
+        if self.abstained is None:
+            object.__setattr__(self, "abstained", self.prediction == ABSTAIN)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +53,8 @@ class Certifier:
     name: ClassVar[str]
     norm: ClassVar[str] = "l2"
     deterministic: ClassVar[bool] = False  # True: the certificate holds with certainty (alpha = 0)
+    classifies: ClassVar[bool] = True  # False: certifies outputs, not a class (no prediction, no `correct`)
+    self_sampling: ClassVar[bool] = False  # True: later stages depend on earlier ones; samples through `run`
 
     sigma: float
     alpha: float = 0.001
@@ -79,6 +85,10 @@ class Certifier:
 
     def draws(self, labeled: bool) -> list[Draws]:
         """The noise this certifier needs for every image; `labeled` says whether true labels are given."""
+        return []
+
+    def run(self, engine, images, image_ids: list[str], seed: int) -> list[Certificate]:
+        """For self-sampling certifiers: sample through `engine` and certify every image."""
         raise NotImplementedError
 
     def certify(self, counts: Mapping[Draws, np.ndarray], label: int | None) -> Certificate:

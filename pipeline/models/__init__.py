@@ -24,7 +24,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DemoCNN", "Normalize", "load_demo_model", "load_model", "load_state_dict", "model_names"]
+__all__ = ["DemoCNN", "Normalize", "WithFeatures", "load_demo_model", "load_model", "load_state_dict",
+           "model_names"]
+
+
+class WithFeatures(nn.Module):
+    """A classifier whose forward returns (logits, penultimate features): the input of its last nn.Linear,
+    taken with a forward hook, so any registry model (torchvision's included) exposes its features."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+        if not linears:
+            raise ValueError(f"{type(model).__name__} has no nn.Linear layer to take penultimate features from")
+        self.model, self._last = model, linears[-1]
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        captured = []
+        handle = self._last.register_forward_hook(lambda module, args, output: captured.append(args[0]))
+        try:
+            logits = self.model(inputs)
+        finally:
+            handle.remove()
+        return logits, captured[-1].flatten(1)
 
 
 def model_names() -> list[str]:

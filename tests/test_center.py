@@ -1,0 +1,180 @@
+"""Center smoothing: the output bound on a linear map, the centre search, the statistics, the metrics."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+from torch import nn
+
+import pipeline
+from pipeline import metrics
+from pipeline.certifiers import Center, center
+from pipeline.engine import Engine
+from pipeline.metrics import METRICS, get_metric
+
+
+class LinearMap(nn.Module):
+    def __init__(self, matrix):
+        super().__init__()
+        self.register_buffer("matrix", matrix)
+
+    def forward(self, x):
+        return x.flatten(1) @ self.matrix.T
+
+
+@pytest.fixture(scope="module")
+def linear():
+    torch.manual_seed(0)
+    return LinearMap(torch.randn(3, 16))
+
+
+def test_eps_out_bounds_the_centre_shift_on_a_linear_map(linear):
+    """f(x) = A x, l2 outputs. For each certified x, the centres at x + delta (random directions and the
+    top right-singular vector of A, ||delta|| = eps_in) must lie within eps_out of the centre at x. A pair
+    fails with probability <= alpha1 + alpha2 (the certificate) + alpha1 per centre at x + delta (3 of
+    them): 0.025. Failures over m inputs are then at most Binomial(m, 0.025); the test fails above the
+    1 - 1e-6 quantile, its false-alarm rate."""
+    sigma, eps_in, count = 0.25, 0.125, 30
+    certifier = Center(sigma=sigma, eps_in=eps_in, output="logits", metric="l2", n=2000, m=4000)
+    engine = Engine(linear, batch_size=2048)
+    generator = torch.Generator().manual_seed(1)
+    images = 0.3 + 0.4 * torch.rand(count, 1, 4, 4, generator=generator)
+    ids = [f"x{i}" for i in range(count)]
+    rows = pipeline.certify(linear, images, None, [certifier], image_ids=ids, batch_size=2048).to_pylist()
+    centres, _, _ = certifier.smooth(engine, images, ids, 0, linear)
+
+    worst = torch.linalg.svd(linear.matrix).Vh[0].view(1, 4, 4)
+    directions = [worst, -worst, torch.randn(1, 4, 4, generator=generator)]
+    shifted = torch.cat([images + eps_in * d / d.norm() for d in directions])
+    shifted_ids = [f"x{i}+d{j}" for j in range(len(directions)) for i in range(count)]
+    moved, _, fractions = certifier.smooth(engine, shifted, shifted_ids, 0, linear)
+    accepted = [center.check_passes(f, certifier.n, certifier.alpha1, certifier.delta) for f in fractions.tolist()]
+
+    failures, ratios = 0, []
+    for i, row in enumerate(rows):
+        if row["abstained"]:
+            continue
+        gaps = [float((moved[j * count + i] - centres[i]).norm()) for j in range(len(directions))
+                if accepted[j * count + i]]
+        failures += any(gap > row["eps_out"] for gap in gaps)
+        ratios += [gap / row["eps_out"] for gap in gaps]
+    assert sum(not row["abstained"] for row in rows) >= count // 2
+    assert failures <= sps.binom.ppf(1 - 1e-6, count, 0.025)
+    assert max(ratios) > 0.05  # the shifts are not negligible against the bound
+
+
+def test_exact_and_candidate_centres_agree_on_an_easy_distribution(linear):
+    images = torch.full((2, 1, 4, 4), 0.5)
+    engine = Engine(linear, batch_size=1024)
+    exact = Center(sigma=0.25, eps_in=0.1, output="logits", n=2000, m=4000)
+    candidates = Center(sigma=0.25, eps_in=0.1, output="logits", n=2000, m=4000, centers=30)
+    centre_exact, radius_exact, _ = exact.smooth(engine, images, ["a", "b"], 0, linear)
+    centre_30, radius_30, _ = candidates.smooth(engine, images, ["a", "b"], 0, linear)
+    truth = linear(images)
+    assert ((centre_exact - truth).norm(dim=1) < radius_exact).all()
+    assert ((centre_30 - centre_exact).norm(dim=1) < radius_exact).all()
+    assert torch.allclose(radius_30, radius_exact, rtol=0.25)
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_blockwise_distances_equal_dense_ones(monkeypatch, name):
+    metric = get_metric(name)
+    points = random_points(name, 40, torch.Generator().manual_seed(0))
+    dense = torch.stack([metric.paired(points[i:i + 1].expand_as(points), points) for i in range(len(points))])
+    monkeypatch.setattr(metrics, "PAIRWISE_BUDGET", 50)
+    monkeypatch.setattr(center, "ROW_BLOCK", 7)
+    torch.testing.assert_close(metric.pairwise(points, points).float(), dense.float(), rtol=1e-5, atol=1e-5)
+    medians = center.median_distances(metric, points, points)
+    torch.testing.assert_close(medians.float(), dense.median(dim=1).values.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_quantile_is_the_conservative_order_statistic():
+    distances = torch.randperm(10).float() + 1  # 1..10
+    assert center.order_statistic(distances, 0.61) == 7.0  # ceil(6.1) = 7th smallest
+    assert center.order_statistic(distances, 0.6) == 6.0
+    values = torch.rand(1001, generator=torch.Generator().manual_seed(0))
+    for level in (0.55, 0.734, 0.87):
+        conservative = center.order_statistic(values, level)
+        assert conservative == pytest.approx(np.quantile(values.numpy(), level, method="inverted_cdf"))
+        assert conservative >= np.quantile(values.numpy(), level)
+
+
+def test_abstention_follows_the_spec_conditions(linear):
+    margin = math.sqrt(math.log(2 / 0.005) / (2 * 10_000))
+    threshold = 0.5 - 0.05 + margin
+    assert center.check_passes(threshold + 1e-9, 10_000, 0.005, 0.05)
+    assert not center.check_passes(threshold - 1e-6, 10_000, 0.005, 0.05)
+    assert not center.check_passes(1.0, 1000, 0.005, 0.05)  # Delta1 = 0.055 > delta: always abstains
+    rows = pipeline.certify(linear, torch.rand(3, 1, 4, 4), None,
+                            [Center(sigma=0.25, eps_in=0.1, output="logits", n=1000, m=4000)]).to_pylist()
+    assert all(row["abstained"] and row["abstain_reason"].startswith("check failed") for row in rows)
+    assert all(row["prediction"] is None and row["correct"] is None and row["radius"] == 0.0 for row in rows)
+
+
+def test_largest_certifiable_radius_matches_the_spec():
+    assert center.max_eps_in(1.0, 10**6, 0.05, 0.005) == pytest.approx(2.82, abs=0.005)
+    assert center.max_eps_in(1.0, 10**4, 0.05, 0.005) == pytest.approx(2.01, abs=0.005)
+    assert center.max_eps_in(1.0, 10**4, 0.08, 0.005) == pytest.approx(1.94, abs=0.005)
+    assert center.quantile_level(1.0, 0.5, 10**12, 0.05, 0.005) == pytest.approx(0.734, abs=5e-4)
+
+
+def random_points(name: str, count: int, generator: torch.Generator) -> torch.Tensor:
+    if name == "total_variation":
+        return torch.softmax(3 * torch.randn(count, 5, generator=generator), dim=1)
+    if name in ("tv1", "tv2"):
+        return torch.rand(count, 3, 5, 5, generator=generator)
+    if name == "jaccard":
+        corners = torch.rand(count, 2, generator=generator) * 10
+        boxes = torch.cat([corners, corners + torch.rand(count, 2, generator=generator) * 6], dim=1)
+        boxes[::5] = -1  # "no detection"
+        return boxes
+    return torch.randn(count, 6, generator=generator)
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_every_metric_satisfies_its_triangle_constant(name):
+    metric = get_metric(name)
+    generator = torch.Generator().manual_seed(1)
+    a, b, c = (random_points(name, 3000, generator) for _ in range(3))
+    ab, bc, ac = metric.paired(a, b), metric.paired(b, c), metric.paired(a, c)
+    assert torch.isfinite(ab).all()
+    assert (ac <= metric.triangle_constant * (ab + bc) + 1e-5).all()
+    torch.testing.assert_close(ab, metric.paired(b, a))
+    assert (metric.paired(a, a).abs() < 1e-3).all()
+
+
+def test_jaccard_defines_empty_boxes():
+    jaccard = get_metric("jaccard")
+    empty, box, far = torch.tensor([[-1.0, -1, -1, -1]]), torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[5.0, 5, 6, 6]])
+    assert jaccard.paired(empty, empty).item() == 0.0
+    assert jaccard.paired(empty, box).item() == 1.0
+    assert jaccard.paired(box, far).item() == 1.0
+    assert jaccard.paired(box, torch.tensor([[1.0, 0, 3, 2]])).item() == pytest.approx(1 - 2 / 6)
+
+
+def test_invalid_settings_give_clear_errors(linear):
+    with pytest.raises(ValueError, match=r"eps_in=3.0 is beyond the largest certifiable radius 2\.0"):
+        Center(sigma=1.0, eps_in=3.0, m=10_000)
+    with pytest.raises(ValueError, match=r"m=10 is too small for alpha2=0\.005"):
+        Center(sigma=1.0, eps_in=0.1, m=10)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        Center(sigma=1.0, eps_in=0.1, metric="lpips")
+    with pytest.raises(ValueError, match="output must be one of"):
+        Center(sigma=1.0, eps_in=0.1, output="embedding")
+    with pytest.raises(ValueError, match="needs a classifier composed with a denoiser"):
+        pipeline.certify(linear, torch.rand(1, 1, 4, 4), None,
+                         [Center(sigma=0.25, eps_in=0.1, output="denoised", n=2000, m=4000)])
+
+
+def test_features_of_a_registry_model_are_its_penultimate_layer():
+    from pipeline.models import WithFeatures, load_demo_model
+
+    model = load_demo_model()
+    images = torch.rand(2, 3, 32, 32)
+    logits, features = WithFeatures(model)(images)
+    with torch.no_grad():
+        expected = model.features(model.normalize(images))
+        torch.testing.assert_close(features, expected)
+        torch.testing.assert_close(logits, model.head(expected))
