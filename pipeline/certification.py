@@ -104,7 +104,7 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
             raise ValueError(f"certifiers must be Certifier instances, got {certifier!r}")
     images = _check_images(images)
     image_ids = content_ids(images) if image_ids is None else _check_ids(image_ids, len(images))
-    num_classes = engine.num_classes(images[0])
+    num_classes = certifiers[0].num_classes(engine, images[0])
     labels = _check_labels(labels, len(images), num_classes)
     for certifier in certifiers:
         certifier.check_num_classes(num_classes)
@@ -128,7 +128,8 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
             "p_lower": certificate.p_lower, "count": certificate.count, "n": n, "n0": n0,
             "alpha": float(certifier.alpha), "correct": correct, "topk_labels": certificate.topk_labels,
             "forward_passes": passes, "wall_time_s": seconds, "status": "ok", "error": None,
-            "params": json.dumps({**certifier.params(shape), **settings}, sort_keys=True),
+            "params": json.dumps({**certifier.params(shape), **settings, **(certificate.details or {})},
+                                 sort_keys=True),
             **dict.fromkeys(EXTRA_COLUMNS), **(certificate.extra or {}), **context,
         }
 
@@ -158,8 +159,8 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
             started = time.perf_counter()
             certificates = certifier.run(engine, images, image_ids, seed)
             seconds = (time.perf_counter() - started) / len(images)
-            passes = certifier.forward_passes
+            n, n0 = certifier.draw_counts()
             rows_by_certifier[id(certifier)] = [
-                row(index, certifier, certificate, certifier.m, passes - certifier.m, passes, seconds)
+                row(index, certifier, certificate, n, n0, certificate.forward_passes or n + n0, seconds)
                 for index, certificate in enumerate(certificates)]
     return [rows_by_certifier[id(certifier)][index] for index in range(len(images)) for certifier in certifiers]

@@ -88,12 +88,21 @@ class Engine:
             self._num_classes = int(out.shape[1])
         return self._num_classes
 
-    def count(self, images: torch.Tensor, image_ids: Sequence[str], seed: int,
-              requests: Sequence[Draws]) -> dict[Draws, np.ndarray]:
-        """Class counts of the model's prediction on noisy copies of each image, one array [B, C] per request."""
+    def count(self, images: torch.Tensor, image_ids: Sequence[str], seed: int, requests: Sequence[Draws],
+              head=None, batch_size: int | None = None) -> dict[Draws, np.ndarray]:
+        """Class counts of the model's prediction on noisy copies of each image, one array [B, C] per request.
+
+        `head(inputs, image_index)`, when given, replaces the model's scores (for classifiers built around
+        the model, such as patch ensembles); `batch_size` overrides the noisy copies per forward pass.
+        """
         started = time.perf_counter()
         self._check(images, image_ids)
-        num_classes = self.num_classes(images[0])
+        if head is None:
+            num_classes = self.num_classes(images[0])
+        else:
+            probe = images[:1].to(self.device, torch.float32)
+            num_classes = int(self.forward(lambda x: head(x, torch.zeros(1, dtype=torch.long, device=self.device)),
+                                           probe).shape[1])
 
         # One stream per (stage, sigma, noise); each is cut at every requested n into segments, one count slot each.
         streams: dict[tuple, list[int]] = {}
@@ -108,13 +117,18 @@ class Engine:
             slots_per_image += len(ends)
 
         counts = torch.zeros(len(images) * slots_per_image * num_classes, dtype=torch.int64, device=self.device)
-        ones = torch.ones(self.batch_size, dtype=torch.int64, device=self.device)
+        ones = torch.ones(batch_size or self.batch_size, dtype=torch.int64, device=self.device)
 
         def add_votes(inputs: torch.Tensor, slots: torch.Tensor, draws: torch.Tensor) -> None:
-            counts.index_add_(0, slots * num_classes + self.logits(inputs).argmax(dim=1), ones[:len(inputs)])
+            if head is None:
+                scores = self.logits(inputs)
+            else:
+                scores = self.forward(lambda x: head(x, torch.div(slots, slots_per_image, rounding_mode="floor")),
+                                      inputs)
+            counts.index_add_(0, slots * num_classes + scores.argmax(dim=1), ones[:len(inputs)])
 
         if slots_per_image:
-            self._run(images, image_ids, seed, cuts, first_slot, slots_per_image, add_votes)
+            self._run(images, image_ids, seed, cuts, first_slot, slots_per_image, add_votes, batch_size)
         per_slot = counts.view(len(images), slots_per_image, num_classes).cpu().numpy()
         self.seconds += time.perf_counter() - started
 
@@ -147,12 +161,13 @@ class Engine:
         if len(image_ids) != len(images):
             raise ValueError(f"got {len(image_ids)} image ids for {len(images)} images")
 
-    def _run(self, images, image_ids, seed, cuts, first_slot, slots_per_image, sink):
+    def _run(self, images, image_ids, seed, cuts, first_slot, slots_per_image, sink, batch_size=None):
+        batch_size = batch_size or self.batch_size
         x = images.to(self.device, torch.float32)
         noises = {key: make_noise(key[2], x.shape[1:], self.device, key[1], key[3]) for key in cuts}
-        batch = torch.empty((self.batch_size, *x.shape[1:]), device=self.device)
-        owner = np.empty(self.batch_size, dtype=np.int64)
-        drawn = np.empty(self.batch_size, dtype=np.int64)
+        batch = torch.empty((batch_size, *x.shape[1:]), device=self.device)
+        owner = np.empty(batch_size, dtype=np.int64)
+        drawn = np.empty(batch_size, dtype=np.int64)
         total = len(images) * sum(ends[-1] for ends in cuts.values())
         bar = tqdm(total=total, desc="noise draws", unit="draw", unit_scale=True, mininterval=2.0,
                    disable=not self.progress)
@@ -182,7 +197,7 @@ class Engine:
                 for end in ends:
                     while draw < end:
                         block, offset = divmod(draw, DRAWS_PER_BLOCK)
-                        take = min(end - draw, DRAWS_PER_BLOCK - offset, self.batch_size - rows)
+                        take = min(end - draw, DRAWS_PER_BLOCK - offset, batch_size - rows)
                         if take == DRAWS_PER_BLOCK:  # a whole block: generate it in place
                             noise.fill(batch[rows:rows + take], seed, image_ids[image], stage, block)
                         else:
@@ -196,7 +211,7 @@ class Engine:
                         drawn[rows:rows + take] = np.arange(draw, draw + take)
                         rows += take
                         draw += take
-                        if rows == self.batch_size:
+                        if rows == batch_size:
                             flush(rows)
                             rows = 0
                     slot += 1

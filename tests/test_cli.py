@@ -20,9 +20,10 @@ SMALL = ["dataset.max=12", "certifiers.0.n=200", "certifiers.1.n=200", "certifie
 
 def test_demo_config_loads_and_overrides_apply():
     config = load_config(DEMO, ["certifiers.0.sigma=0.5", "seed=3"])
-    cohen, topk, dssn, ssn, center = config.build_certifiers()
+    cohen, topk, dssn, ssn, center, reduce = config.build_certifiers()
     assert (cohen.name, cohen.sigma, topk.k, config.seed) == ("cohen", 0.5, 3, 3)
     assert (dssn.name, dssn.levels, ssn.name, center.output) == ("dssn", 441, "ssn", "features")
+    assert (reduce.placement, reduce.num_patches, reduce.noise) == ("random", 4, "shared")
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -60,8 +61,8 @@ def test_certify_and_report_commands_write_results_and_a_report(ray_cluster, tmp
     assert cli.main(args + [item for override in SMALL for item in ("--set", override)]) == 0
     table = read_results(open_location(str(tmp_path / "small")).join("results"))
     assert table.schema.equals(results.SCHEMA)
-    assert table.num_rows == 60
-    assert set(table.column("certifier").to_pylist()) == {"cohen", "topk", "dssn", "ssn", "center"}
+    assert table.num_rows == 72
+    assert set(table.column("certifier").to_pylist()) == {"cohen", "topk", "dssn", "ssn", "center", "smooth_reduce"}
     assert set(table.column("run_id").to_pylist()) == {"small"}
     summary = (tmp_path / "small" / "report" / "summary.md").read_text()
     assert "| cohen(sigma=0.25" in summary and "ACR" in summary and summary in capsys.readouterr().out

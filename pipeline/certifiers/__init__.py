@@ -6,14 +6,15 @@ pass per draw serves `Cohen` and `TopK` together. Each certificate still holds w
 together with probability >= 1 - (the sum of their alphas).
 """
 
-from pipeline.certifiers import center, cohen, dssn, topk
+from pipeline.certifiers import center, cohen, dssn, smooth_reduce, topk
 from pipeline.certifiers.base import ABSTAIN, Certificate, Certifier
 from pipeline.certifiers.center import Center
 from pipeline.certifiers.cohen import Cohen
 from pipeline.certifiers.dssn import DSSN, SSN
+from pipeline.certifiers.smooth_reduce import SmoothReduce
 from pipeline.certifiers.topk import TopK
 
-REGISTRY: dict[str, type[Certifier]] = {cls.name: cls for cls in (Cohen, TopK, DSSN, SSN, Center)}
+REGISTRY: dict[str, type[Certifier]] = {cls.name: cls for cls in (Cohen, TopK, DSSN, SSN, Center, SmoothReduce)}
 
-__all__ = ["ABSTAIN", "DSSN", "REGISTRY", "SSN", "Center", "Certificate", "Certifier", "Cohen", "TopK", "center",
-           "cohen", "dssn", "topk"]
+__all__ = ["ABSTAIN", "DSSN", "REGISTRY", "SSN", "Center", "Certificate", "Certifier", "Cohen", "SmoothReduce",
+           "TopK", "center", "cohen", "dssn", "smooth_reduce", "topk"]

@@ -40,6 +40,8 @@ class Certificate:
     topk_labels: list[int] | None = None
     abstained: bool | None = None
     extra: dict | None = None
+    details: dict | None = None  # per-image settings, recorded in the row's params
+    forward_passes: int | None = None  # model evaluations, where they differ from the certifier's draws
 
     def __post_init__(self) -> None:
         if self.abstained is None:
@@ -80,6 +82,10 @@ class Certifier:
     def check_num_classes(self, num_classes: int) -> None:
         """Raises ValueError when the settings cannot apply to a model with this many classes."""
 
+    def num_classes(self, engine, image) -> int:
+        """The number of classes of the classifier this certifier smooths, probed on one clean image."""
+        return engine.num_classes(image)
+
     def check_images(self, images, image_ids) -> None:
         """Raises ValueError, naming the image, when an input lies outside the certifier's threat model."""
 
@@ -89,6 +95,10 @@ class Certifier:
 
     def run(self, engine, images, image_ids: list[str], seed: int) -> list[Certificate]:
         """For self-sampling certifiers: sample through `engine` and certify every image."""
+        raise NotImplementedError
+
+    def draw_counts(self) -> tuple[int, int]:
+        """For self-sampling certifiers: (estimation draws n, draws before them n0) per image."""
         raise NotImplementedError
 
     def certify(self, counts: Mapping[Draws, np.ndarray], label: int | None) -> Certificate:

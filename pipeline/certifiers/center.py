@@ -132,6 +132,9 @@ class Center(Certifier):
     def forward_passes(self) -> int:
         return (0 if self.centers == "exact" else self.centers) + 2 * self.n + self.m + 1
 
+    def draw_counts(self) -> tuple[int, int]:
+        return self.m, self.forward_passes - self.m
+
     def params(self, input_shape: tuple | None = None) -> dict:
         distance = get_metric(self.metric)
         return {**super().params(), "max_eps_in": max_eps_in(self.sigma, self.m, self.delta, self.alpha2),
