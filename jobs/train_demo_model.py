@@ -25,7 +25,9 @@ log = logging.getLogger("train_demo_model")
 
 
 def make_noise(spec: str):
-    """'gaussian:SIGMA', 'ssn:SIGMA' or 'dssn:SIGMA' -> a function from a clean batch to a noisy one."""
+    """'gaussian:SIGMA', 'ssn:SIGMA', 'dssn:SIGMA' or 'none' -> a function from a clean batch to a noisy one."""
+    if spec == "none":
+        return lambda images: images
     kind, _, sigma = spec.partition(":")
     sigma = float(sigma)
     if kind == "gaussian":
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--noise", nargs="+", default=["gaussian:0.25", "dssn:0.5"], metavar="KIND:SIGMA",
                         help="training noises, each on an equal share of every batch (default gaussian:0.25 "
-                             "dssn:0.5)")
+                             "dssn:0.5; 'none' trains on clean images)")
     parser.add_argument("--epochs", type=int, default=80, help="passes over the train split (default 80)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak Adam learning rate, one-cycle (default 3e-3)")

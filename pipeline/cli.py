@@ -4,6 +4,7 @@ Examples:
   pipeline certify --config jobs/configs/demo.yaml
   pipeline certify --config jobs/configs/imagenet.yaml --output s3://bucket/runs --set model.weights=/ckpt/rn50.pt
   pipeline report runs/demo
+  pipeline train-denoiser --config jobs/configs/denoiser_demo.yaml --set objective=decrop
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data.sources import DatasetError
@@ -72,6 +74,40 @@ def report_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_denoiser_main(args: argparse.Namespace) -> int:
+    """Runs `pipeline train-denoiser`: a YAML config, overrides, then training (Ray Train with workers >= 1)."""
+    _logging(args.verbose)
+    import yaml
+
+    from pipeline.config import set_dotted
+    from pipeline.denoise.train import DenoiserConfig
+
+    try:
+        data = yaml.safe_load(Path(args.config).read_text()) or {}
+        for override in args.set:
+            key, _, text = override.partition("=")
+            set_dotted(data, key.strip(), yaml.safe_load(text))
+        if args.output:
+            data["output"] = args.output
+        config = DenoiserConfig.from_dict(data)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        print(f"pipeline: invalid denoiser configuration: {error}", file=sys.stderr)
+        return 2
+    from pipeline.distributed.train import train_denoiser
+
+    uri = train_denoiser(config)
+    print(f"denoiser: {uri}\ncertify with it: --set model.denoiser={uri}")
+    return 0
+
+
+def add_train_denoiser_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help="YAML denoiser training configuration")
+    parser.add_argument("--output", metavar="URI", help="directory or s3://bucket/prefix for runs and artifacts")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. objective=decrop or workers=2 (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline", description="Certify the adversarial robustness of image classifiers.",
@@ -92,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: the AWS chain)")
     report.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     report.set_defaults(handler=report_main)
+    train = commands.add_parser(
+        "train-denoiser", help="train a denoiser for a frozen classifier (Salman et al. objectives, DE-CROP)",
+        description="Train a DnCNN denoiser in front of a frozen classifier on a few-sample subset, in this process "
+                    "or on Ray Train (workers >= 1). Prints the URI of the best artifact, which `model.denoiser` "
+                    "of a certification config accepts.")
+    add_train_denoiser_arguments(train)
+    train.set_defaults(handler=train_denoiser_main)
     return parser
 
 

@@ -22,7 +22,7 @@ from pipeline.models import model_names
 DEVICES = ("auto", "cpu", "cuda")
 DATASET_KEYS = {"layout", "root", "split", "skip", "max", "size", "resize", "channels", "mode", "ground_truth",
                 "meta", "synsets", "id"}
-MODEL_KEYS = {"name", "weights", "mean", "std", "num_classes"}
+MODEL_KEYS = {"name", "weights", "mean", "std", "num_classes", "denoiser"}
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "validate"]
 
@@ -82,7 +82,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
     """data[a][b][c] = value for "a.b.c"; a number indexes a list (certifiers.0.sigma)."""
     *path, last = [int(key) if key.isdigit() else key for key in dotted.split(".")]
     target = data
@@ -108,7 +108,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **val
         if not separator or not key:
             raise ConfigError(f"--set expects key=value, got {override!r}")
         try:
-            _set_dotted(data, key.strip(), yaml.safe_load(text))
+            set_dotted(data, key.strip(), yaml.safe_load(text))
         except (IndexError, AttributeError, TypeError, KeyError) as error:
             raise ConfigError(f"--set {override!r}: no such place in the config") from error
     data.update({key: value for key, value in values.items() if value is not None})

@@ -60,6 +60,6 @@ def ray_cluster(s3_endpoint):
     so workers inherit them)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -71,7 +71,22 @@ def load_state_dict(uri: str, storage: dict | None = None) -> dict[str, torch.Te
 
 
 def load_model(spec: dict[str, Any], storage: dict | None = None) -> nn.Module:
-    """The classifier named by a model entry of a run config, in eval mode."""
+    """The classifier named by a model entry of a run config, in eval mode; with `denoiser: URI`, the
+    composition classifier(denoiser(x)) (a trained denoiser artifact, see `pipeline.denoise.train`)."""
+    classifier = _load_classifier(spec, storage)
+    if not spec.get("denoiser"):
+        return classifier
+    from pipeline.denoise.train import classifier_digest, load_denoiser
+    from pipeline.models.denoisers import Denoised
+
+    denoiser, metadata = load_denoiser(spec["denoiser"], storage)
+    if metadata.get("classifier", {}).get("sha256") != classifier_digest(classifier):
+        log.warning("denoiser %s was trained for another classifier (%s); certifying it in front of %s",
+                    spec["denoiser"], metadata.get("classifier", {}).get("spec"), spec.get("name"))
+    return Denoised(classifier, denoiser).eval()
+
+
+def _load_classifier(spec: dict[str, Any], storage: dict | None) -> nn.Module:
     name, weights = spec.get("name"), spec.get("weights")
     if name == "demo_cnn":
         return load_demo_model(weights) if weights else load_demo_model()

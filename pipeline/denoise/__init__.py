@@ -1,0 +1,1 @@
+"""Training denoisers for pretrained classifiers: Salman et al.'s objectives and DE-CROP."""

@@ -1,0 +1,315 @@
+"""One training loop for denoisers, run in this process or on each Ray Train worker.
+
+Objectives (`objective`):
+- `mse`, `stab`, `clf`: Salman et al.'s, from scratch;
+- `stab_mse`: MSE for `epochs`, then Stab fine-tuning for `second_epochs` at `second_lr`;
+- `decrop`: DE-CROP stage 1 (Stab on the originals + cosine on the boundary and interpolated views + MMD on
+  normalised penultimate features) for `epochs`, then stage 2 (adds the domain discriminator behind a
+  gradient reversal layer, DANN schedule) for `second_epochs`.
+
+Access (`access`):
+- `white_box`: the target classifier's gradients drive generation and every loss.
+- `black_box`: the target is used only through its outputs (its predicted labels are the Stab targets and
+  its predictions score the validation split). Gradients come from the `surrogate` classifier named in
+  config, as in Salman et al.'s query-access setting: a denoiser trained through one classifier transfers
+  to another on the same task, and no gradient of the target is ever taken.
+
+Checkpoints are selected by the target's accuracy on noisy, denoised images of the validation split carved
+from the few-sample subset (one seeded noise draw per image), never on the test set. A checkpoint is a
+versioned artifact: the weights, the config, the target classifier's digest, the subset and the seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.denoise import losses
+from pipeline.denoise.data import few_sample_subset, load_training_images
+from pipeline.denoise.generate import GenerationSettings, generate_cached
+from pipeline.models import WithFeatures, load_model
+from pipeline.models.denoisers import DnCNN
+from pipeline.storage import open_location
+
+OBJECTIVES = ("mse", "stab", "clf", "stab_mse", "decrop")
+ARTIFACT_VERSION = 1
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OBJECTIVES", "DenoiserConfig", "classifier_digest", "fit", "load_denoiser", "save_artifact"]
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    """Everything a denoiser training run needs (see jobs/configs/denoiser_demo.yaml)."""
+
+    classifier: dict[str, Any]
+    objective: str = "stab"
+    sigma: float = 0.25
+    access: str = "white_box"
+    surrogate: dict[str, Any] | None = None
+    denoiser: dict[str, Any] = field(default_factory=lambda: {"depth": 17, "channels": 64, "wide": False})
+    dataset: dict[str, Any] = field(default_factory=lambda: {"layout": "demo", "split": "train"})
+    subset: dict[str, Any] = field(default_factory=lambda: {"fraction": 0.01, "seed": 3, "validation": 0.2})
+    epochs: int = 90
+    second_epochs: int = 0
+    batch_size: int = 256
+    lr: float = 1e-3
+    second_lr: float | None = None
+    weight_decay: float = 1e-4
+    step_size: int = 30
+    gamma: float = 0.1
+    disc_lr: float = 1e-5
+    weights: dict[str, float] = field(default_factory=lambda: {"stab": 1.0, "cosine": 4.0, "mmd": 4.0, "dann": 2.0})
+    generation: dict[str, Any] = field(default_factory=dict)
+    augment: bool = True
+    seed: int = 0
+    output: str = "runs/denoisers"
+    run_name: str = "denoiser"
+    storage: dict[str, Any] = field(default_factory=dict)
+    cache: str | None = None
+    workers: int = 0
+    use_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.access not in ("white_box", "black_box"):
+            raise ValueError(f"access must be 'white_box' or 'black_box', got {self.access!r}")
+        if self.access == "black_box" and not self.surrogate:
+            raise ValueError("access: black_box needs a `surrogate` classifier for gradients (the target is used "
+                             "only through its outputs)")
+        if not self.sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {self.sigma!r}")
+        for key in ("epochs", "batch_size"):
+            if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
+                raise ValueError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
+        if self.objective in ("stab_mse", "decrop") and self.second_epochs < 0:
+            raise ValueError(f"second_epochs must be >= 0, got {self.second_epochs!r}")
+        unknown = set(self.denoiser) - {"depth", "channels", "wide"}
+        if unknown:
+            raise ValueError(f"denoiser: unknown key(s) {sorted(unknown)}; known: depth, channels, wide")
+        GenerationSettings(**self.generation)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DenoiserConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown denoiser config key(s) {unknown}; known: {sorted(known)}")
+        if "classifier" not in data:
+            raise ValueError("classifier: name the frozen classifier the denoiser is trained for")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def classifier_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def save_artifact(directory: Path, denoiser: nn.Module, config: DenoiserConfig, metrics: dict,
+                  classifier: nn.Module, subset: dict) -> None:
+    """Writes denoiser.pt (the state dict) and artifact.json (what it is and how it was made)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    module = denoiser.module if hasattr(denoiser, "module") else denoiser
+    torch.save(module.state_dict(), directory / "denoiser.pt")
+    (directory / "artifact.json").write_text(json.dumps({
+        "version": ARTIFACT_VERSION, "architecture": {"name": "dncnn", **config.denoiser},
+        "classifier": {"spec": config.classifier, "sha256": classifier_digest(classifier)},
+        "objective": config.objective, "access": config.access, "sigma": config.sigma,
+        "surrogate": config.surrogate, "subset": subset, "seed": config.seed, "metrics": metrics,
+        "config": config.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }, indent=2, sort_keys=True, default=str))
+
+
+def load_denoiser(uri: str, storage: dict | None = None) -> tuple[DnCNN, dict]:
+    """(denoiser in eval mode, its artifact.json) from a directory or s3:// prefix; ValueError naming what
+    does not fit."""
+    location = open_location(uri, **(storage or {}))
+    try:
+        metadata = json.loads(location.read_bytes("artifact.json"))
+        state = torch.load(io.BytesIO(location.read_bytes("denoiser.pt")), map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"cannot load a denoiser artifact from {uri}: {error}") from error
+    architecture = {key: value for key, value in metadata.get("architecture", {}).items() if key != "name"}
+    denoiser = DnCNN(**architecture)
+    try:
+        denoiser.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"denoiser checkpoint {uri} does not fit DnCNN({architecture}): {error}") from error
+    return denoiser.eval(), metadata
+
+
+def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """RandomCrop(size, padding 4) + horizontal flip, drawn per image."""
+    size = images.shape[-1]
+    padded = F.pad(images, (4, 4, 4, 4))
+    out = torch.empty_like(images)
+    corners = torch.randint(0, 9, (len(images), 2), generator=generator)
+    flips = torch.rand(len(images), generator=generator) < 0.5
+    for index, (row, column) in enumerate(corners.tolist()):
+        crop = padded[index, :, row:row + size, column:column + size]
+        out[index] = crop.flip(-1) if flips[index] else crop
+    return out
+
+
+def fit(config: DenoiserConfig, report: Callable[[dict, Path | None], None], rank: int = 0, world_size: int = 1,
+        prepare: Callable[[nn.Module], nn.Module] = lambda module: module, device: str = "cpu") -> dict:
+    """Trains the denoiser; calls report(metrics, artifact directory or None) after every epoch (the
+    directory when the validation accuracy improved, on rank 0). Returns the best metrics."""
+    torch.manual_seed(config.seed)
+    target = load_model(config.classifier, config.storage).to(device).eval()
+    gradient_model = load_model(config.surrogate, config.storage).to(device).eval() if config.surrogate and \
+        config.access == "black_box" else target
+    for model in {id(target): target, id(gradient_model): gradient_model}.values():
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+    featured = WithFeatures(gradient_model)
+
+    images, labels, ids = load_training_images(config.dataset, config.storage)
+    subset_settings = {key: value for key, value in config.subset.items() if key in ("per_class", "fraction")}
+    train_index, validation_index = few_sample_subset(
+        labels.numpy(), seed=config.subset.get("seed", 3), validation=config.subset.get("validation", 0.2),
+        **subset_settings)
+    subset = {"train_ids": [ids[i] for i in train_index], "validation_ids": [ids[i] for i in validation_index],
+              **config.subset}
+    x_train, y_train = images[train_index].to(device), labels[train_index].to(device)
+    x_val, y_val = images[validation_index].to(device), labels[validation_index].to(device)
+    log.info("training a %s denoiser on %d images (%d held out for selection), rank %d of %d",
+             config.objective, len(x_train), len(x_val), rank, world_size)
+
+    views = None
+    if config.objective == "decrop":
+        settings = GenerationSettings(**config.generation)
+        cache = open_location(config.cache or f"{config.output}/cache", **config.storage)
+        views = generate_cached(gradient_model, x_train, y_train, subset["train_ids"], settings, cache)
+
+    denoiser = prepare(DnCNN(image_channels=images.shape[1], **config.denoiser).to(device))
+    phases = {"mse": [("mse", config.epochs, config.lr)], "stab": [("stab", config.epochs, config.lr)],
+              "clf": [("clf", config.epochs, config.lr)],
+              "stab_mse": [("mse", config.epochs, config.lr), ("stab", config.second_epochs,
+                                                               config.second_lr or config.lr)],
+              "decrop": [("decrop1", config.epochs, config.lr), ("decrop2", config.second_epochs,
+                                                                 config.second_lr or config.lr)]}[config.objective]
+    noise_generator = torch.Generator(device=device).manual_seed(config.seed + 1000 * rank)
+    shuffle_generator = torch.Generator().manual_seed(config.seed)
+    validation_noise = torch.randn(x_val.shape, generator=torch.Generator(device=device).manual_seed(config.seed),
+                                   device=device) * config.sigma
+    best: dict = {"val_accuracy": -1.0}
+    epoch_total = sum(epochs for _, epochs, _ in phases)
+    epoch_done = 0
+    discriminator = None
+    for phase, epochs, lr in phases:
+        if epochs == 0:
+            continue
+        optimizer = torch.optim.Adam(denoiser.parameters(), lr=lr, weight_decay=config.weight_decay)
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
+        if phase == "decrop2":
+            with torch.no_grad():
+                width = featured(x_train[:2])[1].shape[1]
+            discriminator = prepare(losses.DomainDiscriminator(width).to(device))
+            disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=config.disc_lr)
+        for _ in range(epochs):
+            denoiser.train()
+            order = torch.randperm(len(x_train), generator=shuffle_generator)
+            order = order[:len(order) - len(order) % world_size][rank::world_size]  # equal shards for DDP
+            batches = order.split(config.batch_size)
+            running = 0.0
+            for step, batch in enumerate(batches):
+                x = x_train[batch]
+                if config.augment:
+                    x = _augment(x, shuffle_generator)
+                noise = torch.randn(x.shape, generator=noise_generator, device=device) * config.sigma
+                if phase == "mse":
+                    loss = F.mse_loss(denoiser(x + noise), x)
+                elif phase in ("stab", "clf"):
+                    with torch.no_grad():
+                        target_labels = target(x).argmax(1) if phase == "stab" else y_train[batch]
+                    loss = F.cross_entropy(gradient_model(denoiser(x + noise)), target_labels)
+                else:
+                    loss = _decrop_loss(config, x, noise, views, batch, denoiser, target, gradient_model, featured,
+                                        shuffle_generator)
+                    if phase == "decrop2":
+                        progress = (epoch_done + step / len(batches)) / max(1, epoch_total)
+                        loss = loss + _domain_loss(x, noise, denoiser, featured, discriminator,
+                                                   losses.dann_lambda(progress, config.weights.get("dann", 2.0)))
+                        disc_optimizer.zero_grad()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if phase == "decrop2":
+                    disc_optimizer.step()
+                running += loss.item()
+            schedule.step()
+            epoch_done += 1
+            accuracy = _validation_accuracy(denoiser, target, x_val, y_val, validation_noise)
+            metrics = {"epoch": epoch_done, "phase": phase, "train_loss": running / max(1, len(batches)),
+                       "val_accuracy": accuracy}
+            improved = accuracy > best["val_accuracy"]
+            if improved:
+                best = dict(metrics)
+            if rank == 0 and improved:
+                with tempfile.TemporaryDirectory() as directory:
+                    save_artifact(Path(directory), denoiser, config, metrics, target, subset)
+                    report(metrics, Path(directory))
+            else:
+                report(metrics, None)
+    return best
+
+
+def _validation_accuracy(denoiser, target, images, labels, noise) -> float:
+    if len(images) == 0:
+        return 0.0
+    denoiser.eval()
+    with torch.no_grad():
+        return float((target(denoiser(images + noise)).argmax(1) == labels).float().mean())
+
+
+def _decrop_loss(config, x, noise, views, batch, denoiser, target, gradient_model, featured, generator):
+    """DE-CROP stage 1: Stab on the originals, cosine in logit space and MMD on normalised features for the
+    boundary and interpolated views; one noise draw shared by the three views."""
+    weights = config.weights
+    with torch.no_grad():
+        clean_labels = target(x).argmax(1)
+        clean_logits, clean_features = featured(x)
+        clean_features = F.normalize(clean_features, dim=1)
+    denoised_logits = gradient_model(denoiser(x + noise))
+    loss = weights.get("stab", 1.0) * F.cross_entropy(denoised_logits, clean_labels)
+    for view in views:
+        extra = view[batch]
+        if config.augment:
+            extra = _augment(extra, generator)
+        logits, features = featured(denoiser(extra + noise))
+        loss = loss + weights.get("cosine", 4.0) * losses.cosine_loss(logits, clean_logits)
+        loss = loss + weights.get("mmd", 4.0) * losses.mmd_rbf(clean_features, F.normalize(features, dim=1))
+    return loss
+
+
+def _domain_loss(x, noise, denoiser, featured, discriminator, scale):
+    """Stage 2: clean features (domain 0) against denoised features (domain 1) through the gradient reversal
+    layer; the discriminator learns the domains while the denoiser learns to hide them."""
+    with torch.no_grad():
+        clean = F.normalize(featured(x)[1], dim=1)
+    denoised = F.normalize(featured(denoiser(x + noise))[1], dim=1)
+    features = torch.cat([clean, losses.reverse_gradient(denoised, scale)])
+    domains = torch.cat([torch.zeros(len(x)), torch.ones(len(x))]).long().to(x.device)
+    return F.nll_loss(discriminator(features), domains)

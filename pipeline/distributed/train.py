@@ -1,0 +1,73 @@
+"""Denoiser training over Ray Train: the loop of `pipeline.denoise.train` on every TorchTrainer worker.
+
+DDP across `workers` workers (gloo on CPU, NCCL with `use_gpu`); each worker trains on its shard of the
+subset; rank 0 reports the artifact as a Ray Train checkpoint whenever the validation accuracy improves,
+to a storage path that is a local directory or s3:// (pyarrow's filesystem, endpoint from config).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from urllib.parse import urlparse
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline.denoise.train import DenoiserConfig, fit
+from pipeline.distributed.certify import init_ray
+from pipeline.storage import open_location
+
+log = logging.getLogger(__name__)
+
+__all__ = ["train_denoiser"]
+
+
+def _train_loop(config_dict: dict) -> None:
+    config = DenoiserConfig.from_dict(config_dict)
+    context = ray.train.get_context()
+
+    def report(metrics: dict, directory: Path | None) -> None:
+        checkpoint = Checkpoint.from_directory(str(directory)) if directory is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    fit(config, report, rank=context.get_world_rank(), world_size=context.get_world_size(),
+        prepare=ray.train.torch.prepare_model, device=str(ray.train.torch.get_device()))
+
+
+def train_denoiser(config: DenoiserConfig) -> str:
+    """Trains on Ray Train with `config.workers` workers (in this process when 0); returns the URI of the
+    best artifact."""
+    output = open_location(config.output, **config.storage)
+    if config.workers == 0:
+        best_uri = output.join(config.run_name, "best")
+
+        def report(metrics: dict, directory: Path | None) -> None:
+            log.info("epoch %d (%s): loss %.4f, validation accuracy %.3f", metrics["epoch"], metrics["phase"],
+                     metrics["train_loss"], metrics["val_accuracy"])
+            if directory is not None:
+                for file in directory.iterdir():
+                    best_uri.write_bytes(file.name, file.read_bytes())
+
+        fit(config, report)
+        return best_uri.uri
+
+    init_ray()
+    checkpoints = CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_accuracy",
+                                   checkpoint_score_order="max")
+    trainer = TorchTrainer(
+        _train_loop, train_loop_config=config.to_dict(),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
+        run_config=RunConfig(name=config.run_name, storage_path=output.path, storage_filesystem=output.fs,
+                             checkpoint_config=checkpoints,
+                             failure_config=FailureConfig(max_failures=0, controller_failure_limit=1)))
+    result = trainer.fit()
+    best = result.get_best_checkpoint("val_accuracy", "max") if result.best_checkpoints else result.checkpoint
+    if best is None:
+        raise RuntimeError(f"denoiser training {config.run_name} reported no checkpoint")
+    uri = f"{urlparse(output.uri).scheme}://{best.path}" if output.is_s3 else best.path
+    log.info("best denoiser (validation accuracy %s): %s", result.metrics.get("val_accuracy"), uri)
+    return uri
