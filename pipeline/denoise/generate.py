@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pipeline.storage import Location
 
 __all__ = ["GenerationSettings", "boundary_samples", "cache_key", "generate", "generate_cached",
-           "interpolated_samples"]
+           "interpolated_samples", "random_starts"]
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,27 @@ class GenerationSettings:
             raise ValueError(f"generation: need eps >= 0, step > 0, steps >= 0 and mix in [0, 1], got {self}")
 
 
+def random_starts(shape, image_ids: list[str], seed: int) -> torch.Tensor:
+    """Uniform [-1, 1) start offsets, one generator per image seeded by (seed, image id), so a sample does
+    not depend on which batch it was generated in."""
+    starts = []
+    for image_id in image_ids:
+        key = hashlib.blake2b(f"{seed}\x1f{image_id}\x1fpgd".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(key, "little"))
+        starts.append(torch.rand(tuple(shape), generator=generator) * 2 - 1)
+    return torch.stack(starts)
+
+
 def boundary_samples(model, images: torch.Tensor, labels: torch.Tensor, settings: GenerationSettings,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     starts: torch.Tensor | None = None) -> torch.Tensor:
     """L-inf PGD: every step ascends the cross-entropy by step * sign(gradient) and projects back onto the
-    eps-ball around the image and onto [0, 1]."""
+    eps-ball around the image and onto [0, 1]. `starts` (in [-1, 1], per image) scale by eps for the random
+    start."""
     adversarial = images.clone()
     if settings.random_start:
-        start = torch.rand(images.shape, generator=generator, device=images.device) * 2 - 1
-        adversarial = (adversarial + settings.eps * start).clamp(0, 1)
+        if starts is None:
+            starts = torch.rand(images.shape) * 2 - 1
+        adversarial = (adversarial + settings.eps * starts.to(images.device)).clamp(0, 1)
     for _ in range(settings.steps):
         adversarial.requires_grad_(True)
         loss = F.cross_entropy(model(adversarial), labels)
@@ -95,17 +108,18 @@ def interpolated_samples(model, images: torch.Tensor, boundary: torch.Tensor,
     return current.detach()
 
 
-def generate(model, images: torch.Tensor, labels: torch.Tensor, settings: GenerationSettings,
+def generate(model, images: torch.Tensor, labels: torch.Tensor, image_ids: list[str], settings: GenerationSettings,
              batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(boundary samples, interpolated samples) for every image, `batch_size` images at a time."""
+    """(boundary samples, interpolated samples) for every image, `batch_size` images at a time; each image's
+    samples depend only on the image, its id and the settings, not on the batching."""
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    generator = torch.Generator(device=images.device).manual_seed(settings.seed)
     boundary, interpolated = [], []
     for first in range(0, len(images), batch_size):
         x, y = images[first:first + batch_size], labels[first:first + batch_size]
-        x_b = boundary_samples(model, x, y, settings, generator)
+        starts = random_starts(x.shape[1:], image_ids[first:first + batch_size], settings.seed)
+        x_b = boundary_samples(model, x, y, settings, starts)
         boundary.append(x_b)
         interpolated.append(interpolated_samples(model, x, x_b, settings))
     return torch.cat(boundary), torch.cat(interpolated)
@@ -125,13 +139,13 @@ def cache_key(model: torch.nn.Module, settings: GenerationSettings, image_ids: l
 def generate_cached(model, images: torch.Tensor, labels: torch.Tensor, image_ids: list[str],
                     settings: GenerationSettings, cache: Location | None, generate_fn=generate
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`generate_fn(model, images, labels, settings)` unless `cache` holds its result for this key."""
+    """`generate_fn(model, images, labels, image_ids, settings)` unless `cache` holds its result for this key."""
     key = cache_key(model, settings, image_ids)
     name = f"decrop-{key}.pt"
     if cache is not None and cache.join(name).exists():
         stored = torch.load(io.BytesIO(cache.read_bytes(name)), map_location=images.device, weights_only=True)
         return stored["boundary"], stored["interpolated"]
-    boundary, interpolated = generate_fn(model, images, labels, settings)
+    boundary, interpolated = generate_fn(model, images, labels, image_ids, settings)
     if cache is not None:
         buffer = io.BytesIO()
         torch.save({"boundary": boundary.cpu(), "interpolated": interpolated.cpu(), "image_ids": image_ids,

@@ -49,7 +49,8 @@ ARTIFACT_VERSION = 1
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OBJECTIVES", "DenoiserConfig", "classifier_digest", "fit", "load_denoiser", "save_artifact"]
+__all__ = ["OBJECTIVES", "DenoiserConfig", "TrainingData", "classifier_digest", "decrop_views", "fit",
+           "load_denoiser", "prepare_training", "save_artifact"]
 
 
 @dataclass(frozen=True)
@@ -172,38 +173,60 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out
 
 
+@dataclass
+class TrainingData:
+    """The frozen classifiers and the few-sample subset of a run."""
+
+    target: nn.Module
+    gradient_model: nn.Module  # the target (white-box) or the surrogate (black-box)
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    subset: dict
+
+
+def prepare_training(config: DenoiserConfig, device: str = "cpu") -> TrainingData:
+    """Loads the classifiers (frozen) and the subset: the same on every worker and on the driver."""
+    target = load_model(config.classifier, config.storage).to(device).eval()
+    gradient_model = target
+    if config.access == "black_box":
+        gradient_model = load_model(config.surrogate, config.storage).to(device).eval()
+    for model in (target, gradient_model):
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+    images, labels, ids = load_training_images(config.dataset, config.storage)
+    counts = {key: value for key, value in config.subset.items() if key in ("per_class", "fraction")}
+    train_index, validation_index = few_sample_subset(
+        labels.numpy(), seed=config.subset.get("seed", 3), validation=config.subset.get("validation", 0.2), **counts)
+    subset = {"train_ids": [ids[i] for i in train_index], "validation_ids": [ids[i] for i in validation_index],
+              **config.subset}
+    return TrainingData(target, gradient_model, images[train_index].to(device), labels[train_index].to(device),
+                        images[validation_index].to(device), labels[validation_index].to(device), subset)
+
+
+def decrop_views(config: DenoiserConfig, data: TrainingData, generate_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DE-CROP's boundary and interpolated samples of the training subset, from the cache when present."""
+    cache = open_location(config.cache or f"{config.output}/cache", **config.storage)
+    return generate_cached(data.gradient_model, data.x_train, data.y_train, data.subset["train_ids"],
+                           GenerationSettings(**config.generation), cache, **({"generate_fn": generate_fn}
+                                                                              if generate_fn else {}))
+
+
 def fit(config: DenoiserConfig, report: Callable[[dict, Path | None], None], rank: int = 0, world_size: int = 1,
         prepare: Callable[[nn.Module], nn.Module] = lambda module: module, device: str = "cpu") -> dict:
     """Trains the denoiser; calls report(metrics, artifact directory or None) after every epoch (the
     directory when the validation accuracy improved, on rank 0). Returns the best metrics."""
     torch.manual_seed(config.seed)
-    target = load_model(config.classifier, config.storage).to(device).eval()
-    gradient_model = load_model(config.surrogate, config.storage).to(device).eval() if config.surrogate and \
-        config.access == "black_box" else target
-    for model in {id(target): target, id(gradient_model): gradient_model}.values():
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
+    data = prepare_training(config, device)
+    target, gradient_model, subset = data.target, data.gradient_model, data.subset
+    x_train, y_train, x_val, y_val = data.x_train, data.y_train, data.x_val, data.y_val
     featured = WithFeatures(gradient_model)
-
-    images, labels, ids = load_training_images(config.dataset, config.storage)
-    subset_settings = {key: value for key, value in config.subset.items() if key in ("per_class", "fraction")}
-    train_index, validation_index = few_sample_subset(
-        labels.numpy(), seed=config.subset.get("seed", 3), validation=config.subset.get("validation", 0.2),
-        **subset_settings)
-    subset = {"train_ids": [ids[i] for i in train_index], "validation_ids": [ids[i] for i in validation_index],
-              **config.subset}
-    x_train, y_train = images[train_index].to(device), labels[train_index].to(device)
-    x_val, y_val = images[validation_index].to(device), labels[validation_index].to(device)
     log.info("training a %s denoiser on %d images (%d held out for selection), rank %d of %d",
              config.objective, len(x_train), len(x_val), rank, world_size)
+    views = decrop_views(config, data) if config.objective == "decrop" else None
 
-    views = None
-    if config.objective == "decrop":
-        settings = GenerationSettings(**config.generation)
-        cache = open_location(config.cache or f"{config.output}/cache", **config.storage)
-        views = generate_cached(gradient_model, x_train, y_train, subset["train_ids"], settings, cache)
-
-    denoiser = prepare(DnCNN(image_channels=images.shape[1], **config.denoiser).to(device))
+    denoiser = prepare(DnCNN(image_channels=x_train.shape[1], **config.denoiser).to(device))
     phases = {"mse": [("mse", config.epochs, config.lr)], "stab": [("stab", config.epochs, config.lr)],
               "clf": [("clf", config.epochs, config.lr)],
               "stab_mse": [("mse", config.epochs, config.lr), ("stab", config.second_epochs,

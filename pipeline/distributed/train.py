@@ -17,8 +17,9 @@ import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline.denoise.train import DenoiserConfig, fit
+from pipeline.denoise.train import DenoiserConfig, decrop_views, fit, prepare_training
 from pipeline.distributed.certify import init_ray
+from pipeline.distributed.generate import generate_with_ray
 from pipeline.storage import open_location
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ def train_denoiser(config: DenoiserConfig) -> str:
         return best_uri.uri
 
     init_ray()
+    if config.objective == "decrop":  # generate the views once, as a Ray Data job; the workers read the cache
+        model = config.surrogate if config.access == "black_box" else config.classifier
+        decrop_views(config, prepare_training(config), generate_with_ray(model, config.storage,
+                                                                          actors=config.workers))
     checkpoints = CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_accuracy",
                                    checkpoint_score_order="max")
     trainer = TorchTrainer(
