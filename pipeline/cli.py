@@ -5,6 +5,7 @@ Examples:
   pipeline certify --config jobs/configs/imagenet.yaml --output s3://bucket/runs --set model.weights=/ckpt/rn50.pt
   pipeline report runs/demo
   pipeline train-denoiser --config jobs/configs/denoiser_demo.yaml --set objective=decrop
+  pipeline sweep --config jobs/configs/sweep_demo.yaml
 """
 
 from __future__ import annotations
@@ -108,6 +109,28 @@ def add_train_denoiser_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
 
 
+def sweep_main(args: argparse.Namespace) -> int:
+    """Runs `pipeline sweep`: validates the sweep, then runs or resumes it on Ray Tune."""
+    _logging(args.verbose)
+    from pipeline.distributed.tune import SweepError, load_sweep, run_sweep
+
+    try:
+        sweep = load_sweep(args.config, args.set)
+    except (SweepError, ValueError) as error:
+        print(f"pipeline: invalid sweep: {error}", file=sys.stderr)
+        return 2
+    uri = run_sweep(sweep)
+    print(f"sweep: {uri}\ntrials: {uri}/trials.parquet  best: {uri}/best_train.yaml, {uri}/best_certify.yaml")
+    return 0
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help="YAML sweep definition")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a sweep value, e.g. num_samples=8 (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline", description="Certify the adversarial robustness of image classifiers.",
@@ -135,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "of a certification config accepts.")
     add_train_denoiser_arguments(train)
     train.set_defaults(handler=train_denoiser_main)
+    sweep = commands.add_parser(
+        "sweep", help="sweep sigma and training hyperparameters with Ray Tune (ASHA)",
+        description="Run or resume a Ray Tune sweep over denoiser training settings. Writes trials.parquet, "
+                    "objective.png, best_train.yaml and best_certify.yaml under STORAGE/NAME/.")
+    add_sweep_arguments(sweep)
+    sweep.set_defaults(handler=sweep_main)
     return parser
 
 

@@ -214,9 +214,13 @@ def decrop_views(config: DenoiserConfig, data: TrainingData, generate_fn=None) -
 
 
 def fit(config: DenoiserConfig, report: Callable[[dict, Path | None], None], rank: int = 0, world_size: int = 1,
-        prepare: Callable[[nn.Module], nn.Module] = lambda module: module, device: str = "cpu") -> dict:
+        prepare: Callable[[nn.Module], nn.Module] = lambda module: module, device: str = "cpu",
+        evaluate: Callable[[nn.Module, TrainingData], dict] | None = None, every_epoch: bool = False,
+        resume_from: Path | None = None) -> dict:
     """Trains the denoiser; calls report(metrics, artifact directory or None) after every epoch (the
-    directory when the validation accuracy improved, on rank 0). Returns the best metrics."""
+    directory, on rank 0, when the validation accuracy improved, or every epoch with `every_epoch`).
+    `evaluate(denoiser, data)` adds metrics every epoch; `resume_from` (an artifact directory) restarts after
+    the epoch it records, from its weights. Returns the best metrics."""
     torch.manual_seed(config.seed)
     data = prepare_training(config, device)
     target, gradient_model, subset = data.target, data.gradient_model, data.subset
@@ -226,7 +230,12 @@ def fit(config: DenoiserConfig, report: Callable[[dict, Path | None], None], ran
              config.objective, len(x_train), len(x_val), rank, world_size)
     views = decrop_views(config, data) if config.objective == "decrop" else None
 
-    denoiser = prepare(DnCNN(image_channels=x_train.shape[1], **config.denoiser).to(device))
+    network = DnCNN(image_channels=x_train.shape[1], **config.denoiser)
+    start_epoch = 0
+    if resume_from is not None:
+        network.load_state_dict(torch.load(resume_from / "denoiser.pt", map_location="cpu", weights_only=True))
+        start_epoch = json.loads((resume_from / "artifact.json").read_text())["metrics"]["epoch"]
+    denoiser = prepare(network.to(device))
     phases = {"mse": [("mse", config.epochs, config.lr)], "stab": [("stab", config.epochs, config.lr)],
               "clf": [("clf", config.epochs, config.lr)],
               "stab_mse": [("mse", config.epochs, config.lr), ("stab", config.second_epochs,
@@ -252,6 +261,9 @@ def fit(config: DenoiserConfig, report: Callable[[dict, Path | None], None], ran
             discriminator = prepare(losses.DomainDiscriminator(width).to(device))
             disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=config.disc_lr)
         for _ in range(epochs):
+            if epoch_done < start_epoch:  # finished before the run was resumed
+                epoch_done += 1
+                continue
             denoiser.train()
             order = torch.randperm(len(x_train), generator=shuffle_generator)
             order = order[:len(order) - len(order) % world_size][rank::world_size]  # equal shards for DDP
@@ -287,10 +299,12 @@ def fit(config: DenoiserConfig, report: Callable[[dict, Path | None], None], ran
             accuracy = _validation_accuracy(denoiser, target, x_val, y_val, validation_noise)
             metrics = {"epoch": epoch_done, "phase": phase, "train_loss": running / max(1, len(batches)),
                        "val_accuracy": accuracy}
+            if evaluate is not None:
+                metrics.update(evaluate(denoiser.module if hasattr(denoiser, "module") else denoiser, data))
             improved = accuracy > best["val_accuracy"]
             if improved:
                 best = dict(metrics)
-            if rank == 0 and improved:
+            if rank == 0 and (improved or every_epoch):
                 with tempfile.TemporaryDirectory() as directory:
                     save_artifact(Path(directory), denoiser, config, metrics, target, subset)
                     report(metrics, Path(directory))

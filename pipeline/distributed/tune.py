@@ -1,0 +1,272 @@
+"""Sweep campaigns with Ray Tune over denoiser training: sigma, DE-CROP's generation settings, loss weights,
+any training setting.
+
+A sweep YAML names a base training config (`train`: a path or a mapping), a search space over dotted keys
+of it (`search`: {key: {grid | choice: [...]} or {uniform | loguniform: [low, high]}}), the objective
+(`objective`: certified accuracy at a radius, or ACR, measured every epoch by a cheap Cohen certification
+of the held-out validation split with `certification` n0 / n / alpha), the scheduler (ASHA over epochs by
+default, or FIFO), the search algorithm (grid and random built in, Optuna when installed), resources per
+trial (fractional GPUs allowed) and the storage path (local or s3://).
+
+Every trial reports its metrics and a checkpoint (the denoiser artifact) every epoch, so ASHA can stop
+weak trials and an interrupted sweep resumes with `Tuner.restore` (finished trials are not re-run;
+unfinished ones continue from their last checkpoint). At the end the sweep writes `trials.parquet`
+(config, metrics, status of every trial), `objective.png` (the objective against each searched
+hyperparameter), and the best configuration as `best_train.yaml` (for jobs/train_denoiser.py) and
+`best_certify.yaml` (for jobs/certify.py, with the best trial's denoiser).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from matplotlib.figure import Figure
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from scipy.stats import norm
+
+import pipeline
+from pipeline.certifiers import Cohen
+from pipeline.config import set_dotted
+from pipeline.denoise.train import DenoiserConfig, fit
+from pipeline.distributed.certify import init_ray
+from pipeline.models.denoisers import Denoised
+from pipeline.storage import open_location
+
+METRICS = ("certified_accuracy", "acr")
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SweepError", "load_sweep", "run_sweep"]
+
+
+class SweepError(ValueError):
+    """A sweep that cannot run; the message names the key."""
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """The sweep mapping from YAML, with `key=value` overrides, validated (SweepError naming the key)."""
+    try:
+        sweep = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise SweepError(f"cannot read sweep config {path}: {error}") from error
+    for override in overrides:
+        key, _, text = override.partition("=")
+        set_dotted(sweep, key.strip(), yaml.safe_load(text))
+    if isinstance(sweep.get("train"), str):  # a path, relative to the working directory
+        try:
+            sweep["train"] = yaml.safe_load(Path(sweep["train"]).read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise SweepError(f"train: cannot read the training config {sweep['train']}: {error}") from error
+    validate_sweep(sweep)
+    return sweep
+
+
+def validate_sweep(sweep: dict[str, Any]) -> None:
+    known = {"name", "storage", "storage_options", "train", "search", "objective", "certification", "scheduler",
+             "search_algorithm", "num_samples", "resources", "max_concurrent", "final_certify", "final"}
+    unknown = sorted(set(sweep) - known)
+    if unknown:
+        raise SweepError(f"unknown sweep key(s) {unknown}; known: {sorted(known)}")
+    if not isinstance(sweep.get("train"), dict):
+        raise SweepError("train: give the base denoiser training config (a path or a mapping)")
+    search = sweep.get("search") or {}
+    if not search:
+        raise SweepError("search: the search space is empty; name at least one hyperparameter, e.g. "
+                         "{lr: {loguniform: [1e-4, 1e-2]}}")
+    for key, spec in search.items():
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
+            raise SweepError(f"search.{key}: give one of {list(DISTRIBUTIONS)}, e.g. {{choice: [0.25, 0.5]}}")
+    objective = sweep.get("objective") or {}
+    if objective.get("metric") not in METRICS:
+        raise SweepError(f"objective.metric must be one of {list(METRICS)}, got {objective.get('metric')!r}")
+    certification = {"n0": 20, "n": 100, "alpha": 0.001, **(sweep.get("certification") or {})}
+    if objective["metric"] == "certified_accuracy":
+        radius = objective.get("radius")
+        if not isinstance(radius, int | float) or radius < 0:
+            raise SweepError(f"objective.radius must be a number >= 0, got {radius!r}")
+        sigmas = _values(search["sigma"]) if "sigma" in search else [sweep["train"].get("sigma", 0.25)]
+        reach = max(sigmas) * norm.ppf(certification["alpha"] ** (1 / certification["n"]))
+        if radius >= reach:
+            raise SweepError(f"objective.radius={radius} cannot be certified: with n={certification['n']} and "
+                             f"alpha={certification['alpha']} the largest radius is {reach:.3f} (at sigma "
+                             f"{max(sigmas)}); raise certification.n or lower the radius")
+    scheduler = (sweep.get("scheduler") or {}).get("name", "asha")
+    if scheduler not in ("asha", "fifo"):
+        raise SweepError(f"scheduler.name must be 'asha' or 'fifo', got {scheduler!r}")
+    algorithm = sweep.get("search_algorithm", "random")
+    if algorithm not in ("grid", "random", "optuna"):
+        raise SweepError(f"search_algorithm must be grid, random or optuna, got {algorithm!r}")
+    DenoiserConfig.from_dict(sweep["train"])
+
+
+def _values(spec: dict) -> list:
+    """The values a search entry can take (for uniform ranges: the two ends)."""
+    return list(next(iter(spec.values())))
+
+
+def _space(search: dict, algorithm: str) -> dict:
+    space = {}
+    for key, spec in search.items():
+        kind, values = next(iter(spec.items()))
+        if kind == "grid" or (algorithm == "grid" and kind == "choice"):
+            space[key] = tune.grid_search(list(values))
+        elif kind == "choice":
+            space[key] = tune.choice(list(values))
+        elif kind == "uniform":
+            space[key] = tune.uniform(*values)
+        else:
+            space[key] = tune.loguniform(*values)
+    return space
+
+
+def trial_config(sweep: dict, sampled: dict) -> dict:
+    """The training config of one trial: the base with the sampled values at their dotted keys."""
+    train = copy.deepcopy(sweep["train"])
+    for key, value in sampled.items():
+        set_dotted(train, key, value)
+    return train
+
+
+def _objective_name(sweep: dict) -> str:
+    objective = sweep["objective"]
+    return f"certified_accuracy@{objective['radius']:g}" if objective["metric"] == "certified_accuracy" else "acr"
+
+
+def _trainable(sampled: dict, sweep: dict) -> None:
+    config = DenoiserConfig.from_dict({**trial_config(sweep, sampled), "workers": 0})
+    certification = {"n0": 20, "n": 100, "alpha": 0.001, **(sweep.get("certification") or {})}
+    radius = sweep["objective"].get("radius", 0.0)
+
+    def evaluate(denoiser, data) -> dict:
+        denoiser.eval()
+        table = pipeline.certify(Denoised(data.target, denoiser), data.x_val.cpu(), data.y_val.cpu(),
+                                 [Cohen(sigma=config.sigma, **certification)], seed=config.seed, batch_size=1000)
+        rows = table.to_pandas()
+        correct = rows["correct"].astype(bool)
+        return {f"certified_accuracy@{radius:g}": float((correct & (rows["radius"] >= radius)).mean()),
+                "acr": float((rows["radius"] * correct).mean())}
+
+    def report(metrics: dict, directory: Path | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(str(directory)) if directory is not None else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        fit(config, report, evaluate=evaluate, every_epoch=True)
+    else:
+        with checkpoint.as_directory() as directory:
+            fit(config, report, evaluate=evaluate, every_epoch=True, resume_from=Path(directory))
+
+
+def run_sweep(sweep: dict[str, Any]) -> str:
+    """Runs (or resumes) the sweep; writes the trial table, the plot and the best configs; returns the sweep's
+    URI."""
+    init_ray()
+    name = sweep.get("name", "sweep")
+    storage = sweep.get("storage_options") or {}
+    root = open_location(sweep.get("storage", "runs/sweeps"), **storage)
+    location = root.join(name)
+    metric = _objective_name(sweep)
+    epochs = sweep["train"].get("epochs", 90) + sweep["train"].get("second_epochs", 0)
+    scheduling = sweep.get("scheduler") or {}
+    scheduler = FIFOScheduler() if scheduling.get("name", "asha") == "fifo" else ASHAScheduler(
+        max_t=scheduling.get("max_t", epochs), grace_period=scheduling.get("grace_period", 1),
+        reduction_factor=scheduling.get("reduction_factor", 2))
+    algorithm = sweep.get("search_algorithm", "random")
+    search_alg = None
+    if algorithm == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as error:
+            raise SweepError("search_algorithm: optuna needs the optuna package (pip install optuna)") from error
+        search_alg = OptunaSearch()
+    resources = {"cpu": 1, "gpu": 0, **(sweep.get("resources") or {})}
+    trainable = tune.with_resources(tune.with_parameters(_trainable, sweep=sweep), resources)
+    if tune.Tuner.can_restore(location.path, storage_filesystem=location.fs):
+        log.info("resuming sweep %s from %s", name, location.uri)
+        tuner = tune.Tuner.restore(location.path, trainable, resume_unfinished=True, storage_filesystem=location.fs)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=_space(sweep["search"], algorithm),
+            tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler, search_alg=search_alg,
+                                        num_samples=1 if algorithm == "grid" else sweep.get("num_samples", 4),
+                                        max_concurrent_trials=sweep.get("max_concurrent")),
+            run_config=tune.RunConfig(name=name, storage_path=root.path, storage_filesystem=root.fs,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+    results = tuner.fit()
+    _write_outputs(sweep, results, location, metric, epochs)
+    return location.uri
+
+
+def _write_outputs(sweep, results, location, metric: str, epochs: int) -> None:
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        last = result.metrics or {}
+        iterations = int(last.get("training_iteration", 0))
+        rows.append({"trial_id": last.get("trial_id"), "config": yaml.safe_dump(result.config),
+                     **{f"config.{key}": result.config.get(key) for key in sweep["search"]},
+                     metric: float(history[metric].max()) if metric in history else math.nan,
+                     "val_accuracy": float(history["val_accuracy"].max()) if "val_accuracy" in history else math.nan,
+                     "epochs_run": iterations, "stopped_early": 0 < iterations < epochs,
+                     "status": "error" if result.error else "finished", "error": str(result.error or "") or None,
+                     "checkpoint": _uri(location, result.checkpoint.path) if result.checkpoint else None})
+    table = pd.DataFrame(rows)
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), buffer)
+    location.write_bytes("trials.parquet", buffer.getvalue())
+    location.write_bytes("objective.png", _plot(table, sweep["search"], metric))
+
+    best = results.get_best_result(metric=metric, mode="max", scope="all")
+    train = trial_config(sweep, best.config)
+    location.write_bytes("best_train.yaml", yaml.safe_dump(train, sort_keys=False).encode())
+    checkpoint = best.get_best_checkpoint(metric=metric, mode="max") or best.checkpoint
+    final = sweep.get("final") or {}
+    certify = {
+        "run_id": f"{sweep.get('name', 'sweep')}-best", "output": str(final.get("output", "runs")),
+        "dataset": final.get("dataset", {"layout": "demo", "split": "test"}),
+        "model": {**train["classifier"], "denoiser": _uri(location, checkpoint.path)},
+        "certifiers": [{"name": "cohen", "sigma": train.get("sigma", 0.25),
+                        "n0": 100, "n": 100_000, "alpha": 0.001, **final.get("certification", {})}],
+        **({"storage": train["storage"]} if train.get("storage") else {}),
+    }
+    location.write_bytes("best_certify.yaml", yaml.safe_dump(certify, sort_keys=False).encode())
+    log.info("best trial: %s = %.4f with %s", metric, best.metrics.get(metric, math.nan), best.config)
+    if sweep.get("final_certify"):
+        from pipeline.config import validate
+        from pipeline.distributed.certify import run
+
+        run(validate(certify))
+
+
+def _uri(location, path: str) -> str:
+    return f"s3://{path}" if location.is_s3 else path
+
+
+def _plot(table: pd.DataFrame, search: dict, metric: str) -> bytes:
+    keys = list(search)
+    figure = Figure(figsize=(4 * len(keys), 3.5))
+    axes = figure.subplots(1, len(keys), squeeze=False)[0]
+    for axis, key in zip(axes, keys, strict=True):
+        values = pd.to_numeric(table[f"config.{key}"], errors="coerce")
+        axis.scatter(values, table[metric], c=["tab:red" if s else "tab:blue" for s in table["stopped_early"]])
+        if search[key] and next(iter(search[key])) == "loguniform":
+            axis.set_xscale("log")
+        axis.set(xlabel=key, ylabel=metric, title=f"{metric} vs {key} (red: stopped early)")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+

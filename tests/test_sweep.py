@@ -1,0 +1,107 @@
+"""Sweeps on Ray Tune: a tiny ASHA sweep end to end, resuming an interrupted one, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline import cli
+from pipeline.distributed.tune import SweepError, load_sweep, run_sweep, validate_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def clean_classifier(tmp_path_factory):
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from train_demo_model import main as train_classifier
+
+    path = tmp_path_factory.mktemp("classifier") / "clean.pt"
+    train_classifier(["--noise", "none", "--epochs", "8", "--output", str(path)])
+    return path
+
+
+def sweep_config(tmp_path, classifier, **overrides):
+    sweep = {
+        "name": "tiny", "storage": str(tmp_path / "sweeps"),
+        "train": {"classifier": {"name": "demo_cnn", "weights": str(classifier)}, "objective": "stab",
+                  "denoiser": {"depth": 3, "channels": 8}, "subset": {"per_class": 2, "seed": 3, "validation": 0.5},
+                  "epochs": 4, "batch_size": 10, "output": str(tmp_path / "denoisers")},
+        "search": {"lr": {"grid": [1e-7, 3e-3]}},
+        "objective": {"metric": "acr"}, "certification": {"n0": 10, "n": 50, "alpha": 0.01},
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        "search_algorithm": "random", "num_samples": 2, "resources": {"cpu": 1},
+        "final": {"dataset": {"layout": "demo", "split": "test", "max": 4},
+                  "certification": {"n0": 10, "n": 50, "alpha": 0.01}, "output": str(tmp_path / "runs")},
+    }
+    sweep.update(overrides)
+    return sweep
+
+
+def test_tiny_asha_sweep_writes_trials_and_a_best_config_that_trains_and_certifies(ray_cluster, clean_classifier,
+                                                                                  tmp_path):
+    sweep = sweep_config(tmp_path, clean_classifier)
+    validate_sweep(sweep)
+    uri = run_sweep(sweep)
+    trials = pd.read_parquet(Path(uri) / "trials.parquet")
+    assert len(trials) == 4 and set(trials["status"]) == {"finished"}
+    assert trials["stopped_early"].any(), trials[["config.lr", "acr", "epochs_run"]]
+    assert (Path(uri) / "objective.png").read_bytes().startswith(b"\x89PNG")
+
+    best_train = yaml.safe_load((Path(uri) / "best_train.yaml").read_text())
+    assert best_train["lr"] == pytest.approx(3e-3)  # learning beats the (nearly) frozen identity denoiser
+    (tmp_path / "best_train.yaml").write_text(yaml.safe_dump({**best_train, "run_name": "again"}))
+    assert cli.main(["train-denoiser", "--config", str(tmp_path / "best_train.yaml")]) == 0
+    assert cli.main(["certify", "--config", str(Path(uri) / "best_certify.yaml")]) == 0
+    rows = pd.read_parquet(tmp_path / "runs" / "tiny-best" / "results")
+    assert len(rows) == 4 and set(rows["status"]) == {"ok"}
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, clean_classifier, tmp_path):
+    sweep = sweep_config(tmp_path, clean_classifier, max_concurrent=1, scheduler={"name": "fifo"})
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(sweep))
+    job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "sweep.py"), "--config", str(config)],
+                           env={**os.environ, "RAY_ADDRESS": ray_cluster, "TUNE_GLOBAL_CHECKPOINT_S": "0"},
+                           cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = tmp_path / "sweeps" / "tiny"
+
+    def epochs(path: Path) -> list[int]:
+        return [json.loads(line)["epoch"] for line in path.read_text().splitlines() if '"epoch"' in line]
+
+    def finished() -> dict[Path, list[int]]:
+        return {path: epochs(path) for path in results.glob("*/result.json") if epochs(path)[-1:] == [4]}
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not finished():
+        assert job.poll() is None, "the sweep ended before it could be interrupted"
+        time.sleep(0.2)
+    time.sleep(1.5)  # let the experiment state be written
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    before = finished()
+    assert 1 <= len(before) < 4
+
+    run_sweep(load_sweep(config))
+    trials = pd.read_parquet(results / "trials.parquet")
+    assert len(trials) == 4 and set(trials["status"]) == {"finished"}
+    assert {path: epochs(path) for path in before} == before  # no epoch of a finished trial ran again
+
+
+def test_bad_sweeps_give_clear_errors(tmp_path):
+    base = sweep_config(tmp_path, "weights.pt")
+    with pytest.raises(SweepError, match="search space is empty"):
+        validate_sweep({**base, "search": {}})
+    with pytest.raises(SweepError, match=r"objective\.metric must be one of"):
+        validate_sweep({**base, "objective": {"metric": "top5"}})
+    with pytest.raises(SweepError, match=r"objective\.radius=2\.0 cannot be certified: with n=50"):
+        validate_sweep({**base, "objective": {"metric": "certified_accuracy", "radius": 2.0}})
+    with pytest.raises(SweepError, match=r"search\.lr: give one of"):
+        validate_sweep({**base, "search": {"lr": [1, 2]}})
