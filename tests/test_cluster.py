@@ -1,0 +1,151 @@
+"""Running on clusters: the cluster files agree with pyproject.toml, `ray job submit` runs the job on a real
+head node, and the nightly benchmark records nights and catches regressions without false alarms."""
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tomllib
+import torch
+import yaml
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from pipeline import nightly
+from pipeline.results import read_results
+from pipeline.storage import open_location
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "jobs"))
+
+
+def project():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def pinned(requirement_name: str) -> str:
+    for requirement in project()["dependencies"]:
+        if re.match(rf"{requirement_name}[\[=<>!~ ]", requirement):
+            return requirement
+    raise AssertionError(requirement_name)
+
+
+def test_cluster_files_agree_with_pyproject():
+    python = SpecifierSet(project()["requires-python"])
+    ray = SpecifierSet(pinned("ray").split("]", 1)[1])
+    torch_pin = pinned("torch").split("==", 1)[1].split(",")[0]
+    aws = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
+    raycluster = yaml.safe_load((ROOT / "cluster" / "kuberay" / "raycluster.yaml").read_text())
+    rayjob = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayjob.yaml").read_text())
+    runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
+
+    images = [aws["docker"]["image"]]
+    images += [c["image"] for group in [raycluster["spec"]["headGroupSpec"], *raycluster["spec"]["workerGroupSpecs"]]
+               for c in group["template"]["spec"]["containers"]]
+    images += [c["image"] for group in [rayjob["spec"]["rayClusterSpec"]["headGroupSpec"],
+                                        *rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+               for c in group["template"]["spec"]["containers"]]
+    for image in images:
+        match = re.fullmatch(r"rayproject/ray:([\d.]+)-py(\d)(\d+)(-gpu)?", image)
+        assert match, image
+        assert Version(match.group(1)) in ray, image
+        assert Version(f"{match.group(2)}.{match.group(3)}") in python, image
+    for version in (raycluster["spec"]["rayVersion"], rayjob["spec"]["rayClusterSpec"]["rayVersion"]):
+        assert Version(version) in ray
+    assert any(f"torch=={torch_pin}" in command for command in aws["setup_commands"])
+    assert runtime_env["pip"] == project()["dependencies"]
+    assert yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["pip"] == project()["dependencies"]
+    entrypoint = rayjob["spec"]["entrypoint"].split()
+    assert entrypoint[:2] == ["python", "jobs/certify.py"] and (ROOT / entrypoint[1]).exists()
+    assert (ROOT / entrypoint[entrypoint.index("--config") + 1]).exists()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("ray", path=str(Path(sys.executable).parent)) is None, reason="no ray CLI")
+def test_ray_job_submit_runs_the_certification_job_on_a_head_node(tmp_path):
+    port, dashboard = free_port(), free_port()
+    temp = Path(f"/tmp/rt{secrets.token_hex(3)}")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+                             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
+                             "--num-cpus=4", "--include-dashboard=true"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 120
+        while subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True).returncode:
+            assert time.monotonic() < deadline and head.poll() is None, "the head node did not come up"
+            time.sleep(1)
+        submitted = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+             "python", "jobs/certify.py", "--config", "jobs/configs/demo.yaml", "--output", str(tmp_path),
+             "--run-id", "submitted", "--set", "dataset.max=4", "--set", "actors.count=1",
+             "--set", "certifiers=[{name: cohen, sigma: 0.25, n0: 10, n: 50}]"],
+            env=env, capture_output=True, text=True, timeout=400)
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        assert "succeeded" in submitted.stdout
+        table = read_results(open_location(str(tmp_path / "submitted")).join("results"))
+        assert table.num_rows == 4 and set(table["status"].to_pylist()) == {"ok"}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def synthetic_night(rng, p: float, images: int = 500) -> pd.DataFrame:
+    successes = int(rng.binomial(images, p))
+    return pd.DataFrame([{"model": "m", "setting": "s", "figure": "certified_accuracy@0.25",
+                          "value": successes / images, "successes": successes, "count": images, "kind": "proportion",
+                          "worse_when": "lower"}])
+
+
+def test_no_false_alarm_on_sampling_noise_and_a_real_drop_is_caught():
+    """300 pairs of nights that differ only by sampling noise (p = 0.8, 500 images): each comparison false-
+    alarms with probability <= 0.001, so more than 3 alarms would happen with probability < 3e-4."""
+    rng = np.random.default_rng(0)
+    alarms = sum(bool(nightly.compare(synthetic_night(rng, 0.8), synthetic_night(rng, 0.8))["regression"].any())
+                 for _ in range(300))
+    assert alarms <= 3
+    assert nightly.compare(synthetic_night(rng, 0.65), synthetic_night(rng, 0.8))["regression"].all()
+    assert not nightly.compare(synthetic_night(rng, 0.9), synthetic_night(rng, 0.8))["regression"].any()
+
+
+def test_nightly_records_nights_and_fails_on_a_planted_regression(ray_cluster, tmp_path, capsys):
+    from nightly import main
+
+    from pipeline.models import load_demo_model
+
+    degraded = load_demo_model()
+    with torch.no_grad():
+        degraded.head.weight.copy_(torch.randn_like(degraded.head.weight))  # a broken classifier head
+    torch.save(degraded.state_dict(), tmp_path / "degraded.pt")
+    settings = ["--config", str(ROOT / "jobs" / "configs" / "nightly_demo.yaml"), "--set", f"output={tmp_path}",
+                "--set", "run.dataset.max=30", "--set", "run.certifiers.0.n=300"]
+    assert main([*settings, "--date", "2026-11-20"]) == 0
+    assert main([*settings, "--date", "2026-11-21"]) == 0
+    assert "no regression" in capsys.readouterr().out
+    assert main([*settings, "--date", "2026-11-22", "--set", f"models.0.model.weights={tmp_path / 'degraded.pt'}"]) == 1
+    printed = capsys.readouterr().out
+    assert "REGRESSION demo_cnn cohen(sigma=0.25" in printed and "certified_accuracy@0" in printed
+    for date in ("2026-11-20", "2026-11-21", "2026-11-22"):
+        night = tmp_path / "nightly" / date
+        assert {"figures.parquet", "environment.json", "report.md", "accuracy.png"} <= {p.name for p in night.iterdir()}
+    figures = pd.read_parquet(tmp_path / "nightly" / "2026-11-21" / "figures.parquet")
+    assert {"images_per_s", "device_seconds_per_image", "cost_per_image", "acr"} <= set(figures["figure"])
