@@ -39,6 +39,18 @@ def linear_binary() -> type[LinearBinary]:
     return LinearBinary
 
 
+class Affine(nn.Module):
+    """Class scores W x + b on flattened inputs (buffers, so .float() / .double() convert them)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.weight.T + self.bias
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A local S3-compatible server (moto) on 127.0.0.1, with dummy credentials in the environment."""

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import Affine
 from scipy import stats as sps
 from torch import nn
 
@@ -70,16 +71,6 @@ def test_training_noise_is_the_certification_noise():
         assert (noisy - enumerated).flatten(1).abs().amax(1).min() < 1e-6
 
 
-class Linear(nn.Module):
-    def __init__(self, weight, bias):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-
-    def forward(self, x):
-        return x.flatten(1) @ self.weight.T + self.bias
-
-
 def l1_sphere(dimension: int, steps: int):
     """Every integer vector with l1 norm exactly `steps`."""
     for support in range(1, min(dimension, steps) + 1):
@@ -119,7 +110,7 @@ def test_no_flip_inside_the_certified_l1_radius_and_a_flip_just_outside():
     for _ in range(200):  # an input near a decision boundary, so that the certified radius is small
         x = rng.integers(80, 176, size=16)
         bias = -(weight @ torch.as_tensor(x / q)) + torch.as_tensor(rng.normal(scale=0.1, size=3))
-        model = Linear(weight, bias)
+        model = Affine(weight, bias)
         images = torch.as_tensor(x / q, dtype=torch.float32).view(1, 1, 4, 4)
         row = pipeline.certify(model.float(), images, None, [DSSN(sigma=sigma, q=q)]).to_pylist()[0]
         model.double()

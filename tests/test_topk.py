@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import Affine
 from scipy.special import ndtr
 from scipy.stats import multivariate_normal, norm
 
@@ -102,16 +103,6 @@ def test_unknown_bound_is_rejected():
         topk.radius_from_counts(np.array([10, 5, 3]), 0, k=1, sigma=0.25, alpha=0.001, bound="goodman")
 
 
-class LinearThreeClass(torch.nn.Module):
-    def __init__(self, weight, bias):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-
-    def forward(self, x):
-        return x.flatten(1) @ self.weight.T + self.bias
-
-
 def smoothed_probabilities(weight, bias, x, sigma):
     """Exact P(argmax(W(x + eps) + b) = c) for 3 classes: a bivariate normal orthant per class."""
     probabilities = []
@@ -133,7 +124,7 @@ def test_no_counterexample_inside_the_certified_top2_radius():
     sigma, dim = 0.5, 8
     weight, bias = rng.normal(size=(3, dim)), np.zeros(3)
     basis, _ = np.linalg.qr((weight[1:] - weight[0]).T)  # orthonormal basis of the plane, [dim, 2]
-    model = LinearThreeClass(torch.tensor(weight, dtype=torch.float32), torch.tensor(bias, dtype=torch.float32))
+    model = Affine(torch.tensor(weight, dtype=torch.float32), torch.tensor(bias, dtype=torch.float32))
     points = np.clip(0.5 + 0.15 * rng.normal(size=(12, dim)), 0, 1)
     labels = [int(np.argsort(smoothed_probabilities(weight, bias, x, sigma))[1]) for x in points]  # 2nd of 3
     table = pipeline.certify(model, torch.tensor(points, dtype=torch.float32).view(12, 2, 2, 2), labels,
