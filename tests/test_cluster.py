@@ -93,12 +93,16 @@ def test_ray_job_submit_runs_the_certification_job_on_a_head_node(tmp_path):
         while subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True).returncode:
             assert time.monotonic() < deadline and head.poll() is None, "the head node did not come up"
             time.sleep(1)
-        submitted = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-             "python", "jobs/certify.py", "--config", "jobs/configs/demo.yaml", "--output", str(tmp_path),
-             "--run-id", "submitted", "--set", "dataset.max=4", "--set", "actors.count=1",
-             "--set", "certifiers=[{name: cohen, sigma: 0.25, n0: 10, n: 50}]"],
-            env=env, capture_output=True, text=True, timeout=400)
+        command = ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                   "python", "jobs/certify.py", "--config", "jobs/configs/demo.yaml", "--output", str(tmp_path),
+                   "--run-id", "submitted", "--set", "dataset.max=4", "--set", "actors.count=1",
+                   "--set", "certifiers=[{name: cohen, sigma: 0.25, n0: 10, n: 50}]"]
+        deadline = time.monotonic() + 120
+        while True:  # the dashboard answers before the node's job agent is up: retry until it takes the job
+            submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+            if "No available agent" not in submitted.stderr + submitted.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
         assert "succeeded" in submitted.stdout
         table = read_results(open_location(str(tmp_path / "submitted")).join("results"))
