@@ -16,7 +16,7 @@ import torch
 from pipeline.certifiers.base import Certifier
 from pipeline.engine import Engine
 from pipeline.noise import noise_scheme
-from pipeline.results import to_table
+from pipeline.results import CERTIFIER_EXTRAS, RUN_COLUMNS, to_table
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,6 @@ def _check_ids(image_ids, count: int) -> list[str]:
     return image_ids
 
 
-RUN_COLUMNS = ("run_id", "model", "node", "code_version")
-EXTRA_COLUMNS = ("eps_in", "eps_out", "smoothing_error", "metric", "output", "abstain_reason")
 
 
 def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Certifier] = (), *, seed: int = 0,
@@ -130,7 +128,7 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
             "forward_passes": passes, "wall_time_s": seconds, "status": "ok", "error": None,
             "params": json.dumps({**certifier.params(shape), **settings, **(certificate.details or {})},
                                  sort_keys=True),
-            **dict.fromkeys(EXTRA_COLUMNS), **(certificate.extra or {}), **context,
+            **dict.fromkeys(CERTIFIER_EXTRAS), **(certificate.extra or {}), **context,
         }
 
     counted = [certifier for certifier in certifiers if not certifier.self_sampling]

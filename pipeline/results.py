@@ -72,6 +72,10 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("code_version", pa.string(), True, "Version of this package (and git commit, where known) that wrote the row."),
 ]
 
+# Columns that only some certifiers (center) or only runs fill; null elsewhere.
+CERTIFIER_EXTRAS = ("eps_in", "eps_out", "smoothing_error", "metric", "output", "abstain_reason")
+RUN_COLUMNS = ("run_id", "model", "node", "code_version")
+
 SCHEMA = pa.schema(
     [pa.field(name, dtype, nullable=nullable, metadata={"description": text})
      for name, dtype, nullable, text in _COLUMNS]
@@ -105,8 +109,7 @@ def error_row(image_index: int, image_id: str, label: int | None, certifier, mes
         "abstained": True, "radius": 0.0, "norm": certifier.norm, "p_lower": None, "count": None, "n": 0, "n0": 0,
         "alpha": float(certifier.alpha), "correct": False if classifies and label is not None else None,
         "topk_labels": None, "forward_passes": 0, "status": "error", "error": message, "params": params,
-        **dict.fromkeys(("eps_in", "eps_out", "smoothing_error", "metric", "output", "abstain_reason",
-                         "run_id", "model", "node", "code_version")), **context,
+        **dict.fromkeys(CERTIFIER_EXTRAS + RUN_COLUMNS), **context,
     }
 
 
@@ -146,8 +149,7 @@ def read_certify_log(path: str | Path, sigma: float, alpha: float = 0.001, n: in
             "correct": bool(int(correct)), "topk_labels": None if int(predict) == -1 else [int(predict)],
             "forward_passes": n + n0, "seed": 0, "wall_time_s": seconds(time), "status": "ok", "error": None,
             "precision": "fp32", "device": "cuda", "params": json.dumps({"source": str(path)}),
-            **dict.fromkeys(("eps_in", "eps_out", "smoothing_error", "metric", "output", "abstain_reason",
-                             "run_id", "model", "node", "code_version")),
+            **dict.fromkeys(CERTIFIER_EXTRAS + RUN_COLUMNS),
         })
     return to_table(rows)
 

@@ -78,7 +78,7 @@ class Location:
         self.fs.move(partial, target)
 
 
-def _s3_filesystem(uri: str, endpoint_url: str | None, region: str | None) -> pafs.S3FileSystem:
+def _s3_filesystem(endpoint_url: str | None, region: str | None) -> pafs.S3FileSystem:
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     options = {"region": region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")}
     if endpoint_url:
@@ -94,7 +94,7 @@ def open_location(uri: str, endpoint_url: str | None = None, region: str | None 
         parsed = urlparse(uri)
         if not parsed.netloc:
             raise StorageError(f"{uri}: an s3 URI needs a bucket, as in s3://bucket/prefix")
-        fs = _s3_filesystem(uri, endpoint_url, region)
+        fs = _s3_filesystem(endpoint_url, region)
         return Location(fs, f"{parsed.netloc}{parsed.path}".rstrip("/"), uri.rstrip("/"))
     if "://" in uri and not uri.startswith("file://"):
         raise StorageError(f"{uri}: unsupported storage; use a local path or s3://bucket/prefix")
