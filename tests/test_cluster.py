@@ -78,13 +78,16 @@ def free_port() -> int:
 
 @pytest.mark.skipif(shutil.which("ray", path=str(Path(sys.executable).parent)) is None, reason="no ray CLI")
 def test_ray_job_submit_runs_the_certification_job_on_a_head_node(tmp_path):
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent, agent_grpc, metrics, runtime_env_agent = (free_port() for _ in range(6))
     temp = Path(f"/tmp/rt{secrets.token_hex(3)}")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                              f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
+                             # its own agent ports, so that it runs beside the tests' local Ray instance
+                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env_agent}",
                              "--num-cpus=4", "--include-dashboard=true"],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
