@@ -15,17 +15,15 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import yaml
 from matplotlib.figure import Figure
 
 from pipeline import nightly
-from pipeline.config import set_dotted, validate
+from pipeline.config import read_yaml, validate
 from pipeline.distributed.certify import run
 from pipeline.results import environment, read_results
 from pipeline.storage import open_location
@@ -88,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a suite value, e.g. models.0.model.weights=PATH (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    suite = yaml.safe_load(Path(args.config).read_text())
-    for override in args.set:
-        key, _, text = override.partition("=")
-        set_dotted(suite, key.strip(), yaml.safe_load(text))
+    suite = read_yaml(args.config, args.set)
 
     figures, env = run_suite(suite, args.date)
     night = open_location(suite["output"], **suite.get("storage", {})).join("nightly", args.date)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data.sources import DatasetError
@@ -78,20 +77,15 @@ def report_main(args: argparse.Namespace) -> int:
 def train_denoiser_main(args: argparse.Namespace) -> int:
     """Runs `pipeline train-denoiser`: a YAML config, overrides, then training (Ray Train with workers >= 1)."""
     _logging(args.verbose)
-    import yaml
-
-    from pipeline.config import set_dotted
+    from pipeline.config import read_yaml
     from pipeline.denoise.train import DenoiserConfig
 
     try:
-        data = yaml.safe_load(Path(args.config).read_text()) or {}
-        for override in args.set:
-            key, _, text = override.partition("=")
-            set_dotted(data, key.strip(), yaml.safe_load(text))
+        data = read_yaml(args.config, args.set)
         if args.output:
             data["output"] = args.output
         config = DenoiserConfig.from_dict(data)
-    except (OSError, ValueError, yaml.YAMLError) as error:
+    except ValueError as error:
         print(f"pipeline: invalid denoiser configuration: {error}", file=sys.stderr)
         return 2
     from pipeline.distributed.train import train_denoiser

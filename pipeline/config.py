@@ -24,7 +24,7 @@ DATASET_KEYS = {"layout", "root", "split", "skip", "max", "size", "resize", "cha
                 "meta", "synsets", "id"}
 MODEL_KEYS = {"name", "weights", "mean", "std", "num_classes", "denoiser"}
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "validate"]
+__all__ = ["ConfigError", "RunConfig", "load_config", "read_yaml", "set_dotted", "validate"]
 
 
 class ConfigError(ValueError):
@@ -91,8 +91,9 @@ def set_dotted(data: dict, dotted: str, value: Any) -> None:
     target[last] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), **values: Any) -> RunConfig:
-    """Reads YAML from `path`, applies `key=value` overrides (dotted keys, YAML values), then `values`."""
+def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """A YAML mapping from `path` (empty without one), with `key=value` overrides applied (dotted keys, a
+    number indexing a list, YAML values); ConfigError naming the file or the override."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -111,6 +112,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **val
             set_dotted(data, key.strip(), yaml.safe_load(text))
         except (IndexError, AttributeError, TypeError, KeyError) as error:
             raise ConfigError(f"--set {override!r}: no such place in the config") from error
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), **values: Any) -> RunConfig:
+    """Reads YAML from `path`, applies `key=value` overrides (dotted keys, YAML values), then `values`."""
+    data = read_yaml(path, overrides)
     data.update({key: value for key, value in values.items() if value is not None})
     return validate(data)
 

@@ -36,7 +36,7 @@ from scipy.stats import norm
 
 import pipeline
 from pipeline.certifiers import Cohen
-from pipeline.config import set_dotted
+from pipeline.config import ConfigError, read_yaml, set_dotted
 from pipeline.denoise.train import DenoiserConfig, fit
 from pipeline.distributed.certify import init_ray
 from pipeline.models.denoisers import Denoised
@@ -57,17 +57,11 @@ class SweepError(ValueError):
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     """The sweep mapping from YAML, with `key=value` overrides, validated (SweepError naming the key)."""
     try:
-        sweep = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise SweepError(f"cannot read sweep config {path}: {error}") from error
-    for override in overrides:
-        key, _, text = override.partition("=")
-        set_dotted(sweep, key.strip(), yaml.safe_load(text))
-    if isinstance(sweep.get("train"), str):  # a path, relative to the working directory
-        try:
-            sweep["train"] = yaml.safe_load(Path(sweep["train"]).read_text())
-        except (OSError, yaml.YAMLError) as error:
-            raise SweepError(f"train: cannot read the training config {sweep['train']}: {error}") from error
+        sweep = read_yaml(path, overrides)
+        if isinstance(sweep.get("train"), str):  # a path, relative to the working directory
+            sweep["train"] = read_yaml(sweep["train"])
+    except ConfigError as error:
+        raise SweepError(str(error)) from error
     validate_sweep(sweep)
     return sweep
 
