@@ -1,5 +1,6 @@
 """Sweeps on Ray Tune: a tiny ASHA sweep end to end, resuming an interrupted one, clear errors."""
 
+import contextlib
 import json
 import os
 import signal
@@ -74,20 +75,25 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     results = tmp_path / "sweeps" / "tiny"
 
     def epochs(path: Path) -> list[int]:
-        return [json.loads(line)["epoch"] for line in path.read_text().splitlines() if '"epoch"' in line]
+        reported = []
+        for line in path.read_text().splitlines():  # a file being copied may end in a partial line
+            with contextlib.suppress(ValueError, KeyError):
+                reported.append(json.loads(line)["epoch"])
+        return reported
 
     def finished() -> dict[Path, list[int]]:
         return {path: epochs(path) for path in results.glob("*/result.json") if epochs(path)[-1:] == [4]}
 
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not finished():
+    deadline, before = time.monotonic() + 400, {}
+    while time.monotonic() < deadline and not before:
         assert job.poll() is None, "the sweep ended before it could be interrupted"
         time.sleep(0.2)
+        before = finished()
+    assert before, "no trial finished within 400 s"
     time.sleep(1.5)  # let the experiment state be written
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    before = finished()
-    assert 1 <= len(before) < 4
+    assert len(before) < 4
 
     run_sweep(load_sweep(config))
     trials = pd.read_parquet(results / "trials.parquet")
