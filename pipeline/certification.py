@@ -109,7 +109,7 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
         certifier.check_images(images, image_ids)
 
     labeled = all(label is not None for label in labels)
-    settings = {"noise_scheme": noise_scheme(engine.device), "precision": engine.precision}
+    settings = {"noise_scheme": noise_scheme(engine.device), **engine.settings()}
     shape = tuple(images.shape[1:])
     context = {"seed": seed, "precision": engine.precision, "device": engine.device.type,
                **{key: (run_info or {}).get(key) for key in RUN_COLUMNS}}
@@ -155,10 +155,12 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
     for certifier in certifiers:
         if certifier.self_sampling:
             started = time.perf_counter()
-            certificates = certifier.run(engine, images, image_ids, seed)
-            seconds = (time.perf_counter() - started) / len(images)
-            n, n0 = certifier.draw_counts()
-            rows_by_certifier[id(certifier)] = [
-                row(index, certifier, certificate, n, n0, certificate.forward_passes or n + n0, seconds)
-                for index, certificate in enumerate(certificates)]
+            certificates = certifier.run(engine, images, image_ids, seed, labels)
+            seconds = time.perf_counter() - started
+            budget, n0 = certifier.draw_counts()
+            draws = [budget if certificate.draws is None else certificate.draws for certificate in certificates]
+            passes = [certificate.forward_passes or n + n0 for certificate, n in zip(certificates, draws, strict=True)]
+            rows_by_certifier[id(certifier)] = [  # wall time shared out by forward passes
+                row(index, certifier, certificate, n, n0, forward_passes, seconds * forward_passes / sum(passes))
+                for index, (certificate, n, forward_passes) in enumerate(zip(certificates, draws, passes, strict=True))]
     return [rows_by_certifier[id(certifier)][index] for index in range(len(images)) for certifier in certifiers]

@@ -9,12 +9,23 @@ over predictions and no host synchronisation until the counts are read at the en
 Requests that share (stage, sigma, noise) share their draws: draw i of a stream is the same tensor for every
 request (see `pipeline.noise`), so n = 1,000 and n = 10,000 on one stream cost 10,000 forward passes,
 and the smaller count is the prefix of the larger. The engine knows nothing of certificates or Ray.
+
+`Engine.sequential` serves procedures that decide as they go (sequential tests): each image asks for more
+draws, looks at its counts, and asks again or stops. Continuous batching: every round packs the pending
+requests of all unfinished images into full batches, so batches stay full while images stop at different
+times, and the counts are read once per round. A draw is a pure function of (seed, image id, stage,
+index), so the results do not depend on which images shared a batch.
+
+The fast path on a GPU: the noise is generated on the device into one preallocated batch buffer, the add
+of the image and the cast to the model's input dtype (and memory format) are one pass, and the images go
+up through pinned host memory. `precision="bf16"`, `channels_last` and `compile` are recorded with every
+certificate (`Engine.settings`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,25 +58,41 @@ class Draws:
 class Engine:
     """Runs a classifier on noisy copies of images and counts its top-1 predictions.
 
-    `precision="bf16"` runs the model under bf16 autocast. The noise is drawn in fp32 and added to the
-    image before any rounding, so the counts are exact samples of the reduced-precision classifier:
-    certificates then hold for that classifier, not for its fp32 original.
+    `precision="bf16"` rounds each noisy input to bf16 (x + sigma * eps is computed in fp32 first) and runs
+    the model under bf16 autocast: the counts are exact samples of that reduced-precision classifier, so
+    certificates hold for it, not for its fp32 original. `channels_last` stores the model and its inputs
+    in NHWC; `compile` runs the model through `torch.compile` (True, or the name of a backend). Neither
+    changes what is certified beyond the floating-point rounding of the model they run.
     """
 
     def __init__(self, model: torch.nn.Module, *, device: str | torch.device = "cpu", batch_size: int = 1000,
-                 precision: str = "fp32", progress: bool = False):
+                 precision: str = "fp32", progress: bool = False, channels_last: bool = False,
+                 compile: bool | str = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if not isinstance(compile, bool | str):
+            raise ValueError(f"compile must be true, false or the name of a torch.compile backend, got {compile!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._runner = self.model
+        if compile:
+            self._runner = torch.compile(self.model, **({} if compile is True else {"backend": compile}))
         self.batch_size = int(batch_size)
         self.precision = precision
+        self.channels_last = bool(channels_last)
+        self.compile = compile
         self.progress = progress
         self.forward_passes = 0
         self.seconds = 0.0
         self._num_classes: int | None = None
+
+    def settings(self) -> dict:
+        """What the model ran as, for the certificate's record."""
+        return {"precision": self.precision, "channels_last": self.channels_last, "compile": self.compile}
 
     def forward(self, function, inputs: torch.Tensor) -> torch.Tensor:
         """`function(inputs)` under inference mode and the configured precision."""
@@ -76,7 +103,7 @@ class Engine:
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """The model's output on a batch, under inference mode and the configured precision."""
-        return self.forward(self.model, inputs)
+        return self.forward(self._runner, inputs)
 
     def num_classes(self, image: torch.Tensor) -> int:
         """Probes the model once, on one clean image, and checks that it returns one score per class."""
@@ -97,39 +124,32 @@ class Engine:
         """
         started = time.perf_counter()
         self._check(images, image_ids)
-        if head is None:
-            num_classes = self.num_classes(images[0])
-        else:
-            probe = images[:1].to(self.device, torch.float32)
-            num_classes = int(self.forward(lambda x: head(x, torch.zeros(1, dtype=torch.long, device=self.device)),
-                                           probe).shape[1])
-
-        # One stream per (stage, sigma, noise); each is cut at every requested n into segments, one count slot each.
-        streams: dict[tuple, list[int]] = {}
         for draws in requests:
             if draws.n < 0:
                 raise ValueError(f"a request needs n >= 0 draws, got {draws}")
-            streams.setdefault(draws.stream, []).append(draws.n)
-        cuts = {key: sorted(set(ns) - {0}) for key, ns in streams.items()}
+        # One stream per (stage, sigma, noise); each is cut at every requested n into segments, one count slot each.
+        cuts: dict[tuple, list[int]] = {}
+        for draws in requests:
+            cuts.setdefault(draws.stream, []).append(draws.n)
+        cuts = {key: sorted(set(ns) - {0}) for key, ns in cuts.items()}
         first_slot, slots_per_image = {}, 0
         for key, ends in cuts.items():
             first_slot[key] = slots_per_image
             slots_per_image += len(ends)
 
-        counts = torch.zeros(len(images) * slots_per_image * num_classes, dtype=torch.int64, device=self.device)
-        ones = torch.ones(batch_size or self.batch_size, dtype=torch.int64, device=self.device)
-
-        def add_votes(inputs: torch.Tensor, slots: torch.Tensor, draws: torch.Tensor) -> None:
-            if head is None:
-                scores = self.logits(inputs)
-            else:
-                scores = self.forward(lambda x: head(x, torch.div(slots, slots_per_image, rounding_mode="floor")),
-                                      inputs)
-            counts.index_add_(0, slots * num_classes + scores.argmax(dim=1), ones[:len(inputs)])
-
+        votes = _Votes(self, images, head, len(images) * slots_per_image, batch_size,
+                       lambda slots: torch.div(slots, slots_per_image, rounding_mode="floor"))
         if slots_per_image:
-            self._run(images, image_ids, seed, cuts, first_slot, slots_per_image, add_votes, batch_size)
-        per_slot = counts.view(len(images), slots_per_image, num_classes).cpu().numpy()
+            packer = self._packer(images, image_ids, seed, votes.add, batch_size,
+                                  len(images) * sum(ends[-1] for ends in cuts.values()))
+            for image in range(len(images)):
+                for key, ends in cuts.items():
+                    slot, start = image * slots_per_image + first_slot[key], 0
+                    for end in ends:
+                        packer.put(image, key, start, end, slot)
+                        slot, start = slot + 1, end
+            packer.close()
+        per_slot = votes.counts.view(len(images), slots_per_image, -1).cpu().numpy()
         self.seconds += time.perf_counter() - started
 
         result = {}
@@ -139,6 +159,69 @@ class Engine:
             start = first_slot[key]
             result[draws] = per_slot[:, start:start + used].sum(axis=1)
         return result
+
+    def sequential(self, images: torch.Tensor, image_ids: Sequence[str], seed: int,
+                   procedures: Sequence[Generator], head=None, batch_size: int | None = None) -> list:
+        """Runs one sampling procedure per image, with continuous batching; returns their results in order.
+
+        A procedure is a generator that yields `Draws` (a request for the first n draws of that stream of
+        its image), receives the class counts [C] of exactly those draws, and finally returns its result.
+        It may only ask for more draws of a stream than it asked before. Each round packs the pending
+        requests of every unfinished image into full batches; an image that stops leaves the next round's
+        batches to the others. `head` and `batch_size` as in `count`.
+        """
+        started = time.perf_counter()
+        self._check(images, image_ids)
+        if len(procedures) != len(images):
+            raise ValueError(f"got {len(procedures)} procedures for {len(images)} images")
+        slot_of: dict[tuple[int, tuple], int] = {}
+        drawn: dict[tuple[int, tuple], int] = {}
+        image_of = torch.empty(0, dtype=torch.long, device=self.device)  # slot -> image
+        votes = _Votes(self, images, head, 0, batch_size, lambda slots: image_of[slots])
+        packer = self._packer(images, image_ids, seed, votes.add, batch_size, None)
+        results: list = [None] * len(images)
+        pending: dict[int, Draws] = {}
+
+        def advance(image: int, counts) -> None:
+            try:
+                request = procedures[image].send(counts)
+            except StopIteration as stop:
+                results[image] = stop.value
+                packer.bar.update(1)
+                return
+            if not isinstance(request, Draws) or request.n < 1:
+                raise ValueError(f"a procedure must yield Draws with n >= 1, got {request!r}")
+            pending[image] = request
+
+        for image in range(len(images)):
+            advance(image, None)
+        while pending:
+            round_requests, pending = pending, {}
+            new_slots = [(image, draws.stream) for image, draws in round_requests.items()
+                         if (image, draws.stream) not in slot_of]
+            for key in new_slots:
+                slot_of[key] = len(slot_of)
+                drawn[key] = 0
+            if new_slots:
+                votes.grow(len(slot_of))
+                image_of = torch.cat([image_of, torch.as_tensor([image for image, _ in new_slots],
+                                                                device=self.device)])
+            for image, draws in round_requests.items():
+                key = (image, draws.stream)
+                if draws.n < drawn[key]:
+                    raise ValueError(f"image {image_ids[image]}: asked for {draws.n} draws of {draws.stream} after "
+                                     f"{drawn[key]}; a procedure can only ask for more")
+                packer.put(image, draws.stream, drawn[key], draws.n, slot_of[key])
+                drawn[key] = draws.n
+            packer.flush()
+            slots = torch.as_tensor([slot_of[(image, draws.stream)] for image, draws in round_requests.items()],
+                                    device=self.device)
+            counts = votes.counts[slots].cpu().numpy()  # the round's one read from the device
+            for image, image_counts in zip(round_requests, counts, strict=True):
+                advance(image, image_counts)
+        packer.close()
+        self.seconds += time.perf_counter() - started
+        return results
 
     def outputs(self, images: torch.Tensor, image_ids: Sequence[str], seed: int, draws: Draws, head,
                 sink) -> None:
@@ -151,7 +234,10 @@ class Engine:
             sink(self.forward(head, inputs), slots, draw_index)
 
         if draws.n:
-            self._run(images, image_ids, seed, {draws.stream: [draws.n]}, {draws.stream: 0}, 1, forward)
+            packer = self._packer(images, image_ids, seed, forward, None, len(images) * draws.n)
+            for image in range(len(images)):
+                packer.put(image, draws.stream, 0, draws.n, image)
+            packer.close()
         self.seconds += time.perf_counter() - started
 
     @staticmethod
@@ -161,60 +247,120 @@ class Engine:
         if len(image_ids) != len(images):
             raise ValueError(f"got {len(image_ids)} image ids for {len(images)} images")
 
-    def _run(self, images, image_ids, seed, cuts, first_slot, slots_per_image, sink, batch_size=None):
-        batch_size = batch_size or self.batch_size
-        x = images.to(self.device, torch.float32)
-        noises = {key: make_noise(key[2], x.shape[1:], self.device, key[1], key[3]) for key in cuts}
-        batch = torch.empty((batch_size, *x.shape[1:]), device=self.device)
-        owner = np.empty(batch_size, dtype=np.int64)
-        drawn = np.empty(batch_size, dtype=np.int64)
-        total = len(images) * sum(ends[-1] for ends in cuts.values())
-        bar = tqdm(total=total, desc="noise draws", unit="draw", unit_scale=True, mininterval=2.0,
+    def _packer(self, images, image_ids, seed, sink, batch_size, total) -> _Packer:
+        if self.device.type == "cuda":
+            x = images.to(torch.float32).pin_memory().to(self.device, non_blocking=True)
+        else:
+            x = images.to(self.device, torch.float32)
+        counting_draws = total is not None
+        bar = tqdm(total=total if counting_draws else len(images), desc="noise draws" if counting_draws else "images",
+                   unit="draw" if counting_draws else "image", unit_scale=counting_draws, mininterval=2.0,
                    disable=not self.progress)
+        return _Packer(self, x, image_ids, seed, sink, batch_size or self.batch_size, bar, counting_draws)
 
-        runs: list[list] = []  # [first row, end row, image, noise]: rows made from one image with one noise
 
-        def to_device(values: np.ndarray) -> torch.Tensor:
-            tensor = torch.from_numpy(values.copy())
-            if self.device.type == "cuda":
-                return tensor.pin_memory().to(self.device, non_blocking=True)
-            return tensor
+class _Votes:
+    """Per-slot class counts of the top-1 prediction, on the device; one `index_add_` per batch."""
 
-        def flush(rows: int) -> None:
-            for first, end, image, noise in runs:
-                noise.apply(x[image], batch[first:end])
-            runs.clear()
-            sink(batch[:rows], to_device(owner[:rows]), to_device(drawn[:rows]))
-            self.forward_passes += rows
-            bar.update(rows)
+    def __init__(self, engine: Engine, images, head, slots: int, batch_size, image_index):
+        self.engine, self.head, self.image_index = engine, head, image_index
+        if head is None:
+            self.num_classes = engine.num_classes(images[0])
+        else:
+            probe = images[:1].to(engine.device, torch.float32)
+            self.num_classes = int(engine.forward(
+                lambda x: head(x, torch.zeros(1, dtype=torch.long, device=engine.device)), probe).shape[1])
+        self.counts = torch.zeros((slots, self.num_classes), dtype=torch.int64, device=engine.device)
+        self.ones = torch.ones(batch_size or engine.batch_size, dtype=torch.int64, device=engine.device)
 
-        rows = 0
-        for image in range(len(images)):
-            for key, ends in cuts.items():
-                stage, noise = key[0], noises[key]
-                slot = image * slots_per_image + first_slot[key]
-                draw = 0
-                for end in ends:
-                    while draw < end:
-                        block, offset = divmod(draw, DRAWS_PER_BLOCK)
-                        take = min(end - draw, DRAWS_PER_BLOCK - offset, batch_size - rows)
-                        if take == DRAWS_PER_BLOCK:  # a whole block: generate it in place
-                            noise.fill(batch[rows:rows + take], seed, image_ids[image], stage, block)
-                        else:
-                            eps = noise.get(seed, image_ids[image], stage, block)[offset:offset + take]
-                            batch[rows:rows + take].copy_(eps)
-                        if runs and runs[-1][1] == rows and runs[-1][2] == image and runs[-1][3] is noise:
-                            runs[-1][1] += take
-                        else:
-                            runs.append([rows, rows + take, image, noise])
-                        owner[rows:rows + take] = slot
-                        drawn[rows:rows + take] = np.arange(draw, draw + take)
-                        rows += take
-                        draw += take
-                        if rows == batch_size:
-                            flush(rows)
-                            rows = 0
-                    slot += 1
-        if rows:
-            flush(rows)
-        bar.close()
+    def grow(self, slots: int) -> None:
+        extra = torch.zeros((slots - len(self.counts), self.num_classes), dtype=torch.int64, device=self.counts.device)
+        self.counts = torch.cat([self.counts, extra])
+
+    def add(self, inputs: torch.Tensor, slots: torch.Tensor, draws: torch.Tensor) -> None:
+        if self.head is None:
+            scores = self.engine.logits(inputs)
+        else:
+            scores = self.engine.forward(lambda x: self.head(x, self.image_index(slots)), inputs)
+        flat = self.counts.view(-1)
+        flat.index_add_(0, slots * self.num_classes + scores.argmax(dim=1), self.ones[:len(inputs)])
+
+
+class _Packer:
+    """Fills one preallocated batch with noisy draws of many images and hands each full batch to
+    `sink(inputs, slots, draw_index)`.
+
+    Whole blocks of draws are generated in place in the batch; the image is added (and the result cast to
+    the model's input dtype and memory format) once per run of rows of one image, just before the forward.
+    """
+
+    def __init__(self, engine: Engine, x: torch.Tensor, image_ids, seed: int, sink, batch_size: int, bar,
+                 count_draws: bool):
+        self.engine, self.x, self.image_ids, self.seed, self.sink = engine, x, image_ids, seed, sink
+        self.batch_size, self.bar, self.count_draws = batch_size, bar, count_draws
+        shape = (batch_size, *x.shape[1:])
+        self.batch = torch.empty(shape, device=engine.device)
+        dtype = PRECISIONS[engine.precision] or torch.float32
+        layout = torch.channels_last if engine.channels_last and x.ndim == 4 else torch.contiguous_format
+        same = dtype == torch.float32 and layout == torch.contiguous_format
+        self.inputs = self.batch if same else torch.empty(shape, dtype=dtype, device=engine.device,
+                                                          memory_format=layout)
+        self.owner = np.empty(batch_size, dtype=np.int64)
+        self.drawn = np.empty(batch_size, dtype=np.int64)
+        self.noises: dict[tuple, object] = {}
+        self.runs: list[list] = []  # [first row, end row, image, noise]: rows made from one image with one noise
+        self.rows = 0
+
+    def put(self, image: int, key: tuple, start: int, end: int, slot: int) -> None:
+        """Adds draws [start, end) of stream `key` (stage, sigma, noise, options) of `image`, counted in
+        `slot`; hands over every batch that fills up."""
+        stage = key[0]
+        if key not in self.noises:
+            self.noises[key] = make_noise(key[2], self.x.shape[1:], self.engine.device, key[1], key[3])
+        noise = self.noises[key]
+        draw = start
+        while draw < end:
+            block, offset = divmod(draw, DRAWS_PER_BLOCK)
+            rows = self.rows
+            take = min(end - draw, DRAWS_PER_BLOCK - offset, self.batch_size - rows)
+            if take == DRAWS_PER_BLOCK:  # a whole block: generate it in place
+                noise.fill(self.batch[rows:rows + take], self.seed, self.image_ids[image], stage, block)
+            else:
+                eps = noise.get(self.seed, self.image_ids[image], stage, block)[offset:offset + take]
+                self.batch[rows:rows + take].copy_(eps)
+            last = self.runs[-1] if self.runs else None
+            if last is not None and last[1] == rows and last[2] == image and last[3] is noise:
+                last[1] += take
+            else:
+                self.runs.append([rows, rows + take, image, noise])
+            self.owner[rows:rows + take] = slot
+            self.drawn[rows:rows + take] = np.arange(draw, draw + take)
+            self.rows += take
+            draw += take
+            if self.rows == self.batch_size:
+                self.flush()
+
+    def flush(self) -> None:
+        """Hands the rows filled so far to the sink."""
+        rows = self.rows
+        if not rows:
+            return
+        for first, end, image, noise in self.runs:
+            out = None if self.inputs is self.batch else self.inputs[first:end]
+            noise.apply(self.x[image], self.batch[first:end], out)
+        self.runs.clear()
+        self.sink(self.inputs[:rows], self._to_device(self.owner[:rows]), self._to_device(self.drawn[:rows]))
+        self.engine.forward_passes += rows
+        if self.count_draws:
+            self.bar.update(rows)
+        self.rows = 0
+
+    def close(self) -> None:
+        self.flush()
+        self.bar.close()
+
+    def _to_device(self, values: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(values.copy())
+        if self.engine.device.type == "cuda":
+            return tensor.pin_memory().to(self.engine.device, non_blocking=True)
+        return tensor

@@ -70,8 +70,11 @@ class NoiseStream:
         """Writes the raw noise of `block` into `out` (contiguous, [DRAWS_PER_BLOCK, *shape])."""
         raise NotImplementedError
 
-    def apply(self, image: torch.Tensor, rows: torch.Tensor) -> None:
-        """Turns raw noise rows into noisy copies of `image`, in place."""
+    def apply(self, image: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        """Turns raw noise rows into noisy copies of `image`, written to `out` (default: `rows`, in place).
+
+        The arithmetic runs in the rows' dtype (fp32); a lower-precision `out` rounds the noisy input
+        once, after the noise is added, in the same pass."""
         raise NotImplementedError
 
     def get(self, seed: int, image_id: str, stage: str, block: int) -> torch.Tensor:
@@ -96,8 +99,8 @@ class Gaussian(NoiseStream):
     def fill(self, out, seed, image_id, stage, block):
         torch.randn(out.shape, generator=self._seeded(seed, image_id, stage, block), out=out)
 
-    def apply(self, image, rows):
-        torch.add(image, rows, alpha=self.sigma, out=rows)
+    def apply(self, image, rows, out=None):
+        torch.add(image, rows, alpha=self.sigma, out=rows if out is None else out)
 
 
 def split_cells(image: torch.Tensor, splits: torch.Tensor, width: float) -> torch.Tensor:
@@ -119,8 +122,8 @@ class Splitting(NoiseStream):
     def fill(self, out, seed, image_id, stage, block):
         torch.rand(out.shape, generator=self._seeded(seed, image_id, stage, block), out=out)
 
-    def apply(self, image, rows):
-        rows.copy_(split_cells(image, rows * self.width, self.width))
+    def apply(self, image, rows, out=None):
+        (rows if out is None else out).copy_(split_cells(image, rows * self.width, self.width))
 
 
 def dssn_levels(sigma: float, q: int) -> int:
@@ -161,13 +164,13 @@ class DerandomizedSplitting(NoiseStream):
         shifts = self.offsets + block * DRAWS_PER_BLOCK
         out.copy_(torch.remainder(self.template + shifts.view(-1, *[1] * len(self.shape)), self.levels))
 
-    def apply(self, image, rows):
+    def apply(self, image, rows, out=None):
         level = torch.round(image.double() * self.q)  # the input's integer level k
         # the cut below level k sits at m + 0.5 + L c for the largest such c: cell index ceil((k - m - 0.5) / L)
         cell = torch.floor((level - rows.double() - 1) / self.levels) + 1
         upper = (rows.double() + 0.5 + self.levels * cell) / self.q
         width = self.levels / self.q
-        rows.copy_((upper.clamp(max=1.0) + (upper - width).clamp(min=0.0)) / 2)
+        (rows if out is None else out).copy_((upper.clamp(max=1.0) + (upper - width).clamp(min=0.0)) / 2)
 
 
 def make_noise(kind: str, shape: Sequence[int], device, sigma: float, options: tuple = ()) -> NoiseStream:

@@ -3,6 +3,11 @@
 Each bound here is exact (Clopper–Pearson inverts the binomial distribution itself), one-sided unless
 its name says otherwise, and vectorised over counts. Conventions follow the papers: `alpha` is the
 probability that a bound fails, `k` successes out of `n` trials.
+
+The sequential bounds (`sequential_bounds`) hold at every look at once, so a procedure may stop when
+the data say so. Two constructions: the beta-binomial mixture martingale (Robbins), valid at any
+stopping time, and Clopper–Pearson at a fixed schedule of looks with alpha split across the looks.
+Peeking at a fixed-n Clopper–Pearson bound after every batch is not valid; these are.
 """
 
 from __future__ import annotations
@@ -11,14 +16,22 @@ import math
 
 import numpy as np
 from scipy import stats
+from scipy.special import betaln, xlog1py, xlogy
 
 __all__ = [
     "binomial_test_pvalue",
     "certified_accuracy_lower_bound",
     "clopper_pearson_lower",
     "clopper_pearson_upper",
+    "geometric_looks",
+    "look_alpha",
+    "mixture_bounds",
+    "mixture_log_martingale",
+    "sequential_bounds",
     "simultaneous_bounds",
 ]
+
+SEQUENTIAL_TESTS = ("mixture", "looks")
 
 
 def _check_alpha(alpha: float, name: str = "alpha") -> None:
@@ -119,3 +132,84 @@ def certified_accuracy_lower_bound(num_certified_correct: int, num_examples: int
     bound = (num_certified_correct / m - alpha - math.sqrt(2.0 * alpha * (1.0 - alpha) * log_term / m)
              - log_term / (3.0 * m)) / (1.0 - alpha)
     return max(0.0, bound)
+
+
+def mixture_log_martingale(k, n, p, a: float = 1.0, b: float = 1.0):
+    """log M_n(p) of the beta-binomial mixture martingale after k successes in n draws.
+
+    M_n(p) = B(a + k, b + n - k) / (B(a, b) p^k (1 - p)^(n - k)): the Beta(a, b)-mixture likelihood over
+    the likelihood at p. Under a true mean p it is a non-negative martingale with mean one, so by Ville's
+    inequality P(exists n: M_n(p) >= 1/alpha) <= alpha.
+    """
+    k, n, p = np.asarray(k, dtype=float), np.asarray(n, dtype=float), np.asarray(p, dtype=float)
+    return betaln(a + k, b + n - k) - betaln(a, b) - xlogy(k, p) - xlog1py(n - k, -p)
+
+
+def mixture_bounds(k, n, alpha: float, a: float = 1.0, b: float = 1.0, iterations: int = 64):
+    """Anytime-valid (lower, upper) bounds on a Bernoulli mean: the confidence sequence
+    {m : M_n(m) < 1/alpha} of the beta-binomial mixture, one-sided at level alpha on each side.
+
+    P(exists n: p < lower_n) <= alpha and P(exists n: p > upper_n) <= alpha, whatever rule decides when to
+    stop. M_n(m) falls on (0, k/n] and rises on [k/n, 1), and M_n(k/n) <= 1, so each side has one root; it
+    is found by bisection and the end outside the confidence sequence's interior is returned (the lower
+    bound from below, the upper from above). lower = 0 when k = 0, upper = 1 when k = n.
+    """
+    _check_alpha(alpha)
+    k, n = _check_counts(k, n)
+    k, n = np.broadcast_arrays(k.astype(float), n.astype(float))
+    level = math.log(1.0 / alpha)
+    mean = k / n
+
+    def above(m):  # True where m is outside the sequence (the martingale has reached 1/alpha)
+        return mixture_log_martingale(k, n, m, a, b) >= level
+
+    low, high = np.zeros_like(mean), mean.copy()  # lower root in (0, k/n]
+    top_low, top_high = mean.copy(), np.ones_like(mean)  # upper root in [k/n, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for _ in range(iterations):
+            middle = (low + high) / 2
+            out = above(middle)
+            low, high = np.where(out, middle, low), np.where(out, high, middle)
+            middle = (top_low + top_high) / 2
+            out = above(middle)
+            top_low, top_high = np.where(out, top_low, middle), np.where(out, middle, top_high)
+    lower = np.where(k == 0, 0.0, low)
+    upper = np.where(k == n, 1.0, top_high)
+    return lower[()], upper[()]
+
+
+def geometric_looks(first: int, ratio: float, budget: int) -> list[int]:
+    """The draw counts at which a sequential test looks: first, then each look times `ratio` (rounded up,
+    at least one more draw), up to and including `budget`. Fixed before sampling, as the looks test needs."""
+    if not (isinstance(first, int) and first >= 1 and isinstance(budget, int) and budget >= first):
+        raise ValueError(f"looks need integers 1 <= first <= budget, got first={first!r}, budget={budget!r}")
+    if not ratio > 1:
+        raise ValueError(f"the look ratio must be > 1, got {ratio!r}")
+    looks = [first]
+    while looks[-1] < budget:
+        looks.append(min(budget, max(looks[-1] + 1, math.ceil(looks[-1] * ratio))))
+    return looks
+
+
+def look_alpha(look: int, alpha: float) -> float:
+    """The level of look j = 1, 2, ...: 5 alpha / ((j + 4)(j + 5)). These sum to alpha over all j >= 1, so
+    an open-ended schedule of looks keeps the overall failure probability at alpha."""
+    if look < 1:
+        raise ValueError(f"looks are numbered from 1, got {look!r}")
+    return 5.0 * alpha / ((look + 4) * (look + 5))
+
+
+def sequential_bounds(k, n, look: int, alpha: float, test: str = "mixture"):
+    """(lower, upper) bounds on a Bernoulli mean at look `look` (1, 2, ...) after k successes in n draws,
+    valid simultaneously over all looks: each side fails at some look with probability at most alpha.
+
+    - ``"mixture"``: `mixture_bounds`, valid at any stopping time (the look number is not used).
+    - ``"looks"``: one-sided Clopper–Pearson at level `look_alpha(look, alpha)`; valid when n at look j is
+      fixed before sampling (see `geometric_looks`), by the union bound over looks.
+    """
+    if test == "mixture":
+        return mixture_bounds(k, n, alpha)
+    if test == "looks":
+        level = look_alpha(look, alpha)
+        return clopper_pearson_lower(k, n, level), clopper_pearson_upper(k, n, level)
+    raise ValueError(f"test must be one of {SEQUENTIAL_TESTS}, got {test!r}")

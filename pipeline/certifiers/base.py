@@ -42,6 +42,7 @@ class Certificate:
     extra: dict | None = None
     details: dict | None = None  # per-image settings, recorded in the row's params
     forward_passes: int | None = None  # model evaluations, where they differ from the certifier's draws
+    draws: int | None = None  # estimation draws used, where they differ from the certifier's n (sequential)
 
     def __post_init__(self) -> None:
         if self.abstained is None:
@@ -93,8 +94,10 @@ class Certifier:
         """The noise this certifier needs for every image; `labeled` says whether true labels are given."""
         return []
 
-    def run(self, engine, images, image_ids: list[str], seed: int) -> list[Certificate]:
-        """For self-sampling certifiers: sample through `engine` and certify every image."""
+    def run(self, engine, images, image_ids: list[str], seed: int,
+            labels: list[int | None] | None = None) -> list[Certificate]:
+        """For self-sampling certifiers: sample through `engine` and certify every image (`labels`, when
+        given, are the true classes)."""
         raise NotImplementedError
 
     def draw_counts(self) -> tuple[int, int]:
@@ -105,12 +108,16 @@ class Certifier:
         """The certificate for one image from its count vectors, keyed by the requests of `draws`."""
         raise NotImplementedError
 
+    def _setting_items(self) -> dict:
+        """The settings that make this certifier what it is (those that do not apply are left out)."""
+        return dataclasses.asdict(self)
+
     def params(self, input_shape: tuple | None = None) -> dict:
         """Every setting, for the result row (plus what depends on the input shape, where it is known)."""
-        return {"certifier": self.name, **dataclasses.asdict(self)}
+        return {"certifier": self.name, **self._setting_items()}
 
     @property
     def setting(self) -> str:
         """A readable identity of the settings, e.g. 'cohen(sigma=0.25, alpha=0.001, n0=100, n=100000, ...)'."""
-        values = ", ".join(f"{key}={value}" for key, value in dataclasses.asdict(self).items())
+        values = ", ".join(f"{key}={value}" for key, value in self._setting_items().items())
         return f"{self.name}({values})"

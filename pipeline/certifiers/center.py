@@ -155,7 +155,8 @@ class Center(Certifier):
         engine.outputs(images, image_ids, seed, Draws("center_check", self.sigma, self.n), head, count_within)
         return centres, radii, within.double() / self.n
 
-    def run(self, engine: Engine, images: torch.Tensor, image_ids: list[str], seed: int) -> list[Certificate]:
+    def run(self, engine: Engine, images: torch.Tensor, image_ids: list[str], seed: int,
+            labels: list[int | None] | None = None) -> list[Certificate]:
         """The three stages for every image, each batched across the images through the engine."""
         distance = get_metric(self.metric)
         head = output_head(engine.model, self.output)

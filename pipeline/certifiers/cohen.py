@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+from scipy.special import ndtr
 from scipy.stats import norm
 
 from pipeline import stats
 from pipeline.certifiers.base import ABSTAIN, Certificate, Certifier
+from pipeline.certifiers.sequential import SEQUENTIAL_MODES, Outcome, SequentialOptions, top_class
 from pipeline.engine import Draws
 
-__all__ = ["Cohen", "certificate_from_counts", "certify_from_counts", "predict_from_counts"]
+__all__ = ["Cohen", "certificate_from_counts", "certify_from_counts", "predict_from_counts",
+           "sequential_certificate"]
 
 
 def certificate_from_counts(selection_counts, estimation_counts, sigma: float, alpha: float) -> Certificate:
@@ -37,6 +40,19 @@ def certificate_from_counts(selection_counts, estimation_counts, sigma: float, a
         return Certificate(prediction=top, radius=float(sigma * norm.ppf(p_lower)), p_lower=p_lower, count=count,
                            topk_labels=[top])
     return Certificate(prediction=ABSTAIN, radius=0.0, p_lower=p_lower, count=count)
+
+
+def sequential_certificate(top: int, outcome: Outcome, sigma: float, scale: float = 1.0) -> Certificate:
+    """The certificate of a sequential run (see `pipeline.certifiers.sequential`): class `top` with the
+    largest radius over the looks, or an abstention when no look certified a radius > 0. p_lower is the
+    bound behind the radius; `scale` maps the vote's radius to the input's (1 for Cohen)."""
+    count = int(outcome.counts[top])
+    p_lower = float(ndtr(outcome.radius / (scale * sigma)))
+    if outcome.radius > 0:
+        return Certificate(prediction=top, radius=outcome.radius, p_lower=p_lower, count=count, topk_labels=[top],
+                           draws=outcome.draws, details=outcome.details())
+    return Certificate(prediction=ABSTAIN, radius=0.0, p_lower=p_lower, count=count, draws=outcome.draws,
+                       details=outcome.details(), extra={"abstain_reason": outcome.abstain_reason})
 
 
 def certify_from_counts(selection_counts, estimation_counts, sigma: float, alpha: float) -> tuple[int, float]:
@@ -57,9 +73,12 @@ def predict_from_counts(counts, alpha: float) -> int:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Cohen(Certifier):
+class Cohen(SequentialOptions, Certifier):
     """Cohen et al.'s smoothed classifier: `mode="certify"` (CERTIFY: n0 selection draws, n fresh
-    estimation draws) or `mode="predict"` (PREDICT on n draws, no radius)."""
+    estimation draws) or `mode="predict"` (PREDICT on n draws, no radius); `mode="sequential"` (target
+    `radii`) and `mode="max_radius"` stop each image as soon as it is decided, n being the budget (see
+    `pipeline.certifiers.sequential`; same guarantee as CERTIFY). A model with a denoiser in front is
+    denoised smoothing (Salman et al.), certified the same way."""
 
     name: ClassVar[str] = "cohen"
 
@@ -71,7 +90,15 @@ class Cohen(Certifier):
         super().__post_init__()
         self._require_count("n0", 1)
         self._require_count("n", 1)
-        self._require_choice("mode", ("certify", "predict"))
+        self._require_choice("mode", ("certify", "predict", *SEQUENTIAL_MODES))
+        self._check_sequential()
+
+    @property
+    def self_sampling(self) -> bool:
+        return self.sequential
+
+    def draw_counts(self) -> tuple[int, int]:
+        return self.n, self.n0
 
     def draws(self, labeled: bool) -> list[Draws]:
         estimation = Draws("estimation", self.sigma, self.n)
@@ -87,3 +114,13 @@ class Cohen(Certifier):
                                topk_labels=None if prediction == ABSTAIN else [prediction])
         selection = counts[Draws("selection", self.sigma, self.n0)]
         return certificate_from_counts(selection, estimation, self.sigma, self.alpha)
+
+    def run(self, engine, images, image_ids: list[str], seed: int,
+            labels: list[int | None] | None = None) -> list[Certificate]:
+        """The sequential modes: every image's looks through the engine's continuous batching."""
+
+        def procedure():
+            top, outcome = yield from top_class(self)
+            return sequential_certificate(top, outcome, self.sigma)
+
+        return engine.sequential(images, image_ids, seed, [procedure() for _ in image_ids])

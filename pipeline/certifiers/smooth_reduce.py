@@ -15,6 +15,7 @@ patches per class by mean or max; the vote is the top class. Cohen's CERTIFY run
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -27,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.certifiers.base import Certificate, Certifier
-from pipeline.certifiers.cohen import certificate_from_counts
+from pipeline.certifiers.cohen import certificate_from_counts, sequential_certificate
+from pipeline.certifiers.sequential import SEQUENTIAL_MODES, SequentialOptions, top_class
 from pipeline.engine import Draws, Engine
 
 REDUCTIONS = ("mean", "max")
@@ -126,8 +128,10 @@ class PatchVote(torch.nn.Module):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SmoothReduce(Certifier):
-    """Smooth-Reduce with Cohen's CERTIFY on the reduced votes; the radius is in the original input space."""
+class SmoothReduce(SequentialOptions, Certifier):
+    """Smooth-Reduce with Cohen's CERTIFY on the reduced votes; the radius is in the original input space.
+    `mode="sequential"` (target `radii`, in input space) and `mode="max_radius"` stop each image once
+    decided, n being the budget (see `pipeline.certifiers.sequential`)."""
 
     name: ClassVar[str] = "smooth_reduce"
     self_sampling: ClassVar[bool] = True
@@ -142,9 +146,11 @@ class SmoothReduce(Certifier):
     noise: str = "shared"
     n0: int = 100
     n: int = 10_000
+    mode: str = "certify"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._require_choice("mode", ("certify", *SEQUENTIAL_MODES))
         self._require_count("patch_size", 1)
         self._require_count("stride", 1)
         self._require_count("n0", 1)
@@ -159,6 +165,7 @@ class SmoothReduce(Certifier):
             raise ValueError(f"{self.name}: random placement needs num_patches")
         if self.resize_to is not None:
             self._require_count("resize_to", 1)
+        self._check_sequential()
 
     def draw_counts(self) -> tuple[int, int]:
         return self.n, self.n0
@@ -178,7 +185,8 @@ class SmoothReduce(Certifier):
                         torch.as_tensor(corners[None, :1], device=engine.device), self.patch_size)
         return int(engine.forward(engine.model, first[:, 0]).shape[1])
 
-    def run(self, engine: Engine, images: torch.Tensor, image_ids: list[str], seed: int) -> list[Certificate]:
+    def run(self, engine: Engine, images: torch.Tensor, image_ids: list[str], seed: int,
+            labels: list[int | None] | None = None) -> list[Certificate]:
         plans = [self.plan(images.shape[1:], seed, image_id) for image_id in image_ids]
         corners = torch.as_tensor(np.stack([plan[0] for plan in plans]), device=engine.device)
         patches_per_draw = corners.shape[1]
@@ -191,21 +199,30 @@ class SmoothReduce(Certifier):
             clean = extract(resize(images.to(engine.device), self.resize_to), corners, self.patch_size)
             inputs = clean.flatten(1, 2)
             head = PatchVote(engine.model, self.patch_size, images.shape[1], self.reduce, self.scores)
-        selection, estimation = Draws("selection", self.sigma, self.n0), Draws("estimation", self.sigma, self.n)
-        counts = engine.count(inputs, image_ids, seed, [selection, estimation], head=head,
-                              batch_size=max(1, engine.batch_size // patches_per_draw))
-        passes = patches_per_draw * (self.n0 + self.n)
-        engine.forward_passes += (patches_per_draw - 1) * len(images) * (self.n0 + self.n)
+        batch_size = max(1, engine.batch_size // patches_per_draw)
+        factors = [1.0 if self.noise == "shared" else 1.0 / (math.sqrt(overlap) * norm) for _, _, overlap in plans]
+        if self.sequential:
+            def procedure(factor: float):
+                top, outcome = yield from top_class(self, scale=factor)
+                return sequential_certificate(top, outcome, self.sigma, scale=factor)
+
+            voted = engine.sequential(inputs, image_ids, seed, [procedure(factor) for factor in factors], head=head,
+                                      batch_size=batch_size)
+        else:
+            selection, estimation = Draws("selection", self.sigma, self.n0), Draws("estimation", self.sigma, self.n)
+            counts = engine.count(inputs, image_ids, seed, [selection, estimation], head=head, batch_size=batch_size)
+            voted = [certificate_from_counts(counts[selection][index], counts[estimation][index], self.sigma,
+                                             self.alpha) for index in range(len(images))]
         certificates = []
-        for index, (image_corners, size, overlap) in enumerate(plans):
-            certificate = certificate_from_counts(counts[selection][index], counts[estimation][index], self.sigma,
-                                                  self.alpha)
-            factor = 1.0 if self.noise == "shared" else 1.0 / (math.sqrt(overlap) * norm)
+        for certificate, factor, (image_corners, size, overlap) in zip(voted, factors, plans, strict=True):
+            draws = self.n if certificate.draws is None else certificate.draws
+            engine.forward_passes += (patches_per_draw - 1) * (self.n0 + draws)
             details = {"patch_corners": image_corners.tolist(), "resized_side": size, "max_multiplicity": overlap,
-                       "resize_operator_norm": norm, "radius_factor": factor,
-                       "uncorrected_radius": certificate.radius}
-            certificates.append(Certificate(prediction=certificate.prediction, radius=certificate.radius * factor,
-                                            p_lower=certificate.p_lower, count=certificate.count,
-                                            topk_labels=certificate.topk_labels, forward_passes=passes,
-                                            details=details))
+                       "resize_operator_norm": norm, "radius_factor": factor, **(certificate.details or {})}
+            radius = certificate.radius  # the sequential radius is in input space already
+            if not self.sequential:
+                details["uncorrected_radius"] = radius
+                radius *= factor
+            certificates.append(dataclasses.replace(certificate, radius=radius, details=details,
+                                                    forward_passes=patches_per_draw * (self.n0 + draws)))
         return certificates

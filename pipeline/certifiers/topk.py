@@ -23,11 +23,13 @@ from scipy.special import ndtr, ndtri
 
 from pipeline import stats
 from pipeline.certifiers.base import ABSTAIN, Certificate, Certifier
+from pipeline.certifiers.sequential import SEQUENTIAL_MODES, SequentialOptions
 from pipeline.engine import Draws
 
 BOUNDS = ("simuem", "binocp")
 
-__all__ = ["BOUNDS", "TopK", "label_bounds", "predict_from_counts", "radius_from_counts"]
+__all__ = ["BOUNDS", "TopK", "label_bounds", "predict_from_counts", "radius_from_bounds", "radius_from_counts",
+           "sequential_label_bounds"]
 
 
 def label_bounds(counts, label: int, alpha: float, bound: str = "simuem") -> tuple[float, np.ndarray]:
@@ -71,6 +73,32 @@ def _root(p_lower: float, p_set: float, t: int, sigma: float, tolerance: float) 
     return low
 
 
+def sequential_label_bounds(counts, label: int, look: int, alpha: float, bound: str = "simuem",
+                            test: str = "mixture") -> tuple[float, np.ndarray, float, np.ndarray]:
+    """`label_bounds` from anytime-valid bounds (`pipeline.stats.sequential_bounds`), valid at every look at
+    once: (lower bound on p_label, upper bounds on the others), and the optimistic pair (upper bound on
+    p_label, lower bounds on the others) that can only rule radii out."""
+    counts = np.asarray(counts, dtype=np.int64)
+    n = int(counts.sum())
+    if bound == "simuem":
+        lower, upper = stats.sequential_bounds(counts, n, look, alpha / counts.size, test)
+        lower, upper = np.asarray(lower, dtype=float), np.asarray(upper, dtype=float)
+        p_lower, p_upper = float(lower[label]), float(upper[label])
+        return (p_lower, np.minimum(np.delete(upper, label), 1.0 - p_lower),
+                p_upper, np.minimum(np.delete(lower, label), 1.0 - p_upper))
+    if bound == "binocp":
+        p_lower, p_upper = (float(b) for b in stats.sequential_bounds(counts[label], n, look, alpha, test))
+        return (p_lower, np.full(counts.size - 1, 1.0 - p_lower), p_upper, np.full(counts.size - 1, 1.0 - p_upper))
+    raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
+
+
+def radius_from_bounds(p_lower: float, upper, k: int, sigma: float, tolerance: float = 1e-5) -> float:
+    """The top-k radius from a lower bound on p_label and upper bounds on the other classes; 0.0 if none."""
+    largest = np.sort(np.asarray(upper))[-k:]  # the k largest upper bounds, ascending
+    set_bounds = np.minimum(np.cumsum(largest), 1.0 - p_lower)
+    return max(_root(p_lower, float(set_bounds[t - 1]), t, sigma, tolerance) for t in range(1, k + 1))
+
+
 def radius_from_counts(counts, label: int, k: int, sigma: float, alpha: float, bound: str = "simuem",
                        tolerance: float = 1e-5) -> float:
     """Certified l2 radius within which `label` stays in the smoothed top k; 0.0 if not certified."""
@@ -82,9 +110,7 @@ def radius_from_counts(counts, label: int, k: int, sigma: float, alpha: float, b
     if not 0 <= label < counts.size:
         raise ValueError(f"label must lie in [0, {counts.size - 1}], got {label!r}")
     p_lower, upper = label_bounds(counts, label, alpha, bound)
-    largest = np.sort(upper)[-k:]  # the k largest upper bounds, ascending
-    set_bounds = np.minimum(np.cumsum(largest), 1.0 - p_lower)
-    return max(_root(p_lower, float(set_bounds[t - 1]), t, sigma, tolerance) for t in range(1, k + 1))
+    return radius_from_bounds(p_lower, upper, k, sigma, tolerance)
 
 
 def predict_from_counts(counts, k: int, alpha: float) -> list[int] | None:
@@ -106,12 +132,14 @@ def predict_from_counts(counts, k: int, alpha: float) -> list[int] | None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TopK(Certifier):
+class TopK(SequentialOptions, Certifier):
     """Jia et al.'s top-k CERTIFY for the true label, on n draws.
 
     With no labels, the label to certify is the top class of n0 separate selection draws, so it is
     chosen independently of the n estimation draws. `topk_labels` holds top-k PREDICT on the
-    estimation draws (its own guarantee at level alpha).
+    estimation draws (its own guarantee at level alpha; not given in the sequential modes, whose
+    sample size depends on the data). `mode="sequential"` (target `radii`) and `mode="max_radius"` stop
+    each image once decided, n being the budget (see `pipeline.certifiers.sequential`).
     """
 
     name: ClassVar[str] = "topk"
@@ -121,6 +149,7 @@ class TopK(Certifier):
     n0: int = 100
     bound: str = "simuem"
     tolerance: float = 1e-5
+    mode: str = "certify"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -128,8 +157,17 @@ class TopK(Certifier):
         self._require_count("n", 1)
         self._require_count("n0", 1)
         self._require_choice("bound", BOUNDS)
+        self._require_choice("mode", ("certify", *SEQUENTIAL_MODES))
         if not self.tolerance > 0:
             raise ValueError(f"{self.name}: tolerance must be > 0, got {self.tolerance!r}")
+        self._check_sequential()
+
+    @property
+    def self_sampling(self) -> bool:
+        return self.sequential
+
+    def draw_counts(self) -> tuple[int, int]:
+        return self.n, self.n0
 
     def check_num_classes(self, num_classes: int) -> None:
         if self.k >= num_classes:
@@ -149,3 +187,30 @@ class TopK(Certifier):
         return Certificate(prediction=label if radius > 0 else ABSTAIN, radius=radius, p_lower=p_lower,
                            count=int(estimation[label]),
                            topk_labels=predict_from_counts(estimation, self.k, self.alpha))
+
+    def run(self, engine, images, image_ids: list[str], seed: int,
+            labels: list[int | None] | None = None) -> list[Certificate]:
+        """The sequential modes: every image's looks through the engine's continuous batching."""
+        labels = [None] * len(image_ids) if labels is None else labels
+        unlabeled = any(label is None for label in labels)  # then every image selects, as in `draws`
+
+        def procedure(label: int | None):
+            if unlabeled:
+                label = int(np.argmax((yield Draws("selection", self.sigma, self.n0))))
+
+            def radii_at(counts: np.ndarray, look: int) -> tuple[float, float]:
+                p_lower, upper, p_upper, lower = sequential_label_bounds(counts, label, look, self.alpha, self.bound,
+                                                                         self.test)
+                return (radius_from_bounds(p_lower, upper, self.k, self.sigma, self.tolerance),
+                        radius_from_bounds(p_upper, lower, self.k, self.sigma, self.tolerance))
+
+            outcome = yield from self.estimate(radii_at)
+            p_lower = sequential_label_bounds(outcome.counts, label, outcome.looks, self.alpha, self.bound,
+                                              self.test)[0]
+            certified = outcome.radius > 0
+            return Certificate(prediction=label if certified else ABSTAIN, radius=max(outcome.radius, 0.0),
+                               p_lower=p_lower, count=int(outcome.counts[label]), draws=outcome.draws,
+                               forward_passes=outcome.draws + (self.n0 if unlabeled else 0), details=outcome.details(),
+                               extra=None if certified else {"abstain_reason": outcome.abstain_reason})
+
+        return engine.sequential(images, image_ids, seed, [procedure(label) for label in labels])
