@@ -76,8 +76,8 @@ def _check_ids(image_ids, count: int) -> list[str]:
 
 
 def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Certifier] = (), *, seed: int = 0,
-            batch_size: int = 1000, device: str = "cpu", precision: str = "fp32",
-            image_ids: Sequence[str] | None = None, progress: bool = False) -> pa.Table:
+            batch_size: int = 1000, device: str = "cpu", precision: str = "fp32", channels_last: bool = False,
+            compile: bool | str = False, image_ids: Sequence[str] | None = None, progress: bool = False) -> pa.Table:
     """Certifies every image with every certifier; returns one row per (image, certifier) in
     `pipeline.results.SCHEMA`.
 
@@ -85,9 +85,10 @@ def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Ce
     radii are in pixel units. `labels` (optional; entries may be None) are the true classes. The noise of
     each image is a pure function of (`seed`, its id, stage, draw index): the table does not depend on
     `batch_size` or on the order of the images. Certifiers asking for the same noise share forward passes
-    (see `pipeline.certifiers`).
+    (see `pipeline.certifiers`). `precision`, `channels_last` and `compile` as in `pipeline.engine.Engine`.
     """
-    engine = Engine(model, device=device, batch_size=batch_size, precision=precision, progress=progress)
+    engine = Engine(model, device=device, batch_size=batch_size, precision=precision, channels_last=channels_last,
+                    compile=compile, progress=progress)
     return to_table(certify_rows(engine, images, labels, certifiers, seed=seed, image_ids=image_ids))
 
 

@@ -46,6 +46,8 @@ class RunConfig:
     images_per_batch: int = 16
     device: str = "auto"
     precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool | str = False
     actors: dict[str, Any] = field(default_factory=lambda: {"count": 1, "gpus": 0, "cpus": 1})
     report_radii: list[float] | None = None
 
@@ -176,6 +178,10 @@ def validate(data: dict[str, Any]) -> RunConfig:
     _require(config.device in DEVICES, f"device must be one of {list(DEVICES)}, got {config.device!r}")
     _require(config.precision in PRECISIONS,
              f"precision must be one of {sorted(PRECISIONS)}, got {config.precision!r}")
+    _require(isinstance(config.channels_last, bool),
+             f"channels_last must be true or false, got {config.channels_last!r}")
+    _require(isinstance(config.compile, bool | str) and config.compile != "",
+             f"compile must be true, false or a torch.compile backend name, got {config.compile!r}")
     actors = {"count": 1, "gpus": 0, "cpus": 1, **config.actors}
     _require(not (set(actors) - {"count", "gpus", "cpus"}),
              f"actors: unknown key(s) {sorted(set(actors) - {'count', 'gpus', 'cpus'})}")

@@ -145,7 +145,7 @@ def mixture_log_martingale(k, n, p, a: float = 1.0, b: float = 1.0):
     return betaln(a + k, b + n - k) - betaln(a, b) - xlogy(k, p) - xlog1py(n - k, -p)
 
 
-def mixture_bounds(k, n, alpha: float, a: float = 1.0, b: float = 1.0, iterations: int = 64):
+def mixture_bounds(k, n, alpha: float, a: float = 1.0, b: float = 1.0, iterations: int = 52):
     """Anytime-valid (lower, upper) bounds on a Bernoulli mean: the confidence sequence
     {m : M_n(m) < 1/alpha} of the beta-binomial mixture, one-sided at level alpha on each side.
 

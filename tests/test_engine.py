@@ -102,3 +102,40 @@ def test_bad_engine_settings_are_rejected():
         Engine(SignOfMean(), precision="int8")
     with pytest.raises(ValueError, match="class scores"):
         Engine(nn.Identity()).num_classes(torch.rand(1, 2, 2))
+
+
+def test_bf16_rounds_the_noisy_input_once_after_adding_the_noise(images):
+    """The fused path: the model sees (x + sigma * eps) computed in fp32, then rounded to bf16."""
+    seen = []
+
+    class Spy(SignOfMean):
+        def forward(self, x):
+            seen.append(x.clone())
+            return super().forward(x.float())
+
+    ids = [str(i) for i in range(len(images))]
+    Engine(Spy(), precision="bf16", batch_size=64).count(images, ids, 2, [Draws("s", 0.1, 10)])
+    inputs = torch.cat(seen[1:])  # after the clean probe
+    assert inputs.dtype == torch.bfloat16
+    expected = torch.cat([(image + 0.1 * gaussian_draws(2, i, "s", 0, 10, image.shape)).to(torch.bfloat16)
+                          for i, image in zip(ids, images, strict=True)])
+    assert torch.equal(inputs, expected)
+
+
+def test_channels_last_and_compile_run_the_same_classifier(images):
+    """NHWC inputs and a compiled model (the eager backend, no compiler needed) give the same counts."""
+    seen = {}
+
+    class Spy(SignOfMean):
+        def forward(self, x):
+            seen["channels_last"] = x.is_contiguous(memory_format=torch.channels_last)
+            return super().forward(x)
+
+    ids = [str(i) for i in range(len(images))]
+    requests = [Draws("s", 0.2, 300)]
+    plain = Engine(SignOfMean(), batch_size=128).count(images, ids, 0, requests)
+    engine = Engine(Spy(), batch_size=128, channels_last=True, compile="eager")
+    fast = engine.count(images, ids, 0, requests)
+    assert seen["channels_last"]
+    np.testing.assert_array_equal(plain[requests[0]], fast[requests[0]])
+    assert engine.settings() == {"precision": "fp32", "channels_last": True, "compile": "eager"}

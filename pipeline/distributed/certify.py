@@ -98,7 +98,8 @@ class CertifyActor:
         self.certifiers = self.config.build_certifiers()
         model = load_model(self.config.model, self.config.storage)
         self.engine = Engine(model, device=device, batch_size=self.config.batch_size,
-                             precision=self.config.precision)
+                             precision=self.config.precision, channels_last=self.config.channels_last,
+                             compile=self.config.compile)
         self.results = open_location(results_uri, **self.config.storage)
         self.run_info = {**run_info, "node": socket.gethostname()}
         log.info("certifier actor on %s (%s) ready", self.run_info["node"], device)
