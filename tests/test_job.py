@@ -120,11 +120,15 @@ def test_results_in_object_storage_equal_the_local_run(ray_cluster, s3_endpoint,
     bucket = f"runs-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     dataset = {"layout": "demo", "max": 6}
-    local = run(config(tmp_path, dataset))
+    certifiers = [{"name": "cohen", "sigma": 0.25, "n0": 20, "n": 100},
+                  {"name": "cohen", "sigma": 0.25, "n0": 20, "n": 2000, "mode": "sequential", "radii": [0.25, 0.5]}]
+    local = run(config(tmp_path, dataset, certifiers=certifiers))
     storage = {"endpoint_url": s3_endpoint}
-    remote = run(config(f"s3://{bucket}/prefix", dataset, storage=storage))
+    remote = run(config(f"s3://{bucket}/prefix", dataset, storage=storage, certifiers=certifiers))
     assert remote == f"s3://{bucket}/prefix/run"
     assert rows(remote, storage) == rows(local)
+    sequential = [row for row in rows(local) if "sequential" in row["setting"]]
+    assert len(sequential) == 6 and min(row["n"] for row in sequential) < 2000  # stopped before the budget
     listed = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=bucket, Prefix="prefix/run/")
     keys = {item["Key"].removeprefix("prefix/run/") for item in listed["Contents"]}
     assert {"manifest.json", "report/summary.md", "report/curves_l2.png"} <= keys

@@ -1,7 +1,8 @@
 """Sequential certification: stop sampling an image as soon as its certificate is decided.
 
 A fixed-N certificate spends N draws on every image, though most images are decided after a few hundred.
-Here the estimation draws come in looks n_1 < n_2 < ... <= n (`pipeline.stats.geometric_looks`), and at
+Here the estimation draws come in looks n_1 < n_2 < ... <= n (`pipeline.stats.geometric_looks`, rounded up
+to whole blocks of 64 draws; fixed before sampling), and at
 every look the certifier computes its radius from anytime-valid bounds (`pipeline.stats.sequential_bounds`):
 bounds that hold at all looks at once with probability >= 1 - alpha. Two modes:
 
@@ -33,6 +34,7 @@ from scipy.special import ndtri
 
 from pipeline import stats
 from pipeline.engine import Draws
+from pipeline.noise import DRAWS_PER_BLOCK
 
 SEQUENTIAL_MODES = ("sequential", "max_radius")
 SEQUENTIAL_FIELDS = ("radii", "test", "first_look", "look_ratio", "min_gain")
@@ -127,7 +129,10 @@ class SequentialOptions:
         return items
 
     def looks(self) -> list[int]:
-        return stats.geometric_looks(self.first_look, self.look_ratio, self.n)
+        """The draw counts of the looks: the geometric schedule, each rounded up to whole blocks of noise
+        draws (so a look never splits a block that the next look would generate again), capped at n."""
+        looks = stats.geometric_looks(self.first_look, self.look_ratio, self.n)
+        return sorted({min(self.n, -(-n // DRAWS_PER_BLOCK) * DRAWS_PER_BLOCK) for n in looks})
 
     def estimate(self, radii_at: Callable[[np.ndarray, int], tuple[float, float]]
                  ) -> Generator[Draws, np.ndarray, Outcome]:
