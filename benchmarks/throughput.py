@@ -8,7 +8,7 @@ For each model, at one batch size, it measures noise draws per second of
   forward     the model alone on a fixed batch (no noise): the ceiling;
   floor       fresh Gaussian noise, the add, and the forward per batch: what any sampler must pay;
   engine      pipeline's Engine.count on several images (seeded blocks, packing, on-device counting);
-  sequential  Engine.sequential on the same draws asked for in looks (100, x1.5, ...): continuous
+  sequential  Engine.sequential on the same draws asked for in looks (100, x1.5, ..., in whole blocks): continuous
               batching with one read of the counts per round;
   per-image   a per-image loop as in the reference code: one image per call, noise by randn_like,
               a host sync and numpy counting per batch;
@@ -28,7 +28,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline import stats
+from pipeline.certifiers.sequential import block_looks
 from pipeline.engine import PRECISIONS, Draws, Engine
 from pipeline.models import DemoCNN
 
@@ -102,7 +102,7 @@ def measure(name: str, device: torch.device, images: int, draws: int, batch: int
     def engine_count():
         engine.count(x, ids, seed=0, requests=[Draws("estimation", sigma, draws)])
 
-    looks = stats.geometric_looks(min(100, draws), 1.5, draws)
+    looks = block_looks(min(100, draws), 1.5, draws)
 
     def engine_sequential():
         def procedure():

@@ -39,7 +39,7 @@ from pipeline.noise import DRAWS_PER_BLOCK
 SEQUENTIAL_MODES = ("sequential", "max_radius")
 SEQUENTIAL_FIELDS = ("radii", "test", "first_look", "look_ratio", "min_gain")
 
-__all__ = ["SEQUENTIAL_FIELDS", "SEQUENTIAL_MODES", "Outcome", "SequentialOptions", "top_class"]
+__all__ = ["SEQUENTIAL_FIELDS", "SEQUENTIAL_MODES", "Outcome", "SequentialOptions", "block_looks", "top_class"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,13 @@ class Outcome:
         if self.radius > 0:
             return None
         return "futility" if self.stopped in ("futility", "decided") else "budget"
+
+
+def block_looks(first: int, ratio: float, budget: int) -> list[int]:
+    """The draw counts of the looks: the geometric schedule, each rounded up to whole blocks of noise draws
+    (so a look never splits a block that the next look would generate again), capped at the budget."""
+    looks = stats.geometric_looks(first, ratio, budget)
+    return sorted({min(budget, -(-n // DRAWS_PER_BLOCK) * DRAWS_PER_BLOCK) for n in looks})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,10 +136,7 @@ class SequentialOptions:
         return items
 
     def looks(self) -> list[int]:
-        """The draw counts of the looks: the geometric schedule, each rounded up to whole blocks of noise
-        draws (so a look never splits a block that the next look would generate again), capped at n."""
-        looks = stats.geometric_looks(self.first_look, self.look_ratio, self.n)
-        return sorted({min(self.n, -(-n // DRAWS_PER_BLOCK) * DRAWS_PER_BLOCK) for n in looks})
+        return block_looks(self.first_look, self.look_ratio, self.n)
 
     def estimate(self, radii_at: Callable[[np.ndarray, int], tuple[float, float]]
                  ) -> Generator[Draws, np.ndarray, Outcome]:
