@@ -58,7 +58,7 @@ class Outcome:
     def details(self) -> dict:
         return {"sequential": {"draws": self.draws, "looks": self.looks, "stopped": self.stopped,
                                "certified_radii": self.certified, "ruled_out_radii": self.ruled_out,
-                               "optimistic_radius": self.optimistic}}
+                               "optimistic_radius": self.optimistic if math.isfinite(self.optimistic) else None}}
 
     @property
     def abstain_reason(self) -> str | None:
