@@ -15,13 +15,15 @@ from pipeline.storage import open_location
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs" / "configs" / "demo.yaml"
-SMALL = ["dataset.max=12", "certifiers.0.n=200", "certifiers.1.n=200", "certifiers.3.n=200", "batch_size=256"]
+SMALL = ["dataset.max=12", "certifiers.0.n=200", "certifiers.1.n=200", "certifiers.3.n=200", "certifiers.6.n=2000",
+         "batch_size=256"]
 
 
 def test_demo_config_loads_and_overrides_apply():
     config = load_config(DEMO, ["certifiers.0.sigma=0.5", "seed=3"])
-    cohen, topk, dssn, ssn, center, reduce = config.build_certifiers()
+    cohen, topk, dssn, ssn, center, reduce, sequential = config.build_certifiers()
     assert (cohen.name, cohen.sigma, topk.k, config.seed) == ("cohen", 0.5, 3, 3)
+    assert (sequential.mode, sequential.radii, sequential.n) == ("sequential", (0.0, 0.25, 0.5), 20000)
     assert (dssn.name, dssn.levels, ssn.name, center.output) == ("dssn", 441, "ssn", "features")
     assert (reduce.placement, reduce.num_patches, reduce.noise) == ("random", 4, "shared")
 
@@ -61,7 +63,7 @@ def test_certify_and_report_commands_write_results_and_a_report(ray_cluster, tmp
     assert cli.main(args + [item for override in SMALL for item in ("--set", override)]) == 0
     table = read_results(open_location(str(tmp_path / "small")).join("results"))
     assert table.schema.equals(results.SCHEMA)
-    assert table.num_rows == 72
+    assert table.num_rows == 84
     assert set(table.column("certifier").to_pylist()) == {"cohen", "topk", "dssn", "ssn", "center", "smooth_reduce"}
     assert set(table.column("run_id").to_pylist()) == {"small"}
     summary = (tmp_path / "small" / "report" / "summary.md").read_text()
