@@ -193,7 +193,9 @@ def environment() -> dict:
 def manifest_matches(earlier: dict, current: dict) -> None:
     """Raises ValueError when a run id is reused with settings that would change its results."""
     keys = ("certifiers", "dataset", "model", "seed", "precision", "channels_last", "compile")
-    changed = [key for key in keys if earlier.get("config", {}).get(key) != current["config"].get(key)]
+    added_later = {"channels_last": False, "compile": False}  # runs written before these settings existed
+    changed = [key for key in keys
+               if earlier.get("config", {}).get(key, added_later.get(key)) != current["config"].get(key)]
     if changed:
         raise ValueError(f"run {current['run_id']!r} already exists with different {', '.join(changed)}; "
                          f"resume it with the same settings or choose another run_id")
