@@ -301,7 +301,7 @@ class _Packer:
         shape = (batch_size, *x.shape[1:])
         self.batch = torch.empty(shape, device=engine.device)
         dtype = PRECISIONS[engine.precision] or torch.float32
-        layout = torch.channels_last if engine.channels_last and x.ndim == 4 else torch.contiguous_format
+        layout = torch.channels_last if engine.channels_last else torch.contiguous_format
         same = dtype == torch.float32 and layout == torch.contiguous_format
         self.inputs = self.batch if same else torch.empty(shape, dtype=dtype, device=engine.device,
                                                           memory_format=layout)

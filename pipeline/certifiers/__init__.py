@@ -3,7 +3,8 @@
 Sharing: certifiers that ask for the same (stage, sigma) stream get the same draws, so one forward
 pass per draw serves `Cohen` and `TopK` together. Each certificate still holds with probability
 >= 1 - alpha on its own; being computed from shared draws, several certificates of one image hold
-together with probability >= 1 - (the sum of their alphas).
+together with probability >= 1 - (the sum of their alphas). Certifiers in a sequential mode (see
+`pipeline.certifiers.sequential`) decide per image how many draws to take, so they sample on their own.
 """
 
 from pipeline.certifiers import center, cohen, dssn, smooth_reduce, topk
