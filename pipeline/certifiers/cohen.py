@@ -93,13 +93,6 @@ class Cohen(SequentialOptions, Certifier):
         self._require_choice("mode", ("certify", "predict", *SEQUENTIAL_MODES))
         self._check_sequential()
 
-    @property
-    def self_sampling(self) -> bool:
-        return self.sequential
-
-    def draw_counts(self) -> tuple[int, int]:
-        return self.n, self.n0
-
     def draws(self, labeled: bool) -> list[Draws]:
         estimation = Draws("estimation", self.sigma, self.n)
         if self.mode == "predict":

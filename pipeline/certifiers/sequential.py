@@ -95,6 +95,14 @@ class SequentialOptions:
     def sequential(self) -> bool:
         return self.mode in SEQUENTIAL_MODES
 
+    @property
+    def self_sampling(self) -> bool:
+        """A sequential certifier decides per image how many draws to take, so it samples through `run`."""
+        return self.sequential
+
+    def draw_counts(self) -> tuple[int, int]:
+        return self.n, self.n0
+
     def _check_sequential(self) -> None:
         defaults = SequentialOptions()
         if not self.sequential:

@@ -167,9 +167,6 @@ class SmoothReduce(SequentialOptions, Certifier):
             self._require_count("resize_to", 1)
         self._check_sequential()
 
-    def draw_counts(self) -> tuple[int, int]:
-        return self.n, self.n0
-
     def plan(self, image_shape: Sequence[int], seed: int, image_id: str) -> tuple[np.ndarray, int, int]:
         """(patch corners, resized side, largest pixel multiplicity) for one image."""
         _, height, width = image_shape

@@ -162,13 +162,6 @@ class TopK(SequentialOptions, Certifier):
             raise ValueError(f"{self.name}: tolerance must be > 0, got {self.tolerance!r}")
         self._check_sequential()
 
-    @property
-    def self_sampling(self) -> bool:
-        return self.sequential
-
-    def draw_counts(self) -> tuple[int, int]:
-        return self.n, self.n0
-
     def check_num_classes(self, num_classes: int) -> None:
         if self.k >= num_classes:
             raise ValueError(f"{self.name}: k must be smaller than the number of classes ({num_classes}), "
