@@ -125,7 +125,7 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
             "setting": certifier.setting, "sigma": float(certifier.sigma), "prediction": certificate.prediction,
             "abstained": certificate.abstained, "radius": certificate.radius, "norm": certifier.norm,
             "p_lower": certificate.p_lower, "count": certificate.count, "n": n, "n0": n0,
-            "alpha": float(certifier.alpha), "correct": correct, "topk_labels": certificate.topk_labels,
+            "alpha": float(certifier.failure_probability), "correct": correct, "topk_labels": certificate.topk_labels,
             "forward_passes": passes, "wall_time_s": seconds, "status": "ok", "error": None,
             "params": json.dumps({**certifier.params(shape), **settings, **(certificate.details or {})},
                                  sort_keys=True),

@@ -2,7 +2,9 @@
 
 Every metric compares batches of outputs pair by pair (`paired(a, b)`, a and b of shape [N, ...] -> [N])
 and all against all (`pairwise(a, b)`, [P, ...] x [Q, ...] -> [P, Q]). Torch only, so they run where the
-outputs are (GPU or CPU).
+outputs are (GPU or CPU). Whatever the outputs' dtype (a bf16 model's, say), every distance is computed
+and returned in at least fp32 (fp64 inputs stay fp64): a certificate's order statistic is never rounded
+to the model's precision.
 """
 
 from __future__ import annotations
@@ -16,6 +18,17 @@ import torch
 __all__ = ["METRICS", "Metric", "get_metric"]
 
 PAIRWISE_BUDGET = 1 << 24  # elements per broadcast block in the default all-against-all
+
+
+def wide_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    """The common dtype of a and b, at least fp32."""
+    return torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+
+
+def widen(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a and b in their common dtype, at least fp32."""
+    dtype = wide_dtype(a, b)
+    return a.to(dtype), b.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -47,10 +60,12 @@ class L2(Metric):
     name = "l2"
 
     def paired(self, a, b):
+        a, b = widen(a, b)
         return (a - b).flatten(1).norm(dim=1)
 
     def pairwise(self, a, b):
-        return torch.cdist(a.flatten(1).float(), b.flatten(1).float(), compute_mode="donot_use_mm_for_euclid_dist")
+        a, b = widen(a, b)
+        return torch.cdist(a.flatten(1), b.flatten(1), compute_mode="donot_use_mm_for_euclid_dist")
 
 
 class Angular(Metric):
@@ -59,8 +74,9 @@ class Angular(Metric):
     name = "angular"
 
     def paired(self, a, b):
+        dtype = wide_dtype(a, b)
         cosine = torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1)
-        return (torch.arccos(cosine.clamp(-1, 1)) / math.pi).to(a.dtype)
+        return (torch.arccos(cosine.clamp(-1, 1)) / math.pi).to(dtype)
 
 
 class TotalVariation(Metric):
@@ -69,6 +85,7 @@ class TotalVariation(Metric):
     name = "total_variation"
 
     def paired(self, a, b):
+        a, b = widen(a, b)
         return 0.5 * (a - b).flatten(1).abs().sum(dim=1)
 
 
@@ -85,6 +102,7 @@ class ImageTV(Metric):
         return f"tv{self.p}"
 
     def paired(self, a, b):
+        a, b = widen(a, b)
         difference = a - b
         if difference.ndim != 4:
             raise ValueError(f"{self.name} compares images [N, C, H, W], got shape {tuple(a.shape)}")
@@ -113,7 +131,7 @@ class Jaccard(Metric):
         union = area(a) + area(b) - intersection
         both_empty = union <= 0
         iou = torch.where(both_empty, torch.ones_like(union), intersection / union.clamp(min=1e-300))
-        return (1 - iou).float()
+        return 1 - iou
 
 
 METRICS: dict[str, Metric] = {metric.name: metric for metric in

@@ -40,7 +40,9 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("n", pa.int64(), False, "Estimation draws (center: the m certification draws)."),
     ("n0", pa.int64(), False,
      "Selection draws (0 when the certifier needed none; center: the draws of the centre search and check)."),
-    ("alpha", pa.float64(), False, "Probability that this certificate is wrong (0 for the deterministic DSSN)."),
+    ("alpha", pa.float64(), False,
+     "Probability that this certificate is wrong (0 for the deterministic DSSN; center: alpha1 + alpha2 + "
+     "(1/2 - delta)^k for k candidate centres)."),
     ("correct", pa.bool_(), True,
      "Certified and about the true label (prediction == label); null without labels and for center rows."),
     ("topk_labels", pa.list_(pa.int64()), True,
@@ -107,7 +109,7 @@ def error_row(image_index: int, image_id: str, label: int | None, certifier, mes
         "image_index": image_index, "image_id": image_id, "label": label, "certifier": certifier.name,
         "setting": certifier.setting, "sigma": float(certifier.sigma), "prediction": -1 if classifies else None,
         "abstained": True, "radius": 0.0, "norm": certifier.norm, "p_lower": None, "count": None, "n": 0, "n0": 0,
-        "alpha": float(certifier.alpha), "correct": False if classifies and label is not None else None,
+        "alpha": float(certifier.failure_probability), "correct": False if classifies and label is not None else None,
         "topk_labels": None, "forward_passes": 0, "status": "error", "error": message, "params": params,
         **dict.fromkeys(CERTIFIER_EXTRAS + RUN_COLUMNS), **context,
     }

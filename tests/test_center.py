@@ -1,5 +1,6 @@
 """Center smoothing: the output bound on a linear map, the centre search, the statistics, the metrics."""
 
+import json
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ from torch import nn
 import pipeline
 from pipeline import metrics
 from pipeline.certifiers import Center, center
-from pipeline.engine import Engine
+from pipeline.engine import Draws, Engine
 from pipeline.metrics import METRICS, get_metric
 
 
@@ -178,3 +179,128 @@ def test_features_of_a_registry_model_are_its_penultimate_layer():
         expected = model.features(model.normalize(images))
         torch.testing.assert_close(features, expected)
         torch.testing.assert_close(logits, model.head(expected))
+
+
+class ClusterOrSpread(nn.Module):
+    """A scalar input z (one pixel) mapped to 2-d outputs: 0.7 of the mass under N(x, 1) lands in a tight
+    cluster near the origin (z below the 0.7-quantile), the rest is spread far apart along a line."""
+
+    def __init__(self, split: float):
+        super().__init__()
+        self.split = split
+
+    def forward(self, x):
+        z = x.flatten(1)[:, 0]
+        spread = torch.where(z < self.split, 0.01 * z, 100 * z)
+        return torch.stack([spread, torch.zeros_like(z)], dim=1)
+
+
+def broken_bound_pairs(certifier: Center, pairs: int) -> int:
+    """Run pairs (x, x' = x + eps_in) on the cluster-or-spread map, each with fresh noise: the pairs where
+    both are accepted and the centre at x' lies beyond the eps_out certified at x."""
+    model = ClusterOrSpread(float(sps.norm.ppf(0.7)))
+    engine = Engine(model, batch_size=4096)
+    x = torch.zeros(pairs, 1, 1, 1)
+    ids = [f"x{i}" for i in range(pairs)]
+    moved_ids = [f"x'{i}" for i in range(pairs)]
+    certificates = certifier.run(engine, x, ids, 0)
+    centres, _, _ = certifier.smooth(engine, x, ids, 0, model)
+    moved, _, fractions = certifier.smooth(engine, x + certifier.eps_in, moved_ids, 0, model)
+    broken = 0
+    for i, certificate in enumerate(certificates):
+        accepted = center.check_passes(float(fractions[i]), certifier.n, certifier.alpha1, certifier.delta)
+        if not certificate.abstained and accepted:
+            broken += float((moved[i] - centres[i]).norm()) > certificate.extra["eps_out"]
+    return broken
+
+
+def test_few_candidate_centres_are_refused_and_enough_hold_the_bound():
+    """With k candidate centres the bound also needs one candidate inside a half-mass ball; all k miss it
+    with probability up to (1/2 - delta)^k. On a map with 0.7 of the output mass in a tight cluster and the
+    rest spread far apart, one candidate breaks the bound in about a fifth of the run pairs (the power of
+    the experiment), so settings like that are refused; k = 18 (the fewest accepted at delta = 0.05) holds
+    it. A pair breaks with probability <= alpha1 + alpha2 at x, + alpha1 for the centre at x', + 0.3^18:
+    0.015; the test fails above the Binomial(pairs, 0.015) 1 - 1e-6 quantile (its false-alarm rate)."""
+    settings = dict(sigma=1.0, eps_in=0.1, output="logits", n=2000, m=1000)
+    for k in (1, 2, 3, 10, 17):
+        with pytest.raises(ValueError, match=rf"centers={k} candidates all miss .* use centers >= 18"):
+            Center(**settings, centers=k)
+    with pytest.raises(ValueError, match=r"use centers >= 16 at delta=0\.08"):
+        Center(**settings, centers=15, delta=0.08)
+    pairs = 150
+    tolerated = sps.binom.ppf(1 - 1e-6, pairs, 0.015)
+    one = Center(**settings, centers=18)
+    object.__setattr__(one, "centers", 1)  # past the refusal, to show what it guards against
+    assert broken_bound_pairs(one, pairs) > tolerated
+
+    enough = Center(**settings, centers=18)
+    assert enough.failure_probability == pytest.approx(0.01 + 0.45 ** 18, rel=1e-12)
+    assert broken_bound_pairs(enough, pairs) <= tolerated
+
+
+def test_candidate_miss_probability_is_part_of_the_row():
+    model = ClusterOrSpread(float(sps.norm.ppf(0.7)))
+    rows = pipeline.certify(model, torch.zeros(2, 1, 1, 1), None, [
+        Center(sigma=1.0, eps_in=0.1, output="logits", n=2000, m=1000, centers=30),
+        Center(sigma=1.0, eps_in=0.1, output="logits", n=2000, m=1000)]).to_pylist()
+    candidates, exact = rows[0], rows[1]
+    assert candidates["alpha"] == pytest.approx(0.01 + 0.45 ** 30, rel=1e-12) and candidates["alpha"] > 0.01
+    assert json.loads(candidates["params"])["candidate_miss"] == pytest.approx(0.45 ** 30)
+    assert exact["alpha"] == 0.01  # (1/2 - delta)^n vanishes for the search over all n samples
+
+
+def test_eps_in_at_the_largest_certifiable_radius_is_certified():
+    """At eps_in = the largest certifiable radius, q = 1 in exact arithmetic; rounding puts it just above
+    1 (sigma 1, m 1343), and the rank must still be m (the largest distance), not m + 1."""
+    sigma, m = 1.0, 1343
+    largest = center.max_eps_in(sigma, m, 0.05, 0.005)
+    level = center.quantile_level(sigma, largest, m, 0.05, 0.005)
+    assert math.ceil(level * m) == m + 1  # the rounding this guards against
+    distances = torch.rand(m, generator=torch.Generator().manual_seed(0))
+    assert center.order_statistic(distances, level) == float(distances.double().max())
+    with pytest.raises(ValueError, match="quantile level must lie in"):
+        center.order_statistic(distances, 1.01)
+    model = LinearMap(torch.eye(2))
+    rows = pipeline.certify(model, torch.full((1, 1, 1, 2), 0.5), None,
+                            [Center(sigma=sigma, eps_in=largest, output="logits", n=2000, m=m)]).to_pylist()
+    assert rows[0]["status"] == "ok" and not rows[0]["abstained"]
+    assert rows[0]["eps_out"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_every_metric_computes_in_at_least_fp32(name):
+    """bf16 outputs (a bf16 model's) are compared at fp32 or better: the distances of the bf16 values
+    equal those of the same values in fp32, never rounded to 8 bits of mantissa."""
+    metric = get_metric(name)
+    points = random_points(name, 64, torch.Generator().manual_seed(2))
+    a, b = points[:32].bfloat16(), points[32:].bfloat16()
+    low = metric.paired(a, b)
+    assert low.dtype in (torch.float32, torch.float64)
+    torch.testing.assert_close(low.double(), metric.paired(a.float(), b.float()).double(), rtol=1e-6, atol=1e-7)
+    assert metric.pairwise(a, b).dtype in (torch.float32, torch.float64)
+    assert metric.paired(a.double(), b.double()).dtype == torch.float64
+
+
+def test_angular_eps_out_of_a_bf16_model_is_the_exact_order_statistic():
+    """Through the engine at bf16: eps_out is 3 x the ceil(q m)-th of the fp32+ distances between the
+    centre and the m bf16 outputs."""
+    torch.manual_seed(3)
+    model = LinearMap(torch.randn(8, 16))
+    certifier = Center(sigma=0.25, eps_in=0.1, output="logits", metric="angular", n=4000, m=3000)
+    engine = Engine(model, batch_size=1024, precision="bf16")
+    images = 0.3 + 0.4 * torch.rand(2, 1, 4, 4)
+    certificates = certifier.run(engine, images, ["a", "b"], 0)
+    centres, _, _ = certifier.smooth(engine, images, ["a", "b"], 0, model)
+    level = center.quantile_level(0.25, 0.1, 3000, 0.05, 0.005)
+    outputs = torch.empty(2, 3000, 8)
+
+    def keep(out, image, draw):
+        outputs[image, draw] = out.float()
+
+    engine.outputs(images, ["a", "b"], 0, Draws("center_certify", 0.25, 3000), model, keep)
+    for index, certificate in enumerate(certificates):
+        cosine = torch.nn.functional.cosine_similarity(outputs[index].double(), centres[index:index + 1].double())
+        distances = torch.arccos(cosine.clamp(-1, 1)) / math.pi
+        expected = 3 * float(torch.sort(distances).values[math.ceil(level * 3000) - 1])
+        assert not certificate.abstained
+        assert certificate.extra["eps_out"] == pytest.approx(expected, rel=1e-6)

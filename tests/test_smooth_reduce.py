@@ -73,11 +73,10 @@ def test_grid_and_random_patch_plans():
     assert strided.tolist() == [[r, c] for r in (0, 2, 4) for c in (0, 2, 4)]
     assert len(smooth_reduce.patch_corners(36, 32, 10)) == 10
 
-    random = smooth_reduce.patch_corners(36, 32, 50, placement="random", seed=3, image_id="a")
+    random = smooth_reduce.patch_corners(36, 32, 50, placement="random", seed=3)
     assert random.shape == (50, 2) and random.min() >= 0 and random.max() <= 4
-    assert np.array_equal(random, smooth_reduce.patch_corners(36, 32, 50, placement="random", seed=3, image_id="a"))
-    assert not np.array_equal(random, smooth_reduce.patch_corners(36, 32, 50, placement="random", seed=3,
-                                                                  image_id="b"))
+    assert np.array_equal(random, smooth_reduce.patch_corners(36, 32, 50, placement="random", seed=3))
+    assert not np.array_equal(random, smooth_reduce.patch_corners(36, 32, 50, placement="random", seed=4))
     duplicated = np.array([[0, 0], [0, 0], [4, 4]])
     assert smooth_reduce.multiplicity(36, 32, duplicated) == 3  # the centre is in all three, duplicates counted
     assert smooth_reduce.multiplicity(36, 32, np.array([[0, 0], [0, 0]])) == 2

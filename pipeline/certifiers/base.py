@@ -71,6 +71,11 @@ class Certifier:
         elif not (_is_real(self.alpha) and 0 < self.alpha < 1):
             raise ValueError(f"{self.name}: alpha must lie in (0, 1), got {self.alpha!r}")
 
+    @property
+    def failure_probability(self) -> float:
+        """The probability that a certificate of these settings is wrong (the row's `alpha`)."""
+        return self.alpha
+
     def _require_count(self, field: str, minimum: int) -> None:
         value = getattr(self, field)
         if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or value < minimum:

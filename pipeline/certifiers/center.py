@@ -1,7 +1,8 @@
 """Kumar & Goldstein: center smoothing, certified outputs in a metric space.
 
 For a function f with outputs in a space with distance d (relaxed-triangle constant K), Gaussian noise
-N(0, sigma^2 I) and an input radius eps_in: with probability >= 1 - alpha1 - alpha2, the smoothed output
+N(0, sigma^2 I) and an input radius eps_in: with probability >= 1 - alpha1 - alpha2 - (1/2 - delta)^k
+(k candidate centres; the last term is 0 to machine precision for the exact search), the smoothed output
 f^(x) (a centre found from samples) satisfies d(f^(x), f^(x')) <= eps_out = K (1 + 2K) R for every
 ||x' - x||_2 <= eps_in, where R is the ceil(q m)-th smallest of m fresh centre-to-sample distances and
 q = Phi(Phi^-1(1/2 + delta) + eps_in / sigma) + sqrt(ln(1/alpha2) / (2 m)).
@@ -9,7 +10,9 @@ q = Phi(Phi^-1(1/2 + delta) + eps_in / sigma) + sqrt(ln(1/alpha2) / (2 m)).
 Three stages on fresh draws:
 1. centre: among n samples, the one with the smallest median distance to all n (`centers="exact"`,
    blockwise on the device), or among `centers` separate candidate samples (the high-dimensional variant);
-   its median distance is r;
+   its median distance is r. The bound on r needs one candidate inside a ball holding 1/2 + delta of the
+   output mass, which all k miss with probability <= (1/2 - delta)^k; that term is part of the row's
+   failure probability (`alpha`), and `centers=k` is refused unless it is at most CANDIDATE_MISS_LIMIT;
 2. check: on n fresh samples, p = the fraction within r of the centre; abstain unless
    max(Delta1, 1/2 - (p - Delta1)) <= delta, Delta1 = sqrt(ln(2/alpha1) / (2n));
 3. certificate: the order statistic above, over m fresh distances streamed from the engine (the m
@@ -32,8 +35,21 @@ from pipeline.models import WithFeatures
 
 OUTPUTS = ("logits", "probs", "features", "denoised")
 ROW_BLOCK = 256  # centre rows per block of the exact median-distance search
+CANDIDATE_MISS_LIMIT = 1e-6  # the largest (1/2 - delta)^k accepted for k candidate centres
 
-__all__ = ["OUTPUTS", "Center", "check_passes", "max_eps_in", "order_statistic", "output_head"]
+__all__ = ["CANDIDATE_MISS_LIMIT", "OUTPUTS", "Center", "candidate_miss", "check_passes", "max_eps_in",
+           "order_statistic", "output_head"]
+
+
+def candidate_miss(candidates: int, delta: float) -> float:
+    """(1/2 - delta)^k: the largest probability that none of k independent candidate centres lands in a
+    ball holding 1/2 + delta of the output mass."""
+    return (0.5 - delta) ** candidates
+
+
+def fewest_candidates(delta: float, limit: float = CANDIDATE_MISS_LIMIT) -> int:
+    """The smallest k with (1/2 - delta)^k <= limit."""
+    return math.ceil(math.log(limit) / math.log(0.5 - delta) - 1e-9)
 
 
 def max_eps_in(sigma: float, m: int, delta: float, alpha2: float) -> float:
@@ -50,9 +66,13 @@ def quantile_level(sigma: float, eps_in: float, m: int, delta: float, alpha2: fl
 
 
 def order_statistic(distances: torch.Tensor, level: float) -> float:
-    """The ceil(level * m)-th smallest of m distances: the conservative empirical `level`-quantile."""
-    rank = math.ceil(level * len(distances))
-    return float(torch.kthvalue(distances.flatten().double().cpu(), rank).values)
+    """The ceil(level * m)-th smallest of m distances: the conservative empirical `level`-quantile. A level
+    within rounding of 1 (eps_in at the largest certifiable radius, where q = 1 exactly) is the largest."""
+    values = distances.flatten().double().cpu()
+    if not 0 < level <= 1 + 1e-9:
+        raise ValueError(f"center: the quantile level must lie in (0, 1], got {level!r}")
+    rank = min(math.ceil(level * len(values)), len(values))
+    return float(torch.kthvalue(values, rank).values)
 
 
 def check_passes(fraction_within: float, n: int, alpha1: float, delta: float) -> bool:
@@ -112,6 +132,12 @@ class Center(Certifier):
                                             and self.centers >= 1)):
             raise ValueError(f"{self.name}: centers must be 'exact' or a number of candidates >= 1, "
                              f"got {self.centers!r}")
+        if self.centers != "exact" and candidate_miss(self.centers, self.delta) > CANDIDATE_MISS_LIMIT:
+            raise ValueError(
+                f"{self.name}: centers={self.centers} candidates all miss the half-mass ball with probability up to "
+                f"(1/2 - delta)^{self.centers} = {candidate_miss(self.centers, self.delta):.2g}, beyond "
+                f"{CANDIDATE_MISS_LIMIT:g}; use centers >= {fewest_candidates(self.delta)} at delta={self.delta} "
+                f"(or centers: exact)")
         for field in ("alpha1", "alpha2"):
             if not 0 < getattr(self, field) < 1:
                 raise ValueError(f"{self.name}: {field} must lie in (0, 1), got {getattr(self, field)!r}")
@@ -129,6 +155,15 @@ class Center(Certifier):
                              f"alpha2={self.alpha2}")
 
     @property
+    def failure_probability(self) -> float:
+        """alpha1 + alpha2 + (1/2 - delta)^k (k: the candidate centres; all n samples in the exact search)."""
+        return self.alpha + self.candidate_miss
+
+    @property
+    def candidate_miss(self) -> float:
+        return candidate_miss(self.n if self.centers == "exact" else self.centers, self.delta)
+
+    @property
     def forward_passes(self) -> int:
         return (0 if self.centers == "exact" else self.centers) + 2 * self.n + self.m + 1
 
@@ -139,6 +174,7 @@ class Center(Certifier):
         distance = get_metric(self.metric)
         return {**super().params(), "max_eps_in": max_eps_in(self.sigma, self.m, self.delta, self.alpha2),
                 "quantile": quantile_level(self.sigma, self.eps_in, self.m, self.delta, self.alpha2),
+                "candidate_miss": self.candidate_miss, "failure_probability": self.failure_probability,
                 "triangle_constant": distance.triangle_constant, "radius_coefficient": distance.radius_coefficient}
 
     def smooth(self, engine: Engine, images: torch.Tensor, image_ids: list[str], seed: int,

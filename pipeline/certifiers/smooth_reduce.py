@@ -2,7 +2,9 @@
 
 The image is resized (optionally) to `resize_to`, cut into `num_patches` square patches of the base
 model's input size, each patch scored by the base model, and the scores (softmax or logits) reduced over
-patches per class by mean or max; the vote is the top class. Cohen's CERTIFY runs on the votes.
+patches per class by mean or max; the vote is the top class. Cohen's CERTIFY runs on the votes. The patch
+placement is part of the base classifier, so it is the same for every input: a grid, or random corners
+drawn once per run from the run seed and the sizes (recorded in each row's params), never from the image.
 
 - `noise="shared"` (default): one Gaussian draw on the original input, then resize, patches, reduction.
   That pipeline is one base classifier, so Cohen's radius sigma Phi^-1(p_lower) holds in input space.
@@ -61,12 +63,13 @@ def resize_operator_norm(height: int, width: int, size: int | None) -> float:
 
 
 def patch_corners(size: int, patch: int, count: int | None, stride: int = 1, placement: str = "grid",
-                  seed: int = 0, image_id: str = "") -> np.ndarray:
+                  seed: int = 0) -> np.ndarray:
     """Top-left corners [k, 2] (row, column) of the patches on a size x size image.
 
     Grid: every `stride`-th position in row-major order (what `unfold` gives), the first `count`.
-    Random: `count` corners uniform over all valid positions, drawn from (seed, image id), duplicates
-    allowed.
+    Random: `count` corners uniform over all valid positions, duplicates allowed, drawn from the run seed
+    and the sizes alone. The placement is part of the smoothed classifier, so it must not depend on the
+    input: corners that moved with the pixels would certify x with one ensemble and meet x' with another.
     """
     positions = size - patch + 1
     if positions < 1:
@@ -80,7 +83,7 @@ def patch_corners(size: int, patch: int, count: int | None, stride: int = 1, pla
                                  f"{len(corners)} patches")
             corners = corners[:count]
         return corners
-    key = hashlib.blake2b(f"{seed}\x1f{image_id}\x1fpatches".encode(), digest_size=8).digest()
+    key = hashlib.blake2b(f"{seed}\x1f{size}\x1f{patch}\x1f{count}\x1fpatches".encode(), digest_size=8).digest()
     generator = np.random.default_rng(int.from_bytes(key, "little"))
     return generator.integers(0, positions, size=(count, 2))
 
@@ -167,26 +170,27 @@ class SmoothReduce(SequentialOptions, Certifier):
             self._require_count("resize_to", 1)
         self._check_sequential()
 
-    def plan(self, image_shape: Sequence[int], seed: int, image_id: str) -> tuple[np.ndarray, int, int]:
-        """(patch corners, resized side, largest pixel multiplicity) for one image."""
+    def plan(self, image_shape: Sequence[int], seed: int) -> tuple[np.ndarray, int, int]:
+        """(patch corners, resized side, largest pixel multiplicity) for images of this shape: one plan per
+        run seed and input size, the same for every image."""
         _, height, width = image_shape
         size = self.resize_to or height
         if self.resize_to is None and height != width:
             raise ValueError(f"{self.name}: square images are needed without resize_to, got {height}x{width}")
-        corners = patch_corners(size, self.patch_size, self.num_patches, self.stride, self.placement, seed, image_id)
+        corners = patch_corners(size, self.patch_size, self.num_patches, self.stride, self.placement, seed)
         return corners, size, multiplicity(size, self.patch_size, corners)
 
     def num_classes(self, engine: Engine, image: torch.Tensor) -> int:
-        corners, _, _ = self.plan(image.shape, 0, "")
+        corners, _, _ = self.plan(image.shape, 0)
         first = extract(resize(image[None].to(engine.device, torch.float32), self.resize_to),
                         torch.as_tensor(corners[None, :1], device=engine.device), self.patch_size)
         return int(engine.forward(engine.model, first[:, 0]).shape[1])
 
     def run(self, engine: Engine, images: torch.Tensor, image_ids: list[str], seed: int,
             labels: list[int | None] | None = None) -> list[Certificate]:
-        plans = [self.plan(images.shape[1:], seed, image_id) for image_id in image_ids]
-        corners = torch.as_tensor(np.stack([plan[0] for plan in plans]), device=engine.device)
-        patches_per_draw = corners.shape[1]
+        plan, size, overlap = self.plan(images.shape[1:], seed)
+        corners = torch.as_tensor(plan, device=engine.device).expand(len(images), *plan.shape)
+        patches_per_draw = len(plan)
         norm = resize_operator_norm(images.shape[2], images.shape[3], self.resize_to)
         if self.noise == "shared":
             inputs = images
@@ -197,29 +201,31 @@ class SmoothReduce(SequentialOptions, Certifier):
             inputs = clean.flatten(1, 2)
             head = PatchVote(engine.model, self.patch_size, images.shape[1], self.reduce, self.scores)
         batch_size = max(1, engine.batch_size // patches_per_draw)
-        factors = [1.0 if self.noise == "shared" else 1.0 / (math.sqrt(overlap) * norm) for _, _, overlap in plans]
+        factor = 1.0 if self.noise == "shared" else 1.0 / (math.sqrt(overlap) * norm)
         if self.sequential:
-            def procedure(factor: float):
+            def procedure():
                 top, outcome = yield from top_class(self, scale=factor)
                 return sequential_certificate(top, outcome, self.sigma, scale=factor)
 
-            voted = engine.sequential(inputs, image_ids, seed, [procedure(factor) for factor in factors], head=head,
+            voted = engine.sequential(inputs, image_ids, seed, [procedure() for _ in image_ids], head=head,
                                       batch_size=batch_size)
         else:
             selection, estimation = Draws("selection", self.sigma, self.n0), Draws("estimation", self.sigma, self.n)
             counts = engine.count(inputs, image_ids, seed, [selection, estimation], head=head, batch_size=batch_size)
             voted = [certificate_from_counts(counts[selection][index], counts[estimation][index], self.sigma,
                                              self.alpha) for index in range(len(images))]
+        details = {"patch_corners": plan.tolist(), "placement_seed": seed if self.placement == "random" else None,
+                   "resized_side": size, "max_multiplicity": overlap, "resize_operator_norm": norm,
+                   "radius_factor": factor}
         certificates = []
-        for certificate, factor, (image_corners, size, overlap) in zip(voted, factors, plans, strict=True):
+        for certificate in voted:
             draws = self.n if certificate.draws is None else certificate.draws
             engine.forward_passes += (patches_per_draw - 1) * (self.n0 + draws)
-            details = {"patch_corners": image_corners.tolist(), "resized_side": size, "max_multiplicity": overlap,
-                       "resize_operator_norm": norm, "radius_factor": factor, **(certificate.details or {})}
             radius = certificate.radius  # the sequential radius is in input space already
+            extra = {} if self.sequential else {"uncorrected_radius": radius}
             if not self.sequential:
-                details["uncorrected_radius"] = radius
                 radius *= factor
-            certificates.append(dataclasses.replace(certificate, radius=radius, details=details,
-                                                    forward_passes=patches_per_draw * (self.n0 + draws)))
+            certificates.append(dataclasses.replace(
+                certificate, radius=radius, details={**details, **extra, **(certificate.details or {})},
+                forward_passes=patches_per_draw * (self.n0 + draws)))
         return certificates
