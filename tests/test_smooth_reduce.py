@@ -123,3 +123,40 @@ def test_invalid_settings_give_clear_errors():
         pipeline.certify(model, torch.rand(1, 1, 6, 6), None, [SmoothReduce(sigma=0.5, patch_size=4, num_patches=30)])
     with pytest.raises(ValueError, match="random placement needs num_patches"):
         SmoothReduce(sigma=0.5, patch_size=4, placement="random")
+
+
+class PatchBrightness(nn.Module):
+    """Class 0 for a bright 4x4 patch (mean above 1/2), class 1 for a dark one."""
+
+    def forward(self, x):
+        score = 40 * (x.flatten(1).mean(dim=1) - 0.5)
+        return torch.stack([score, -score], dim=1)
+
+
+def test_random_placement_is_one_classifier_for_every_input():
+    """An 8x8 image bright on the left, dark on the right; one random 4x4 patch decides the class. The
+    placement belongs to the smoothed classifier, so x and its neighbours one gray level away (well inside
+    the certified radius) must be certified with the same patches and never as different classes. Corners
+    that followed the pixels (the default image id is their hash) certified neighbours as the other class.
+    A neighbour certified otherwise needs a wrong certificate (x's or its own): probability
+    <= 41 * alpha per seed, 8 seeds, alpha = 1e-9, so the test's false-alarm rate is < 4e-7."""
+    image = torch.zeros(1, 1, 8, 8)
+    image[..., :4] = 1.0
+    pixels = [(row, column) for row in range(8) for column in range(8)][::3][:40]
+    neighbours = image.repeat(len(pixels), 1, 1, 1)
+    for index, (row, column) in enumerate(pixels):
+        neighbours[index, 0, row, column] += -1 / 255 if column < 4 else 1 / 255
+    images = torch.cat([image, neighbours])
+    certifier = SmoothReduce(sigma=0.25, alpha=1e-9, patch_size=4, num_patches=1, placement="random", n0=50, n=500)
+    compared, plans = 0, []
+    for seed in range(8):
+        rows = pipeline.certify(PatchBrightness(), images, None, [certifier], seed=seed, batch_size=512).to_pylist()
+        centre, others = rows[0], rows[1:]
+        if not centre["abstained"]:
+            assert centre["radius"] > 1 / 255
+            compared += 1
+            assert {row["prediction"] for row in others if not row["abstained"]} <= {centre["prediction"]}
+        plans.append({json.dumps(json.loads(row["params"])["patch_corners"]) for row in rows})
+    assert compared >= 4
+    assert all(len(plan) == 1 for plan in plans)
+    assert json.loads(rows[0]["params"])["placement_seed"] == seed
