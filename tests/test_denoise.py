@@ -1,6 +1,7 @@
 """Denoisers: the losses and sample generation on known inputs, the artifact, Ray Train to S3, clear errors."""
 
 import dataclasses
+import json
 import uuid
 
 import boto3
@@ -13,7 +14,7 @@ from pipeline.config import validate
 from pipeline.denoise import losses
 from pipeline.denoise.data import few_sample_subset
 from pipeline.denoise.generate import GenerationSettings, boundary_samples, cache_key, interpolated_samples
-from pipeline.denoise.train import DenoiserConfig, load_denoiser
+from pipeline.denoise.train import DenoiserConfig, fit, load_denoiser
 from pipeline.distributed.certify import run
 from pipeline.distributed.train import train_denoiser
 from pipeline.models import DemoCNN, load_model
@@ -118,6 +119,31 @@ def test_few_sample_subset_is_seeded_and_holds_out_validation():
     assert (again[0] == train).all() and (few_sample_subset(labels, fraction=0.1, seed=4)[0] != train).any()
 
 
+def test_decrop_stage_two_ramps_from_zero_and_the_artifact_comes_from_it(tmp_path, monkeypatch):
+    """Spec §4.4: the reversal weight follows DANN's schedule over stage 2's own iterations, from 0; and the
+    best checkpoint is chosen among stage-2 epochs. Stage 2 here runs at a learning rate that wrecks the
+    denoiser, so its validation accuracy falls below stage 1's: a selection across both stages would hand
+    back a stage-1 model with no discriminator training."""
+    progress = []
+    schedule = losses.dann_lambda
+    monkeypatch.setattr(losses, "dann_lambda", lambda p, weight=2.0: progress.append(p) or schedule(p, weight))
+    config = DenoiserConfig.from_dict({
+        "classifier": {"name": "demo_cnn"}, "objective": "decrop", "denoiser": {"depth": 3, "channels": 8},
+        "subset": {"per_class": 3, "seed": 3, "validation": 0.34}, "epochs": 2, "second_epochs": 2,
+        "second_lr": 5.0, "batch_size": 5, "generation": {"steps": 2, "interp_steps": 3},
+        "output": str(tmp_path), "augment": False})
+    reports = []
+    best = fit(config, lambda metrics, directory: reports.append(
+        (metrics, directory and json.loads((directory / "artifact.json").read_text()))))
+    assert progress == pytest.approx([step / 8 for step in range(8)])  # stage 2: 2 epochs of 4 batches of 5
+    by_stage = {stage: max(m["val_accuracy"] for m, _ in reports if m["stage"] == stage) for stage in (1, 2)}
+    assert by_stage[1] > by_stage[2]  # the experiment's premise: stage 1 scored higher
+    artifacts = [artifact for _, artifact in reports if artifact is not None]
+    assert (artifacts[-1]["stage"], artifacts[-1]["phase"]) == (2, "decrop2")
+    assert (best["stage"], best["val_accuracy"]) == (2, by_stage[2])
+    assert all(m["selection_score"] == (m["val_accuracy"] if m["stage"] == 2 else -1.0) for m, _ in reports)
+
+
 def test_decrop_on_ray_train_writes_checkpoints_to_s3_that_certify(ray_cluster, s3_endpoint, tmp_path):
     """Two stages of DE-CROP, two CPU workers (DDP), checkpoints to a local S3 server; the best artifact
     then certifies through the distributed job with the classifier it was trained for."""
@@ -133,6 +159,7 @@ def test_decrop_on_ray_train_writes_checkpoints_to_s3_that_certify(ray_cluster, 
     assert uri.startswith(f"s3://{bucket}/train/tiny/checkpoint_")
     _, metadata = load_denoiser(uri, storage)
     assert metadata["objective"] == "decrop" and metadata["architecture"]["depth"] == 3
+    assert (metadata["stage"], metadata["phase"]) == (2, "decrop2")
     assert len(metadata["subset"]["train_ids"]) == 20 and metadata["classifier"]["spec"] == {"name": "demo_cnn"}
     assert isinstance(load_model({"name": "demo_cnn", "denoiser": uri}, storage), Denoised)
 

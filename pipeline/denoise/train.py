@@ -5,7 +5,12 @@ Objectives (`objective`):
 - `stab_mse`: MSE for `epochs`, then Stab fine-tuning for `second_epochs` at `second_lr`;
 - `decrop`: DE-CROP stage 1 (Stab on the originals + cosine on the boundary and interpolated views + MMD on
   normalised penultimate features) for `epochs`, then stage 2 (adds the domain discriminator behind a
-  gradient reversal layer, DANN schedule) for `second_epochs`.
+  gradient reversal layer, DANN schedule) for `second_epochs`; the reversal weight ramps from 0 over stage
+  2's own iterations, as in the authors' code.
+
+A two-stage objective's artifact comes from its last stage that has epochs: the best checkpoint is chosen
+among that stage's epochs only (a `decrop` artifact is never a stage-1 model), and the artifact records its
+`stage` (1 or 2) and `phase`.
 
 Access (`access`):
 - `white_box`: the target classifier's gradients drive generation and every loss.
@@ -138,6 +143,7 @@ def save_artifact(directory: Path, denoiser: nn.Module, config: DenoiserConfig, 
         "classifier": {"spec": config.classifier, "sha256": classifier_digest(classifier)},
         "objective": config.objective, "access": config.access, "sigma": config.sigma,
         "surrogate": config.surrogate, "subset": subset, "seed": config.seed, "metrics": metrics,
+        "stage": metrics.get("stage"), "phase": metrics.get("phase"),
         "config": config.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }, indent=2, sort_keys=True, default=str))
 
@@ -220,7 +226,9 @@ def fit(config: DenoiserConfig, report: Callable[[dict, Path | None], None], ran
     """Trains the denoiser; calls report(metrics, artifact directory or None) after every epoch (the
     directory, on rank 0, when the validation accuracy improved, or every epoch with `every_epoch`).
     `evaluate(denoiser, data)` adds metrics every epoch; `resume_from` (an artifact directory) restarts after
-    the epoch it records, from its weights. Returns the best metrics."""
+    the epoch it records, from its weights. Returns the best metrics of the last stage. Every report carries
+    `selection_score`: the validation accuracy in the last stage, -1 before it, so ranking checkpoints by it
+    picks the last stage's best."""
     torch.manual_seed(config.seed)
     data = prepare_training(config, device)
     target, gradient_model, subset = data.target, data.gradient_model, data.subset
@@ -247,12 +255,14 @@ def fit(config: DenoiserConfig, report: Callable[[dict, Path | None], None], ran
     validation_noise = torch.randn(x_val.shape, generator=torch.Generator(device=device).manual_seed(config.seed),
                                    device=device) * config.sigma
     best: dict = {"val_accuracy": -1.0}
-    epoch_total = sum(epochs for _, epochs, _ in phases)
+    selected = max(index for index, (_, epochs, _) in enumerate(phases) if epochs > 0)
     epoch_done = 0
     discriminator = None
-    for phase, epochs, lr in phases:
+    for stage, (phase, epochs, lr) in enumerate(phases):
         if epochs == 0:
             continue
+        if stage == selected:
+            best = {"val_accuracy": -1.0}  # the artifact is chosen among the last stage's epochs
         optimizer = torch.optim.Adam(denoiser.parameters(), lr=lr, weight_decay=config.weight_decay)
         schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
         if phase == "decrop2":
@@ -260,7 +270,7 @@ def fit(config: DenoiserConfig, report: Callable[[dict, Path | None], None], ran
                 width = featured(x_train[:2])[1].shape[1]
             discriminator = prepare(losses.DomainDiscriminator(width).to(device))
             disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=config.disc_lr)
-        for _ in range(epochs):
+        for stage_epoch in range(epochs):
             if epoch_done < start_epoch:  # finished before the run was resumed
                 epoch_done += 1
                 continue
@@ -284,7 +294,7 @@ def fit(config: DenoiserConfig, report: Callable[[dict, Path | None], None], ran
                     loss = _decrop_loss(config, x, noise, views, batch, denoiser, target, gradient_model, featured,
                                         shuffle_generator)
                     if phase == "decrop2":
-                        progress = (epoch_done + step / len(batches)) / max(1, epoch_total)
+                        progress = (stage_epoch + step / len(batches)) / epochs  # from 0 within stage 2
                         loss = loss + _domain_loss(x, noise, denoiser, featured, discriminator,
                                                    losses.dann_lambda(progress, config.weights.get("dann", 2.0)))
                         disc_optimizer.zero_grad()
@@ -297,8 +307,9 @@ def fit(config: DenoiserConfig, report: Callable[[dict, Path | None], None], ran
             schedule.step()
             epoch_done += 1
             accuracy = _validation_accuracy(denoiser, target, x_val, y_val, validation_noise)
-            metrics = {"epoch": epoch_done, "phase": phase, "train_loss": running / max(1, len(batches)),
-                       "val_accuracy": accuracy}
+            metrics = {"epoch": epoch_done, "phase": phase, "stage": stage + 1,
+                       "train_loss": running / max(1, len(batches)), "val_accuracy": accuracy,
+                       "selection_score": accuracy if stage == selected else -1.0}
             if evaluate is not None:
                 metrics.update(evaluate(denoiser.module if hasattr(denoiser, "module") else denoiser, data))
             improved = accuracy > best["val_accuracy"]

@@ -1,8 +1,9 @@
 """Denoiser training over Ray Train: the loop of `pipeline.denoise.train` on every TorchTrainer worker.
 
 DDP across `workers` workers (gloo on CPU, NCCL with `use_gpu`); each worker trains on its shard of the
-subset; rank 0 reports the artifact as a Ray Train checkpoint whenever the validation accuracy improves,
-to a storage path that is a local directory or s3:// (pyarrow's filesystem, endpoint from config).
+subset; rank 0 reports the artifact as a Ray Train checkpoint whenever the validation accuracy improves
+(the best is ranked by `selection_score`, so it comes from the last training stage), to a storage path
+that is a local directory or s3:// (pyarrow's filesystem, endpoint from config).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def train_denoiser(config: DenoiserConfig) -> str:
         model = config.surrogate if config.access == "black_box" else config.classifier
         decrop_views(config, prepare_training(config), generate_with_ray(model, config.storage,
                                                                           actors=config.workers))
-    checkpoints = CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_accuracy",
+    checkpoints = CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="selection_score",
                                    checkpoint_score_order="max")
     trainer = TorchTrainer(
         _train_loop, train_loop_config=config.to_dict(),
@@ -70,7 +71,7 @@ def train_denoiser(config: DenoiserConfig) -> str:
                              checkpoint_config=checkpoints,
                              failure_config=FailureConfig(max_failures=0, controller_failure_limit=1)))
     result = trainer.fit()
-    best = result.get_best_checkpoint("val_accuracy", "max") if result.best_checkpoints else result.checkpoint
+    best = result.get_best_checkpoint("selection_score", "max") if result.best_checkpoints else result.checkpoint
     if best is None:
         raise RuntimeError(f"denoiser training {config.run_name} reported no checkpoint")
     uri = f"{urlparse(output.uri).scheme}://{best.path}" if output.is_s3 else best.path
