@@ -158,10 +158,14 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
             started = time.perf_counter()
             certificates = certifier.run(engine, images, image_ids, seed, labels)
             seconds = time.perf_counter() - started
-            budget, n0 = certifier.draw_counts()
+            budget, planned_n0 = certifier.draw_counts()
             draws = [budget if certificate.draws is None else certificate.draws for certificate in certificates]
-            passes = [certificate.forward_passes or n + n0 for certificate, n in zip(certificates, draws, strict=True)]
+            n0s = [planned_n0 if certificate.selection_draws is None else certificate.selection_draws
+                   for certificate in certificates]
+            passes = [certificate.forward_passes or n + n0
+                      for certificate, n, n0 in zip(certificates, draws, n0s, strict=True)]
             rows_by_certifier[id(certifier)] = [  # wall time shared out by forward passes
                 row(index, certifier, certificate, n, n0, forward_passes, seconds * forward_passes / sum(passes))
-                for index, (certificate, n, forward_passes) in enumerate(zip(certificates, draws, passes, strict=True))]
+                for index, (certificate, n, n0, forward_passes)
+                in enumerate(zip(certificates, draws, n0s, passes, strict=True))]
     return [rows_by_certifier[id(certifier)][index] for index in range(len(images)) for certifier in certifiers]

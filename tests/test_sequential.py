@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.stats as sps
 import torch
+from conftest import Affine
 from scipy.special import ndtr
 
 import pipeline
@@ -175,6 +176,25 @@ def test_sequential_topk_certifies_beyond_the_exact_radius_at_most_alpha():
     assert np.mean([o.radius > exact * 0.5 for o in outcomes]) > 0.9
 
 
+
+
+def test_sequential_topk_rows_count_only_the_draws_taken(recwarn):
+    """Labeled images need no selection draws: their rows say n0 = 0 and passes = n; unlabeled ones take
+    n0. An image whose every draw votes its label has an infinite optimistic radius, reached without
+    arithmetic on infinities (no warnings)."""
+    weight = torch.zeros(3, 16)
+    weight[0, 0], weight[2, 0] = 10.0, -10.0
+    model = Affine(weight, torch.zeros(3))
+    images = torch.rand(2, 1, 4, 4)
+    images[:, 0, 0, 0] = 1.0
+    certifier = TopK(sigma=0.25, k=2, n=5_000, mode="sequential", radii=[0.25, 0.5])
+    labeled = pipeline.certify(model, images, [0, 0], [certifier]).to_pylist()
+    unlabeled = pipeline.certify(model, images, None, [certifier]).to_pylist()
+    assert [(row["n0"], row["forward_passes"]) for row in labeled] == [(0, row["n"]) for row in labeled]
+    assert [(row["n0"], row["forward_passes"]) for row in unlabeled] == [(100, row["n"] + 100) for row in unlabeled]
+    assert all(row["radius"] > 0.5 and row["n"] < 5_000 for row in labeled + unlabeled)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert topk.radius_from_bounds(1.0, np.array([0.0, 0.0]), 2, 0.25) == math.inf
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ class Certificate:
     details: dict | None = None  # per-image settings, recorded in the row's params
     forward_passes: int | None = None  # model evaluations, where they differ from the certifier's draws
     draws: int | None = None  # estimation draws used, where they differ from the certifier's n (sequential)
+    selection_draws: int | None = None  # selection draws used, where they differ from the certifier's n0
 
     def __post_init__(self) -> None:
         if self.abstained is None:

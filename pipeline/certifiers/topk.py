@@ -14,6 +14,7 @@ within `tolerance` of it. No cap: large sigma gives large radii.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -51,9 +52,12 @@ def label_bounds(counts, label: int, alpha: float, bound: str = "simuem") -> tup
 
 
 def _root(p_lower: float, p_set: float, t: int, sigma: float, tolerance: float) -> float:
-    """Largest R (to within tolerance, from below) with Phi(a - R/sigma) >= Phi(b + R/sigma) / t."""
+    """Largest R (to within tolerance, from below) with Phi(a - R/sigma) >= Phi(b + R/sigma) / t; infinite
+    when p_lower is 1 or p_set is 0 (only optimistic bounds reach those)."""
     if p_lower <= p_set / t:
         return 0.0
+    if p_lower >= 1.0 or p_set <= 0.0:
+        return math.inf
     a, b = ndtri(p_lower), ndtri(p_set)
 
     def holds(radius: float) -> bool:
@@ -203,6 +207,7 @@ class TopK(SequentialOptions, Certifier):
             certified = outcome.radius > 0
             return Certificate(prediction=label if certified else ABSTAIN, radius=max(outcome.radius, 0.0),
                                p_lower=p_lower, count=int(outcome.counts[label]), draws=outcome.draws,
+                               selection_draws=self.n0 if unlabeled else 0,
                                forward_passes=outcome.draws + (self.n0 if unlabeled else 0), details=outcome.details(),
                                extra=None if certified else {"abstain_reason": outcome.abstain_reason})
 
