@@ -20,9 +20,10 @@ import pipeline
 from pipeline import report
 from pipeline.certifiers import Cohen
 from pipeline.data.demo import load_demo
-from pipeline.denoise.train import DenoiserConfig, load_denoiser
+from pipeline.denoise.train import DenoiserConfig
 from pipeline.distributed.train import train_denoiser
 from pipeline.models import load_model
+from pipeline.models.denoisers import load_denoiser
 
 RADII = (0.0, 0.25, 0.5)
 

@@ -14,11 +14,11 @@ from pipeline.config import validate
 from pipeline.denoise import losses
 from pipeline.denoise.data import few_sample_subset
 from pipeline.denoise.generate import GenerationSettings, boundary_samples, cache_key, interpolated_samples
-from pipeline.denoise.train import DenoiserConfig, fit, load_denoiser
+from pipeline.denoise.train import DenoiserConfig, fit
 from pipeline.distributed.certify import run
 from pipeline.distributed.train import train_denoiser
 from pipeline.models import DemoCNN, load_model
-from pipeline.models.denoisers import Denoised, DnCNN
+from pipeline.models.denoisers import Denoised, DnCNN, load_denoiser
 from pipeline.results import read_results
 from pipeline.storage import open_location
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.models.denoisers import classifier_digest
 from pipeline.storage import Location
 
 __all__ = ["GenerationSettings", "boundary_samples", "cache_key", "generate", "generate_cached",
@@ -127,10 +128,7 @@ def generate(model, images: torch.Tensor, labels: torch.Tensor, image_ids: list[
 
 def cache_key(model: torch.nn.Module, settings: GenerationSettings, image_ids: list[str]) -> str:
     """sha256 over the classifier's weights, every generation setting and the images' ids."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest = hashlib.sha256(classifier_digest(model).encode())
     digest.update(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
     digest.update("\n".join(image_ids).encode())
     return digest.hexdigest()[:24]

@@ -27,12 +27,9 @@ versioned artifact: the weights, the config, the target classifier's digest, the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import logging
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,16 +43,14 @@ from pipeline.denoise import losses
 from pipeline.denoise.data import few_sample_subset, load_training_images
 from pipeline.denoise.generate import GenerationSettings, generate_cached
 from pipeline.models import WithFeatures, load_model
-from pipeline.models.denoisers import DnCNN
+from pipeline.models.denoisers import DnCNN, save_artifact
 from pipeline.storage import open_location
 
 OBJECTIVES = ("mse", "stab", "clf", "stab_mse", "decrop")
-ARTIFACT_VERSION = 1
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OBJECTIVES", "DenoiserConfig", "TrainingData", "classifier_digest", "decrop_views", "fit",
-           "load_denoiser", "prepare_training", "save_artifact"]
+__all__ = ["OBJECTIVES", "DenoiserConfig", "TrainingData", "decrop_views", "fit", "prepare_training"]
 
 
 @dataclass(frozen=True)
@@ -124,46 +119,17 @@ class DenoiserConfig:
         return dataclasses.asdict(self)
 
 
-def classifier_digest(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:24]
+def unwrap(module: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel wrapper (or the module itself)."""
+    return module.module if hasattr(module, "module") else module
 
 
-def save_artifact(directory: Path, denoiser: nn.Module, config: DenoiserConfig, metrics: dict,
-                  classifier: nn.Module, subset: dict) -> None:
-    """Writes denoiser.pt (the state dict) and artifact.json (what it is and how it was made)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    module = denoiser.module if hasattr(denoiser, "module") else denoiser
-    torch.save(module.state_dict(), directory / "denoiser.pt")
-    (directory / "artifact.json").write_text(json.dumps({
-        "version": ARTIFACT_VERSION, "architecture": {"name": "dncnn", **config.denoiser},
-        "classifier": {"spec": config.classifier, "sha256": classifier_digest(classifier)},
-        "objective": config.objective, "access": config.access, "sigma": config.sigma,
-        "surrogate": config.surrogate, "subset": subset, "seed": config.seed, "metrics": metrics,
-        "stage": metrics.get("stage"), "phase": metrics.get("phase"),
-        "config": config.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }, indent=2, sort_keys=True, default=str))
-
-
-def load_denoiser(uri: str, storage: dict | None = None) -> tuple[DnCNN, dict]:
-    """(denoiser in eval mode, its artifact.json) from a directory or s3:// prefix; ValueError naming what
-    does not fit."""
-    location = open_location(uri, **(storage or {}))
-    try:
-        metadata = json.loads(location.read_bytes("artifact.json"))
-        state = torch.load(io.BytesIO(location.read_bytes("denoiser.pt")), map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"cannot load a denoiser artifact from {uri}: {error}") from error
-    architecture = {key: value for key, value in metadata.get("architecture", {}).items() if key != "name"}
-    denoiser = DnCNN(**architecture)
-    try:
-        denoiser.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(f"denoiser checkpoint {uri} does not fit DnCNN({architecture}): {error}") from error
-    return denoiser.eval(), metadata
+def describe(config: DenoiserConfig, metrics: dict, subset: dict) -> dict:
+    """What a checkpoint of this training is and how it was made (the artifact's description)."""
+    return {"architecture": {"name": "dncnn", **config.denoiser}, "classifier": config.classifier,
+            "objective": config.objective, "access": config.access, "sigma": config.sigma,
+            "surrogate": config.surrogate, "subset": subset, "seed": config.seed, "metrics": metrics,
+            "stage": metrics.get("stage"), "phase": metrics.get("phase"), "config": config.to_dict()}
 
 
 def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -311,13 +277,13 @@ def fit(config: DenoiserConfig, report: Callable[[dict, Path | None], None], ran
                        "train_loss": running / max(1, len(batches)), "val_accuracy": accuracy,
                        "selection_score": accuracy if stage == selected else -1.0}
             if evaluate is not None:
-                metrics.update(evaluate(denoiser.module if hasattr(denoiser, "module") else denoiser, data))
+                metrics.update(evaluate(unwrap(denoiser), data))
             improved = accuracy > best["val_accuracy"]
             if improved:
                 best = dict(metrics)
             if rank == 0 and (improved or every_epoch):
                 with tempfile.TemporaryDirectory() as directory:
-                    save_artifact(Path(directory), denoiser, config, metrics, target, subset)
+                    save_artifact(Path(directory), unwrap(denoiser), target, describe(config, metrics, subset))
                     report(metrics, Path(directory))
             else:
                 report(metrics, None)

@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 
 from pipeline.models.demo import DemoCNN, Normalize, load_demo_model
+from pipeline.models.denoisers import Denoised, classifier_digest, load_denoiser
 from pipeline.storage import open_location
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -72,13 +73,10 @@ def load_state_dict(uri: str, storage: dict | None = None) -> dict[str, torch.Te
 
 def load_model(spec: dict[str, Any], storage: dict | None = None) -> nn.Module:
     """The classifier named by a model entry of a run config, in eval mode; with `denoiser: URI`, the
-    composition classifier(denoiser(x)) (a trained denoiser artifact, see `pipeline.denoise.train`)."""
+    composition classifier(denoiser(x)) (a trained denoiser artifact, `pipeline.models.denoisers`)."""
     classifier = _load_classifier(spec, storage)
     if not spec.get("denoiser"):
         return classifier
-    from pipeline.denoise.train import classifier_digest, load_denoiser
-    from pipeline.models.denoisers import Denoised
-
     denoiser, metadata = load_denoiser(spec["denoiser"], storage)
     if metadata.get("classifier", {}).get("sha256") != classifier_digest(classifier):
         log.warning("denoiser %s was trained for another classifier (%s); certifying it in front of %s",

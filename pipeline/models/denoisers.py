@@ -1,4 +1,5 @@
-"""Denoisers for pretrained classifiers (Salman et al. 2020): DnCNN and the classifier-denoiser composition.
+"""Denoisers for pretrained classifiers (Salman et al. 2020): DnCNN, the classifier-denoiser composition,
+and the denoiser artifact (weights + a description, with the digest of the classifier it was trained for).
 
 DnCNN predicts the noise and subtracts it: D(z) = z - dncnn(z). Its last convolution starts at zero, so
 a fresh denoiser is the identity. The defaults are the papers' (17 layers, 64 channels; the wide variant
@@ -7,10 +8,20 @@ has 128); `depth` and `channels` scale it down for small inputs.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+
 import torch
 from torch import nn
 
-__all__ = ["Denoised", "DnCNN"]
+from pipeline.storage import open_location
+
+ARTIFACT_VERSION = 1
+
+__all__ = ["ARTIFACT_VERSION", "Denoised", "DnCNN", "classifier_digest", "load_denoiser", "save_artifact"]
 
 
 class DnCNN(nn.Module):
@@ -48,3 +59,41 @@ class Denoised(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.denoiser(x))
+
+
+def classifier_digest(model: nn.Module) -> str:
+    """sha256 (24 hex digits) over a model's state dict: names and tensor bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def save_artifact(directory: Path, denoiser: nn.Module, classifier: nn.Module, description: dict) -> None:
+    """Writes denoiser.pt (the state dict) and artifact.json: `description` (what it is and how it was made,
+    its `classifier` the spec of the classifier it was trained for), plus that classifier's digest, the
+    artifact version and the time."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(denoiser.state_dict(), directory / "denoiser.pt")
+    metadata = {**description, "version": ARTIFACT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "classifier": {"spec": description.get("classifier"), "sha256": classifier_digest(classifier)}}
+    (directory / "artifact.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+
+
+def load_denoiser(uri: str, storage: dict | None = None) -> tuple[DnCNN, dict]:
+    """(denoiser in eval mode, its artifact.json) from a directory or s3:// prefix; ValueError naming what
+    does not fit."""
+    location = open_location(uri, **(storage or {}))
+    try:
+        metadata = json.loads(location.read_bytes("artifact.json"))
+        state = torch.load(io.BytesIO(location.read_bytes("denoiser.pt")), map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"cannot load a denoiser artifact from {uri}: {error}") from error
+    architecture = {key: value for key, value in metadata.get("architecture", {}).items() if key != "name"}
+    denoiser = DnCNN(**architecture)
+    try:
+        denoiser.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"denoiser checkpoint {uri} does not fit DnCNN({architecture}): {error}") from error
+    return denoiser.eval(), metadata
