@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections import Counter
@@ -13,10 +12,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.certifiers.base import Certifier
+from pipeline.certifiers.base import Certificate, Certifier
 from pipeline.engine import Engine
 from pipeline.noise import noise_scheme
-from pipeline.results import CERTIFIER_EXTRAS, RUN_COLUMNS, to_table
+from pipeline.results import RowContext, result_row, to_table
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +72,6 @@ def _check_ids(image_ids, count: int) -> list[str]:
     return image_ids
 
 
-
-
 def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Certifier] = (), *, seed: int = 0,
             batch_size: int = 1000, device: str = "cpu", precision: str = "fp32", channels_last: bool = False,
             compile: bool | str = False, image_ids: Sequence[str] | None = None, progress: bool = False) -> pa.Table:
@@ -93,79 +90,88 @@ def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Ce
 
 
 def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier], *, seed: int,
-                 image_ids: Sequence[str] | None = None, run_info: dict | None = None) -> list[dict]:
-    """`certify` on an existing engine, as result rows; `run_info` fills the run columns."""
+                 image_ids: Sequence[str] | None = None, run_info: dict | None = None,
+                 indices: Sequence[int] | None = None) -> list[dict]:
+    """`certify` on an existing engine, as result rows, image by image in certifier order: check the
+    inputs, sample once for the counting certifiers, let the sampling ones sample, build the rows.
+    `run_info` fills the run columns; `indices` (default: the positions) the `image_index` column."""
+    certifiers = _check_certifiers(certifiers)
+    images = _check_images(images)
+    image_ids = content_ids(images) if image_ids is None else _check_ids(image_ids, len(images))
+    labels = _check_inputs(engine, images, image_ids, labels, certifiers)
+    verdicts = {**_counted(engine, images, image_ids, labels, seed, certifiers),
+                **_sampled(engine, images, image_ids, labels, seed, certifiers)}
+    context = RowContext(seed=seed, precision=engine.precision, device=engine.device.type,
+                         settings={"noise_scheme": noise_scheme(engine.device), **engine.settings()},
+                         run=run_info or {}, input_shape=tuple(images.shape[1:]))
+    indices = range(len(images)) if indices is None else indices
+    rows = []
+    for index, (image_index, image_id, label) in enumerate(zip(indices, image_ids, labels, strict=True)):
+        for position, certifier in enumerate(certifiers):
+            certificate, seconds = verdicts[position][index]
+            rows.append(result_row(certifier, certificate, int(image_index), image_id, label, seconds, context))
+    return rows
+
+
+def _check_certifiers(certifiers: Sequence[Certifier]) -> list[Certifier]:
     certifiers = list(certifiers)
     if not certifiers:
         raise ValueError("certifiers: give at least one certifier, e.g. Cohen(sigma=0.25)")
     for certifier in certifiers:
         if not isinstance(certifier, Certifier):
             raise ValueError(f"certifiers must be Certifier instances, got {certifier!r}")
-    images = _check_images(images)
-    image_ids = content_ids(images) if image_ids is None else _check_ids(image_ids, len(images))
+    return certifiers
+
+
+def _check_inputs(engine, images, image_ids, labels, certifiers) -> list[int | None]:
+    """The labels, checked against the model's classes; raises when a certifier cannot take the inputs."""
     num_classes = certifiers[0].num_classes(engine, images[0])
     labels = _check_labels(labels, len(images), num_classes)
     for certifier in certifiers:
         certifier.check_num_classes(num_classes)
         certifier.check_images(images, image_ids)
+    return labels
 
+
+Verdicts = dict[int, list[tuple[Certificate, float]]]  # certifier position -> (certificate, seconds) per image
+
+
+def _counted(engine, images, image_ids, labels, seed, certifiers) -> Verdicts:
+    """The counting certifiers' certificates from one sampling pass over all their requests (shared
+    streams sampled once); each row's time is its share of the sampling plus its own math."""
+    counting = {position: certifier for position, certifier in enumerate(certifiers) if not certifier.self_sampling}
+    if not counting:
+        return {}
     labeled = all(label is not None for label in labels)
-    settings = {"noise_scheme": noise_scheme(engine.device), **engine.settings()}
-    shape = tuple(images.shape[1:])
-    context = {"seed": seed, "precision": engine.precision, "device": engine.device.type,
-               **{key: (run_info or {}).get(key) for key in RUN_COLUMNS}}
+    roles = {position: certifier.draws(labeled) for position, certifier in counting.items()}
+    requests = list(dict.fromkeys(draws for group in roles.values() for draws in group.values()))
+    log.debug("certifying %d images: %d noise streams, batch %d on %s", len(images),
+              len({draws.stream for draws in requests}), engine.batch_size, engine.device)
+    seconds_before = engine.seconds
+    counts = engine.count(images, image_ids, seed, requests)
+    passes = {position: sum(draws.n for draws in group.values()) for position, group in roles.items()}
+    seconds_per_pass = (engine.seconds - seconds_before) / (len(images) * sum(passes.values()))
+    verdicts: Verdicts = {}
+    for position, certifier in counting.items():
+        verdicts[position] = []
+        for index, label in enumerate(labels):
+            started = time.perf_counter()
+            certificate = certifier.certify({role: counts[draws][index] for role, draws in roles[position].items()},
+                                            label)
+            seconds = passes[position] * seconds_per_pass + time.perf_counter() - started
+            verdicts[position].append((certificate, seconds))
+    return verdicts
 
-    def row(index: int, certifier: Certifier, certificate, n: int, n0: int, passes: int, seconds: float) -> dict:
-        label = labels[index]
-        correct = None
-        if certifier.classifies and label is not None:
-            correct = not certificate.abstained and certificate.prediction == label
-        return {
-            "image_index": index, "image_id": image_ids[index], "label": label, "certifier": certifier.name,
-            "setting": certifier.setting, "sigma": float(certifier.sigma), "prediction": certificate.prediction,
-            "abstained": certificate.abstained, "radius": certificate.radius, "norm": certifier.norm,
-            "p_lower": certificate.p_lower, "count": certificate.count, "n": n, "n0": n0,
-            "alpha": float(certifier.failure_probability), "correct": correct, "topk_labels": certificate.topk_labels,
-            "forward_passes": passes, "wall_time_s": seconds, "status": "ok", "error": None,
-            "params": json.dumps({**certifier.params(shape), **settings, **(certificate.details or {})},
-                                 sort_keys=True),
-            **dict.fromkeys(CERTIFIER_EXTRAS), **(certificate.extra or {}), **context,
-        }
 
-    counted = [certifier for certifier in certifiers if not certifier.self_sampling]
-    own_draws = [certifier.draws(labeled) for certifier in counted]
-    requests = list(dict.fromkeys(draws for group in own_draws for draws in group))
-    log.debug("certifying %d images with %s: %d noise streams, batch %d on %s", len(images),
-              ", ".join(c.name for c in certifiers), len({d.stream for d in requests}),
-              engine.batch_size, engine.device)
-    rows_by_certifier: dict[int, list[dict]] = {}
-    if counted:
-        seconds_before = engine.seconds
-        counts = engine.count(images, image_ids, seed, requests)
-        passes = [sum(draws.n for draws in group) for group in own_draws]
-        seconds_per_pass = (engine.seconds - seconds_before) / (len(images) * sum(passes))
-        for certifier, group, forward_passes in zip(counted, own_draws, passes, strict=True):
-            n0 = sum(draws.n for draws in group if draws.stage == "selection")
-            rows_by_certifier[id(certifier)] = []
-            for index in range(len(images)):
-                started = time.perf_counter()
-                certificate = certifier.certify({draws: counts[draws][index] for draws in group}, labels[index])
-                seconds = forward_passes * seconds_per_pass + time.perf_counter() - started
-                rows_by_certifier[id(certifier)].append(
-                    row(index, certifier, certificate, forward_passes - n0, n0, forward_passes, seconds))
-    for certifier in certifiers:
+def _sampled(engine, images, image_ids, labels, seed, certifiers) -> Verdicts:
+    """The sampling certifiers' certificates, each certifier's time shared out by forward passes."""
+    verdicts: Verdicts = {}
+    for position, certifier in enumerate(certifiers):
         if certifier.self_sampling:
             started = time.perf_counter()
             certificates = certifier.run(engine, images, image_ids, seed, labels)
             seconds = time.perf_counter() - started
-            budget, planned_n0 = certifier.draw_counts()
-            draws = [budget if certificate.draws is None else certificate.draws for certificate in certificates]
-            n0s = [planned_n0 if certificate.selection_draws is None else certificate.selection_draws
-                   for certificate in certificates]
-            passes = [certificate.forward_passes or n + n0
-                      for certificate, n, n0 in zip(certificates, draws, n0s, strict=True)]
-            rows_by_certifier[id(certifier)] = [  # wall time shared out by forward passes
-                row(index, certifier, certificate, n, n0, forward_passes, seconds * forward_passes / sum(passes))
-                for index, (certificate, n, n0, forward_passes)
-                in enumerate(zip(certificates, draws, n0s, passes, strict=True))]
-    return [rows_by_certifier[id(certifier)][index] for index in range(len(images)) for certifier in certifiers]
+            total = sum(certificate.cost.forward_passes for certificate in certificates)
+            verdicts[position] = [(certificate, seconds * certificate.cost.forward_passes / total)
+                                  for certificate in certificates]
+    return verdicts

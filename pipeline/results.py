@@ -7,11 +7,14 @@ Parquet file of results documents itself.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from pipeline.certifiers import Certificate, Cohen
+from pipeline.certifiers.base import Cost
 from pipeline.storage import Location
 
 _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
@@ -83,8 +86,8 @@ SCHEMA = pa.schema(
      for name, dtype, nullable, text in _COLUMNS]
 )
 
-__all__ = ["SCHEMA", "code_version", "describe", "environment", "error_row", "manifest_matches", "read_certify_log",
-           "read_results", "to_table"]
+__all__ = ["SCHEMA", "RowContext", "code_version", "describe", "environment", "manifest_matches", "read_certify_log",
+           "read_results", "result_row", "to_table"]
 
 
 def describe() -> dict[str, str]:
@@ -101,17 +104,41 @@ def to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
-def error_row(image_index: int, image_id: str, label: int | None, certifier, message: str, **context) -> dict:
-    """The row that stands for an image the certifier could not examine: status 'error', no certificate."""
-    params = json.dumps({**certifier.params(), **context.pop("settings", {})}, sort_keys=True)
-    classifies = certifier.classifies
+@dataclass(frozen=True)
+class RowContext:
+    """What the rows of one certification call share: the seed, where and how the model ran (`settings`:
+    the noise scheme and engine settings, recorded in params), the run's columns and the input shape."""
+
+    seed: int
+    precision: str = "fp32"
+    device: str = "cpu"
+    settings: dict = field(default_factory=dict)
+    run: dict = field(default_factory=dict)
+    input_shape: tuple | None = None
+
+
+def result_row(certifier, certificate, image_index: int, image_id: str, label: int | None, seconds: float,
+               context: RowContext) -> dict:
+    """The row of SCHEMA for one (image, certifier): the certificate with its cost, or, for a certificate
+    that `failed`, status 'error' with the reason. Every row is built here."""
+    classifies, failed, cost = certifier.classifies, certificate.error is not None, certificate.cost
+    correct = None
+    if classifies and label is not None:
+        correct = not certificate.abstained and certificate.prediction == label
+    params = {**certifier.params(None if failed else context.input_shape), **context.settings,
+              **(certificate.details or {})}
     return {
         "image_index": image_index, "image_id": image_id, "label": label, "certifier": certifier.name,
-        "setting": certifier.setting, "sigma": float(certifier.sigma), "prediction": -1 if classifies else None,
-        "abstained": True, "radius": 0.0, "norm": certifier.norm, "p_lower": None, "count": None, "n": 0, "n0": 0,
-        "alpha": float(certifier.failure_probability), "correct": False if classifies and label is not None else None,
-        "topk_labels": None, "forward_passes": 0, "status": "error", "error": message, "params": params,
-        **dict.fromkeys(CERTIFIER_EXTRAS + RUN_COLUMNS), **context,
+        "setting": certifier.setting, "sigma": float(certifier.sigma),
+        "prediction": certificate.prediction if classifies else None, "abstained": certificate.abstained,
+        "radius": certificate.radius, "norm": certifier.norm, "p_lower": certificate.p_lower,
+        "count": certificate.count, "n": cost.n, "n0": cost.n0, "alpha": float(certifier.failure_probability),
+        "correct": correct, "topk_labels": certificate.topk_labels, "forward_passes": cost.forward_passes,
+        "wall_time_s": seconds, "status": "error" if failed else "ok", "error": certificate.error,
+        "params": json.dumps(params, sort_keys=True),
+        **dict.fromkeys(CERTIFIER_EXTRAS), **(certificate.extra or {}),
+        "seed": context.seed, "precision": context.precision, "device": context.device,
+        **{key: context.run.get(key) for key in RUN_COLUMNS},
     }
 
 
@@ -140,19 +167,15 @@ def read_certify_log(path: str | Path, sigma: float, alpha: float = 0.001, n: in
     lines = Path(path).read_text().splitlines()
     if lines[0].split() != ["idx", "label", "predict", "radius", "correct", "time"]:
         raise ValueError(f"{path}: not a certify.py log (header {lines[0]!r})")
-    setting = f"cohen(sigma={sigma}, alpha={alpha}, n0={n0}, n={n}, mode=certify)"
+    cohen = Cohen(sigma=sigma, alpha=alpha, n0=n0, n=n)
+    context = RowContext(seed=0, precision="fp32", device="cuda")
     rows = []
     for line in lines[1:]:
-        idx, label, predict, radius, correct, time = line.split("\t")
-        rows.append({
-            "image_index": int(idx), "image_id": idx, "label": int(label), "certifier": "cohen", "setting": setting,
-            "sigma": sigma, "prediction": int(predict), "abstained": int(predict) == -1, "radius": float(radius),
-            "norm": "l2", "p_lower": None, "count": None, "n": n, "n0": n0, "alpha": alpha,
-            "correct": bool(int(correct)), "topk_labels": None if int(predict) == -1 else [int(predict)],
-            "forward_passes": n + n0, "seed": 0, "wall_time_s": seconds(time), "status": "ok", "error": None,
-            "precision": "fp32", "device": "cuda", "params": json.dumps({"source": str(path)}),
-            **dict.fromkeys(CERTIFIER_EXTRAS + RUN_COLUMNS),
-        })
+        idx, label, predict, radius, _, time = line.split("\t")
+        certificate = Certificate(prediction=int(predict), radius=float(radius), cost=Cost(n=n, n0=n0),
+                                  topk_labels=None if int(predict) == -1 else [int(predict)],
+                                  details={"source": str(path)})
+        rows.append(result_row(cohen, certificate, int(idx), idx, int(label), seconds(time), context))
     return to_table(rows)
 
 

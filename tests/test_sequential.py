@@ -115,7 +115,7 @@ def cohen_outcomes(certifier, p, streams, seed=0):
 
     def procedure():
         top, outcome = yield from top_class(certifier)
-        return sequential_certificate(top, outcome, certifier.sigma)
+        return sequential_certificate(top, outcome, certifier.sigma, certifier.n0)
 
     return [drive(procedure(), rng, [p, 1 - p]) for _ in range(streams)]
 
@@ -140,7 +140,7 @@ def test_futility_stops_early_and_never_certifies():
         record = certificate.details["sequential"]
         assert record["stopped"] == "decided" and record["certified_radii"] == []
         assert record["ruled_out_radii"] == [0.5, 1.0]
-        assert certificate.draws < 2_000
+        assert certificate.cost.n < 2_000
         assert certificate.radius < 0.5
     rng = np.random.default_rng(1)
     for _ in range(20):  # no class above 1/2: abstain
@@ -155,7 +155,7 @@ def test_max_radius_mode_is_sound_and_stops_when_saturated():
     true_radius = sigma * sps.norm.ppf(p)
     assert sum(c.radius > true_radius for c in certificates) <= binomial_limit(streams, alpha)
     assert all(c.details["sequential"]["stopped"] in ("saturated", "budget") for c in certificates)
-    assert np.mean([c.draws for c in certificates]) < 50_000  # stops before the budget...
+    assert np.mean([c.cost.n for c in certificates]) < 50_000  # stops before the budget...
     assert np.mean([c.radius for c in certificates]) > true_radius - 0.05  # ...close to the truth
 
 

@@ -1,8 +1,16 @@
-"""What every certifier shares: the certificate it returns and the checks on its settings.
+"""What every certifier shares: the certificate it returns, its cost, the noise stages and the checks on its
+settings.
 
-A certifier says which noise it needs (`draws`) and turns the counts the engine returns into a
-`Certificate` (`certify`). The math lives in plain functions on counts, so it is testable on stored
-counts without a model.
+A certifier is one of two kinds:
+
+- counting (the default): it says which noise it needs, by role (`draws`), and turns the class counts the
+  engine returns for those roles into a `Certificate` (`certify`). The math lives in plain functions on
+  counts, so it is testable on stored counts without a model.
+- sampling (`self_sampling` true: center smoothing, Smooth-Reduce, the sequential modes): later draws
+  depend on earlier ones, so it samples through the engine itself (`run`).
+
+Either way, every certificate states its own cost (`Cost`): the draws it rests on and the model
+evaluations behind them.
 """
 
 from __future__ import annotations
@@ -20,34 +28,70 @@ from pipeline.engine import Draws
 
 ABSTAIN = -1
 
+# Noise stages. A draw is a pure function of (seed, image id, stage, index): certifiers that ask for the same
+# stage at the same sigma (and noise kind) get the same draws, which is how Cohen and TopK share passes.
+SELECTION = "selection"  # draws that choose the class to certify
+ESTIMATION = "estimation"  # fresh draws that bound its probability (DSSN: all L offsets)
+DSSN_OFFSETS = "dssn"
+CENTER_SEARCH = "center_search"  # the samples the centre is searched among (or measured against)
+CENTER_CANDIDATES = "center_candidates"  # the candidate centres of `centers=k`
+CENTER_CHECK = "center_check"
+CENTER_CERTIFY = "center_certify"
+
+__all__ = ["ABSTAIN", "CENTER_CANDIDATES", "CENTER_CERTIFY", "CENTER_CHECK", "CENTER_SEARCH", "DSSN_OFFSETS",
+           "ESTIMATION", "SELECTION", "Certificate", "Certifier", "Cost"]
+
 
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
-__all__ = ["ABSTAIN", "Certificate", "Certifier"]
-
 
 @dataclass(frozen=True)
+class Cost:
+    """What a certificate rests on: `n` estimation draws (center: the m certification draws), `n0` draws
+    before them (selection; center: the centre search and check) and the model evaluations behind them
+    (`forward_passes`: n0 + n unless one draw costs more, as Smooth-Reduce's patches do)."""
+
+    n: int
+    n0: int = 0
+    forward_passes: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "n", int(self.n))
+        object.__setattr__(self, "n0", int(self.n0))
+        if self.forward_passes is None:
+            object.__setattr__(self, "forward_passes", self.n + self.n0)
+
+
+NO_COST = Cost(0, 0, 0)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Certificate:
-    """One certifier's verdict on one image. A classifier's certificate has `prediction` ABSTAIN (-1) with
-    radius 0 when it abstains; a certificate about outputs (center smoothing) has no prediction and says
-    `abstained` itself. `extra` holds values of the result columns only some certifiers fill."""
+    """One certifier's verdict on one image, with its cost. A classifier's certificate has `prediction`
+    ABSTAIN (-1) with radius 0 when it abstains; a certificate about outputs (center smoothing) has no
+    prediction and says `abstained` itself. `extra` holds values of the result columns only some certifiers
+    fill; `details` go into the row's params. `error` says why an image could not be examined at all."""
 
     prediction: int | None
     radius: float
+    cost: Cost
     p_lower: float | None = None
     count: int | None = None
     topk_labels: list[int] | None = None
     abstained: bool | None = None
     extra: dict | None = None
-    details: dict | None = None  # per-image settings, recorded in the row's params
-    forward_passes: int | None = None  # model evaluations, where they differ from the certifier's draws
-    draws: int | None = None  # estimation draws used, where they differ from the certifier's n (sequential)
-    selection_draws: int | None = None  # selection draws used, where they differ from the certifier's n0
+    details: dict | None = None
+    error: str | None = None
 
     def __post_init__(self) -> None:
         if self.abstained is None:
             object.__setattr__(self, "abstained", self.prediction == ABSTAIN)
+
+    @classmethod
+    def failed(cls, message: str) -> Certificate:
+        """The stand-in for an image that could not be examined (unreadable, wrong shape, ...): no certificate."""
+        return cls(prediction=ABSTAIN, radius=0.0, cost=NO_COST, abstained=True, error=message)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,7 +102,6 @@ class Certifier:
     norm: ClassVar[str] = "l2"
     deterministic: ClassVar[bool] = False  # True: the certificate holds with certainty (alpha = 0)
     classifies: ClassVar[bool] = True  # False: certifies outputs, not a class (no prediction, no `correct`)
-    self_sampling: ClassVar[bool] = False  # True: later stages depend on earlier ones; samples through `run`
 
     sigma: float
     alpha: float = 0.001
@@ -96,22 +139,25 @@ class Certifier:
     def check_images(self, images, image_ids) -> None:
         """Raises ValueError, naming the image, when an input lies outside the certifier's threat model."""
 
-    def draws(self, labeled: bool) -> list[Draws]:
-        """The noise this certifier needs for every image; `labeled` says whether true labels are given."""
-        return []
+    @property
+    def self_sampling(self) -> bool:
+        """True when later draws depend on earlier ones, so the certifier samples through `run`."""
+        return False
 
+    # counting certifiers
+    def draws(self, labeled: bool) -> dict[str, Draws]:
+        """The noise this certifier needs for every image, by role (SELECTION, ESTIMATION); `labeled` says
+        whether true labels are given."""
+        return {}
+
+    def certify(self, counts: Mapping[str, np.ndarray], label: int | None) -> Certificate:
+        """The certificate for one image from its class counts, keyed by the roles of `draws`."""
+        raise NotImplementedError
+
+    # sampling certifiers
     def run(self, engine, images, image_ids: list[str], seed: int,
             labels: list[int | None] | None = None) -> list[Certificate]:
-        """For self-sampling certifiers: sample through `engine` and certify every image (`labels`, when
-        given, are the true classes)."""
-        raise NotImplementedError
-
-    def draw_counts(self) -> tuple[int, int]:
-        """For self-sampling certifiers: (estimation draws n, draws before them n0) per image."""
-        raise NotImplementedError
-
-    def certify(self, counts: Mapping[Draws, np.ndarray], label: int | None) -> Certificate:
-        """The certificate for one image from its count vectors, keyed by the requests of `draws`."""
+        """Sample through `engine` and certify every image (`labels`, when given, are the true classes)."""
         raise NotImplementedError
 
     def _setting_items(self) -> dict:

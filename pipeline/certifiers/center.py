@@ -28,7 +28,15 @@ from typing import ClassVar
 import torch
 from scipy.stats import norm
 
-from pipeline.certifiers.base import Certificate, Certifier
+from pipeline.certifiers.base import (
+    CENTER_CANDIDATES,
+    CENTER_CERTIFY,
+    CENTER_CHECK,
+    CENTER_SEARCH,
+    Certificate,
+    Certifier,
+    Cost,
+)
 from pipeline.engine import Draws, Engine
 from pipeline.metrics import METRICS, get_metric
 from pipeline.models import WithFeatures
@@ -104,7 +112,6 @@ class Center(Certifier):
 
     name: ClassVar[str] = "center"
     classifies: ClassVar[bool] = False
-    self_sampling: ClassVar[bool] = True
 
     alpha: float = 0.01  # always alpha1 + alpha2: set those
     eps_in: float
@@ -164,11 +171,13 @@ class Center(Certifier):
         return candidate_miss(self.n if self.centers == "exact" else self.centers, self.delta)
 
     @property
-    def forward_passes(self) -> int:
-        return (0 if self.centers == "exact" else self.centers) + 2 * self.n + self.m + 1
+    def self_sampling(self) -> bool:
+        return True
 
-    def draw_counts(self) -> tuple[int, int]:
-        return self.m, self.forward_passes - self.m
+    @property
+    def cost(self) -> Cost:
+        """n: the m certification draws; n0: the centre search (and candidates), the check, the clean pass."""
+        return Cost(n=self.m, n0=(0 if self.centers == "exact" else self.centers) + 2 * self.n + 1)
 
     def params(self, input_shape: tuple | None = None) -> dict:
         distance = get_metric(self.metric)
@@ -188,7 +197,7 @@ class Center(Certifier):
         def count_within(outputs, image, draw):
             within.index_add_(0, image, (distance.paired(outputs, centres[image]) <= radii[image]).long())
 
-        engine.outputs(images, image_ids, seed, Draws("center_check", self.sigma, self.n), head, count_within)
+        engine.outputs(images, image_ids, seed, Draws(CENTER_CHECK, self.sigma, self.n), head, count_within)
         return centres, radii, within.double() / self.n
 
     def run(self, engine: Engine, images: torch.Tensor, image_ids: list[str], seed: int,
@@ -206,7 +215,7 @@ class Center(Certifier):
         def keep_distances(outputs, image, draw):
             distances[image, draw] = distance.paired(outputs, centres[image]).float()
 
-        engine.outputs(images, image_ids, seed, Draws("center_certify", self.sigma, self.m), head, keep_distances)
+        engine.outputs(images, image_ids, seed, Draws(CENTER_CERTIFY, self.sigma, self.m), head, keep_distances)
 
         certificates = []
         errors = distance.paired(clean.float(), centres).tolist()
@@ -214,13 +223,13 @@ class Center(Certifier):
             extra = {"eps_in": float(self.eps_in), "metric": self.metric, "output": self.output,
                      "smoothing_error": errors[index]}
             if not check_passes(fraction, self.n, self.alpha1, self.delta):
-                certificates.append(Certificate(prediction=None, radius=0.0, abstained=True, extra={
+                certificates.append(Certificate(prediction=None, radius=0.0, cost=self.cost, abstained=True, extra={
                     **extra, "abstain_reason": f"check failed: {fraction:.4f} of {self.n} fresh samples within "
                                                f"the centre's median distance"}))
                 continue
             eps_out = distance.radius_coefficient * order_statistic(distances[index], level)
-            certificates.append(Certificate(prediction=None, radius=float(self.eps_in), abstained=False,
-                                            extra={**extra, "eps_out": eps_out}))
+            certificates.append(Certificate(prediction=None, radius=float(self.eps_in), cost=self.cost,
+                                            abstained=False, extra={**extra, "eps_out": eps_out}))
         return certificates
 
     def _centres(self, engine, images, image_ids, seed, head, distance) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +243,7 @@ class Center(Certifier):
         def keep(outputs, image, draw):
             candidates[image, draw] = outputs.float()
 
-        stage = "center_search" if self.centers == "exact" else "center_candidates"
+        stage = CENTER_SEARCH if self.centers == "exact" else CENTER_CANDIDATES
         engine.outputs(images, image_ids, seed, Draws(stage, self.sigma, candidates_count), head, keep)
         if self.centers == "exact":
             medians = torch.stack([median_distances(distance, candidates[i], candidates[i])
@@ -248,7 +257,7 @@ class Center(Certifier):
                                          outputs[:, None].expand(rows, candidates_count, *shape).flatten(0, 1))
                 to_samples[image, :, draw] = paired.view(rows, candidates_count).float()
 
-            engine.outputs(images, image_ids, seed, Draws("center_search", self.sigma, self.n), head, measure)
+            engine.outputs(images, image_ids, seed, Draws(CENTER_SEARCH, self.sigma, self.n), head, measure)
             medians = to_samples.median(dim=2).values
         best = medians.argmin(dim=1)
         index = torch.arange(len(images), device=engine.device)

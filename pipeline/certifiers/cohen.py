@@ -17,7 +17,7 @@ from scipy.special import ndtr
 from scipy.stats import norm
 
 from pipeline import stats
-from pipeline.certifiers.base import ABSTAIN, Certificate, Certifier
+from pipeline.certifiers.base import ABSTAIN, ESTIMATION, SELECTION, Certificate, Certifier, Cost
 from pipeline.certifiers.sequential import SEQUENTIAL_MODES, Outcome, SequentialOptions, top_class
 from pipeline.engine import Draws
 
@@ -36,22 +36,24 @@ def certificate_from_counts(selection_counts, estimation_counts, sigma: float, a
     top = int(np.argmax(selection_counts))
     count, n = int(estimation_counts[top]), int(estimation_counts.sum())
     p_lower = float(stats.clopper_pearson_lower(count, n, alpha))
+    cost = Cost(n=n, n0=selection_counts.sum())
     if p_lower > 0.5:
-        return Certificate(prediction=top, radius=float(sigma * norm.ppf(p_lower)), p_lower=p_lower, count=count,
-                           topk_labels=[top])
-    return Certificate(prediction=ABSTAIN, radius=0.0, p_lower=p_lower, count=count)
+        return Certificate(prediction=top, radius=float(sigma * norm.ppf(p_lower)), cost=cost, p_lower=p_lower,
+                           count=count, topk_labels=[top])
+    return Certificate(prediction=ABSTAIN, radius=0.0, cost=cost, p_lower=p_lower, count=count)
 
 
-def sequential_certificate(top: int, outcome: Outcome, sigma: float, scale: float = 1.0) -> Certificate:
-    """The certificate of a sequential run (see `pipeline.certifiers.sequential`): class `top` with the
-    largest radius over the looks, or an abstention when no look certified a radius > 0. p_lower is the
-    bound behind the radius; `scale` maps the vote's radius to the input's (1 for Cohen)."""
+def sequential_certificate(top: int, outcome: Outcome, sigma: float, n0: int, scale: float = 1.0) -> Certificate:
+    """The certificate of a sequential run (see `pipeline.certifiers.sequential`) after `n0` selection draws:
+    class `top` with the largest radius over the looks, or an abstention when no look certified a radius
+    > 0. p_lower is the bound behind the radius; `scale` maps the vote's radius to the input's (1 for Cohen)."""
     count = int(outcome.counts[top])
     p_lower = float(ndtr(outcome.radius / (scale * sigma)))
+    cost = Cost(n=outcome.draws, n0=n0)
     if outcome.radius > 0:
-        return Certificate(prediction=top, radius=outcome.radius, p_lower=p_lower, count=count, topk_labels=[top],
-                           draws=outcome.draws, details=outcome.details())
-    return Certificate(prediction=ABSTAIN, radius=0.0, p_lower=p_lower, count=count, draws=outcome.draws,
+        return Certificate(prediction=top, radius=outcome.radius, cost=cost, p_lower=p_lower, count=count,
+                           topk_labels=[top], details=outcome.details())
+    return Certificate(prediction=ABSTAIN, radius=0.0, cost=cost, p_lower=p_lower, count=count,
                        details=outcome.details(), extra={"abstain_reason": outcome.abstain_reason})
 
 
@@ -93,20 +95,18 @@ class Cohen(SequentialOptions, Certifier):
         self._require_choice("mode", ("certify", "predict", *SEQUENTIAL_MODES))
         self._check_sequential()
 
-    def draws(self, labeled: bool) -> list[Draws]:
-        estimation = Draws("estimation", self.sigma, self.n)
+    def draws(self, labeled: bool) -> dict[str, Draws]:
+        estimation = Draws(ESTIMATION, self.sigma, self.n)
         if self.mode == "predict":
-            return [estimation]
-        return [Draws("selection", self.sigma, self.n0), estimation]
+            return {ESTIMATION: estimation}
+        return {SELECTION: Draws(SELECTION, self.sigma, self.n0), ESTIMATION: estimation}
 
-    def certify(self, counts: Mapping[Draws, np.ndarray], label: int | None) -> Certificate:
-        estimation = counts[Draws("estimation", self.sigma, self.n)]
+    def certify(self, counts: Mapping[str, np.ndarray], label: int | None) -> Certificate:
         if self.mode == "predict":
-            prediction = predict_from_counts(estimation, self.alpha)
-            return Certificate(prediction=prediction, radius=0.0,
+            prediction = predict_from_counts(counts[ESTIMATION], self.alpha)
+            return Certificate(prediction=prediction, radius=0.0, cost=Cost(n=counts[ESTIMATION].sum()),
                                topk_labels=None if prediction == ABSTAIN else [prediction])
-        selection = counts[Draws("selection", self.sigma, self.n0)]
-        return certificate_from_counts(selection, estimation, self.sigma, self.alpha)
+        return certificate_from_counts(counts[SELECTION], counts[ESTIMATION], self.sigma, self.alpha)
 
     def run(self, engine, images, image_ids: list[str], seed: int,
             labels: list[int | None] | None = None) -> list[Certificate]:
@@ -114,6 +114,6 @@ class Cohen(SequentialOptions, Certifier):
 
         def procedure():
             top, outcome = yield from top_class(self)
-            return sequential_certificate(top, outcome, self.sigma)
+            return sequential_certificate(top, outcome, self.sigma, self.n0)
 
         return engine.sequential(images, image_ids, seed, [procedure() for _ in image_ids])

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pipeline import stats
-from pipeline.certifiers.base import ABSTAIN, Certificate, Certifier
+from pipeline.certifiers.base import ABSTAIN, DSSN_OFFSETS, ESTIMATION, SELECTION, Certificate, Certifier, Cost
 from pipeline.engine import Draws
 from pipeline.noise import dssn_levels, template_identity
 
@@ -83,16 +83,16 @@ class DSSN(Certifier):
             params["template_identity"] = template_identity(math.prod(input_shape), self.levels, self.template)
         return params
 
-    def draws(self, labeled: bool) -> list[Draws]:
-        return [Draws("dssn", self.sigma, self.levels, noise="dssn",
-                      options=(("q", self.q), ("template", self.template)))]
+    def draws(self, labeled: bool) -> dict[str, Draws]:
+        return {ESTIMATION: Draws(DSSN_OFFSETS, self.sigma, self.levels, noise="dssn",
+                                  options=(("q", self.q), ("template", self.template)))}
 
-    def certify(self, counts: Mapping[Draws, np.ndarray], label: int | None) -> Certificate:
-        votes = counts[self.draws(label is not None)[0]]
+    def certify(self, counts: Mapping[str, np.ndarray], label: int | None) -> Certificate:
+        votes = counts[ESTIMATION]
         prediction, radius = certify_from_counts(votes, self.q)
         count = int(votes[prediction])
-        return Certificate(prediction=prediction, radius=radius, p_lower=count / self.levels, count=count,
-                           topk_labels=[prediction])
+        return Certificate(prediction=prediction, radius=radius, cost=Cost(n=votes.sum()),
+                           p_lower=count / self.levels, count=count, topk_labels=[prediction])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,16 +114,18 @@ class SSN(Certifier):
         return {**super().params(), "lambda": math.sqrt(3) * self.sigma,
                 "threat_model": "l1 ball; any real perturbed input"}
 
-    def draws(self, labeled: bool) -> list[Draws]:
-        return [Draws("selection", self.sigma, self.n0, noise="ssn"),
-                Draws("estimation", self.sigma, self.n, noise="ssn")]
+    def draws(self, labeled: bool) -> dict[str, Draws]:
+        return {SELECTION: Draws(SELECTION, self.sigma, self.n0, noise="ssn"),
+                ESTIMATION: Draws(ESTIMATION, self.sigma, self.n, noise="ssn")}
 
-    def certify(self, counts: Mapping[Draws, np.ndarray], label: int | None) -> Certificate:
-        selection, estimation = (counts[draws] for draws in self.draws(label is not None))
+    def certify(self, counts: Mapping[str, np.ndarray], label: int | None) -> Certificate:
+        selection, estimation = counts[SELECTION], counts[ESTIMATION]
         top = int(np.argmax(selection))
         count, n = int(estimation[top]), int(estimation.sum())
         p_lower = float(stats.clopper_pearson_lower(count, n, self.alpha))
+        cost = Cost(n=n, n0=selection.sum())
         if p_lower > 0.5:
             radius = 2 * math.sqrt(3) * self.sigma * (p_lower - 0.5)
-            return Certificate(prediction=top, radius=radius, p_lower=p_lower, count=count, topk_labels=[top])
-        return Certificate(prediction=ABSTAIN, radius=0.0, p_lower=p_lower, count=count)
+            return Certificate(prediction=top, radius=radius, cost=cost, p_lower=p_lower, count=count,
+                               topk_labels=[top])
+        return Certificate(prediction=ABSTAIN, radius=0.0, cost=cost, p_lower=p_lower, count=count)

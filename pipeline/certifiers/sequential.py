@@ -33,6 +33,7 @@ import numpy as np
 from scipy.special import ndtri
 
 from pipeline import stats
+from pipeline.certifiers.base import ESTIMATION, SELECTION
 from pipeline.engine import Draws
 from pipeline.noise import DRAWS_PER_BLOCK
 
@@ -100,9 +101,6 @@ class SequentialOptions:
         """A sequential certifier decides per image how many draws to take, so it samples through `run`."""
         return self.sequential
 
-    def draw_counts(self) -> tuple[int, int]:
-        return self.n, self.n0
-
     def _check_sequential(self) -> None:
         defaults = SequentialOptions()
         if not self.sequential:
@@ -155,7 +153,7 @@ class SequentialOptions:
         best, worst = -math.inf, math.inf
         stopped = "budget"
         for look, n in enumerate(looks, 1):
-            counts = yield Draws("estimation", self.sigma, n)
+            counts = yield Draws(ESTIMATION, self.sigma, n)
             low, high = radii_at(counts, look)
             best, worst = max(best, low), min(worst, high)
             if self.mode == "sequential":
@@ -180,7 +178,7 @@ def top_class(certifier, scale: float = 1.0) -> Generator[Draws, np.ndarray, tup
     """Sequential CERTIFY for a smoothed top-1 vote (Cohen; Smooth-Reduce): the top class of `n0`
     selection draws, then estimation looks with radius scale * sigma * Phi^-1(bound on its probability).
     Returns (top class, outcome)."""
-    selection = yield Draws("selection", certifier.sigma, certifier.n0)
+    selection = yield Draws(SELECTION, certifier.sigma, certifier.n0)
     top = int(np.argmax(selection))
 
     def radii_at(counts: np.ndarray, look: int) -> tuple[float, float]:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.certifiers.base import Certificate, Certifier
+from pipeline.certifiers.base import ESTIMATION, SELECTION, Certificate, Certifier, Cost
 from pipeline.certifiers.cohen import certificate_from_counts, sequential_certificate
 from pipeline.certifiers.sequential import SEQUENTIAL_MODES, SequentialOptions, top_class
 from pipeline.engine import Draws, Engine
@@ -137,7 +137,6 @@ class SmoothReduce(SequentialOptions, Certifier):
     decided, n being the budget (see `pipeline.certifiers.sequential`)."""
 
     name: ClassVar[str] = "smooth_reduce"
-    self_sampling: ClassVar[bool] = True
 
     patch_size: int
     num_patches: int | None = None
@@ -169,6 +168,10 @@ class SmoothReduce(SequentialOptions, Certifier):
         if self.resize_to is not None:
             self._require_count("resize_to", 1)
         self._check_sequential()
+
+    @property
+    def self_sampling(self) -> bool:
+        return True
 
     def plan(self, image_shape: Sequence[int], seed: int) -> tuple[np.ndarray, int, int]:
         """(patch corners, resized side, largest pixel multiplicity) for images of this shape: one plan per
@@ -205,12 +208,12 @@ class SmoothReduce(SequentialOptions, Certifier):
         if self.sequential:
             def procedure():
                 top, outcome = yield from top_class(self, scale=factor)
-                return sequential_certificate(top, outcome, self.sigma, scale=factor)
+                return sequential_certificate(top, outcome, self.sigma, self.n0, scale=factor)
 
             voted = engine.sequential(inputs, image_ids, seed, [procedure() for _ in image_ids], head=head,
                                       batch_size=batch_size)
         else:
-            selection, estimation = Draws("selection", self.sigma, self.n0), Draws("estimation", self.sigma, self.n)
+            selection, estimation = Draws(SELECTION, self.sigma, self.n0), Draws(ESTIMATION, self.sigma, self.n)
             counts = engine.count(inputs, image_ids, seed, [selection, estimation], head=head, batch_size=batch_size)
             voted = [certificate_from_counts(counts[selection][index], counts[estimation][index], self.sigma,
                                              self.alpha) for index in range(len(images))]
@@ -219,13 +222,13 @@ class SmoothReduce(SequentialOptions, Certifier):
                    "radius_factor": factor}
         certificates = []
         for certificate in voted:
-            draws = self.n if certificate.draws is None else certificate.draws
-            engine.forward_passes += (patches_per_draw - 1) * (self.n0 + draws)
+            votes = certificate.cost  # one vote per draw, each a forward pass per patch
+            engine.forward_passes += (patches_per_draw - 1) * votes.forward_passes
             radius = certificate.radius  # the sequential radius is in input space already
             extra = {} if self.sequential else {"uncorrected_radius": radius}
             if not self.sequential:
                 radius *= factor
             certificates.append(dataclasses.replace(
                 certificate, radius=radius, details={**details, **extra, **(certificate.details or {})},
-                forward_passes=patches_per_draw * (self.n0 + draws)))
+                cost=Cost(votes.n, votes.n0, patches_per_draw * votes.forward_passes)))
         return certificates

@@ -23,7 +23,7 @@ import numpy as np
 from scipy.special import ndtr, ndtri
 
 from pipeline import stats
-from pipeline.certifiers.base import ABSTAIN, Certificate, Certifier
+from pipeline.certifiers.base import ABSTAIN, ESTIMATION, SELECTION, Certificate, Certifier, Cost
 from pipeline.certifiers.sequential import SEQUENTIAL_MODES, SequentialOptions
 from pipeline.engine import Draws
 
@@ -171,17 +171,22 @@ class TopK(SequentialOptions, Certifier):
             raise ValueError(f"{self.name}: k must be smaller than the number of classes ({num_classes}), "
                              f"got k={self.k}")
 
-    def draws(self, labeled: bool) -> list[Draws]:
-        estimation = Draws("estimation", self.sigma, self.n)
-        return [estimation] if labeled else [Draws("selection", self.sigma, self.n0), estimation]
+    def draws(self, labeled: bool) -> dict[str, Draws]:
+        estimation = Draws(ESTIMATION, self.sigma, self.n)
+        if labeled:
+            return {ESTIMATION: estimation}
+        return {SELECTION: Draws(SELECTION, self.sigma, self.n0), ESTIMATION: estimation}
 
-    def certify(self, counts: Mapping[Draws, np.ndarray], label: int | None) -> Certificate:
-        estimation = counts[Draws("estimation", self.sigma, self.n)]
+    def certify(self, counts: Mapping[str, np.ndarray], label: int | None) -> Certificate:
+        estimation = counts[ESTIMATION]
+        selection_draws = 0
         if label is None:
-            label = int(np.argmax(counts[Draws("selection", self.sigma, self.n0)]))
+            label = int(np.argmax(counts[SELECTION]))
+            selection_draws = counts[SELECTION].sum()
         radius = radius_from_counts(estimation, label, self.k, self.sigma, self.alpha, self.bound, self.tolerance)
         p_lower, _ = label_bounds(estimation, label, self.alpha, self.bound)
-        return Certificate(prediction=label if radius > 0 else ABSTAIN, radius=radius, p_lower=p_lower,
+        return Certificate(prediction=label if radius > 0 else ABSTAIN, radius=radius,
+                           cost=Cost(n=estimation.sum(), n0=selection_draws), p_lower=p_lower,
                            count=int(estimation[label]),
                            topk_labels=predict_from_counts(estimation, self.k, self.alpha))
 
@@ -193,7 +198,7 @@ class TopK(SequentialOptions, Certifier):
 
         def procedure(label: int | None):
             if unlabeled:
-                label = int(np.argmax((yield Draws("selection", self.sigma, self.n0))))
+                label = int(np.argmax((yield Draws(SELECTION, self.sigma, self.n0))))
 
             def radii_at(counts: np.ndarray, look: int) -> tuple[float, float]:
                 p_lower, upper, p_upper, lower = sequential_label_bounds(counts, label, look, self.alpha, self.bound,
@@ -206,9 +211,8 @@ class TopK(SequentialOptions, Certifier):
                                               self.test)[0]
             certified = outcome.radius > 0
             return Certificate(prediction=label if certified else ABSTAIN, radius=max(outcome.radius, 0.0),
-                               p_lower=p_lower, count=int(outcome.counts[label]), draws=outcome.draws,
-                               selection_draws=self.n0 if unlabeled else 0,
-                               forward_passes=outcome.draws + (self.n0 if unlabeled else 0), details=outcome.details(),
+                               cost=Cost(n=outcome.draws, n0=self.n0 if unlabeled else 0), p_lower=p_lower,
+                               count=int(outcome.counts[label]), details=outcome.details(),
                                extra=None if certified else {"abstain_reason": outcome.abstain_reason})
 
         return engine.sequential(images, image_ids, seed, [procedure(label) for label in labels])

@@ -8,13 +8,17 @@ A bad image never raises: it comes back as an error message with a zero array in
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
-__all__ = ["ImageError", "Transform", "decode"]
+NO_LABEL = -1  # the label of an image its dataset does not label, in decoded batches
+
+__all__ = ["NO_LABEL", "ImageError", "Transform", "decode", "decode_batch"]
 
 
 class ImageError(ValueError):
@@ -58,3 +62,39 @@ def decode(data: bytes, transform: Transform) -> np.ndarray:
     image = v2.functional.center_crop(image, transform.size)
     pixels = np.asarray(image, dtype=np.uint8)
     return pixels.reshape(*pixels.shape[:2], -1).transpose(2, 0, 1).copy()
+
+
+def decode_batch(batch: dict[str, np.ndarray], transform: Transform, fs: pafs.FileSystem | None = None,
+                 keep: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Decodes a batch of listing rows (encoded `image` bytes, or a `path` read from `fs`) into uint8 pixels.
+
+    An image that cannot be read or decoded keeps its row, with zeros for pixels and the reason in `error`
+    ("" for good images). Labels a dataset lacks (null, NaN or negative) become NO_LABEL. With `keep`
+    (image_id -> dataset index, for Parquet shards), rows whose image_id is not in it are dropped.
+    """
+    ids = [str(i) for i in batch["image_id"]]
+    rows = [i for i, image_id in enumerate(ids) if keep is None or image_id in keep]
+    indices = [keep[ids[row]] if keep is not None else int(batch["index"][row]) for row in rows]
+    pixels = np.zeros((len(rows), *transform.shape), dtype=np.uint8)
+    errors = []
+    for out, row in enumerate(rows):
+        data = batch["image"][row] if "image" in batch else None
+        try:
+            if data is None and (fs is None or "path" not in batch):
+                raise ImageError("the row holds no image bytes")
+            if data is None:
+                with fs.open_input_stream(str(batch["path"][row])) as stream:
+                    data = stream.read()
+            pixels[out] = decode(bytes(data), transform)
+            errors.append("")
+        except (ImageError, OSError) as error:
+            errors.append(f"{ids[row]}: {error}")
+    return {"index": np.array(indices, dtype=np.int64), "image_id": np.array([ids[row] for row in rows], dtype=object),
+            "label": np.array([_label(batch["label"][row]) for row in rows], dtype=np.int64),
+            "pixels": pixels, "error": np.array(errors, dtype=object)}
+
+
+def _label(value) -> int:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or int(value) < 0:
+        return NO_LABEL
+    return int(value)

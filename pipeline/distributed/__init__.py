@@ -1,1 +1,21 @@
-"""The Ray layer: wires the library to Ray Data (certification). Adds no math."""
+"""The Ray layer: certification over Ray Data, denoiser training over Ray Train, sweeps over Ray Tune.
+It wires the library to Ray and adds no math and no run bookkeeping."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+__all__ = ["init_ray"]
+
+
+def init_ray() -> None:
+    """Joins the cluster named by RAY_ADDRESS (as under `ray job submit`), or starts a local instance with at
+    least 4 logical CPUs, so that read and write tasks keep running beside the actors."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(4, os.cpu_count() or 1))

@@ -19,7 +19,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from pipeline.denoise.train import DenoiserConfig, decrop_views, fit, prepare_training
-from pipeline.distributed.certify import init_ray
+from pipeline.distributed import init_ray
 from pipeline.distributed.generate import generate_with_ray
 from pipeline.storage import open_location
 

@@ -38,7 +38,7 @@ import pipeline
 from pipeline.certifiers import Cohen
 from pipeline.config import ConfigError, read_yaml, set_dotted
 from pipeline.denoise.train import DenoiserConfig, fit
-from pipeline.distributed.certify import init_ray
+from pipeline.distributed import init_ray
 from pipeline.models.denoisers import Denoised
 from pipeline.storage import open_location
 

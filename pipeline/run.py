@@ -1,0 +1,147 @@
+"""One certification run, below Ray: prepare -> certify a batch (as many times as there are batches) -> finish.
+
+- `prepare(config)` fails before any certification work when the output cannot be written, the model
+  cannot be loaded, the dataset cannot be listed or the run id already holds a run with another
+  configuration; it writes the manifest and finds the images still pending (those without a row for
+  every setting), so a rerun of a run id certifies only what earlier attempts did not write.
+- `certify_batch` turns one decoded batch into its rows: certificates for the images that decoded, an
+  error row per setting for each that did not. `batch_file` names the batch's Parquet file by its image
+  ids, so a retried batch overwrites its own file and never duplicates a row.
+- `finish` checks that no (image, setting) has two rows, completes the manifest and writes the report.
+
+Whoever runs the batches (`pipeline.distributed.certify` over Ray Data) only moves them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from pipeline import report
+from pipeline.certification import certify_rows
+from pipeline.certifiers import Certificate, Certifier
+from pipeline.config import RunConfig
+from pipeline.data.preprocess import NO_LABEL
+from pipeline.data.sources import list_images
+from pipeline.engine import Engine
+from pipeline.models import load_model
+from pipeline.results import RowContext, environment, manifest_matches, read_results, result_row, to_table
+from pipeline.storage import Location, check_writable, open_location
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Run", "batch_file", "certify_batch", "done_image_ids", "finish", "prepare"]
+
+
+@dataclass
+class Run:
+    """A prepared run: its settings, where it writes, what it lists and what is still pending."""
+
+    config: RunConfig
+    certifiers: list[Certifier]
+    location: Location
+    listing: pa.Table
+    pending: pa.Table
+    manifest: dict
+
+    @property
+    def results(self) -> Location:
+        return self.location.join("results")
+
+    @property
+    def info(self) -> dict:
+        """The run columns of its rows (the node is added where a batch is certified)."""
+        return {"run_id": self.config.run_id, "model": self.config.model["name"],
+                "code_version": self.manifest["code_version"]}
+
+
+def prepare(config: RunConfig) -> Run:
+    """Checks, manifest and the pending images of a run (see the module docstring)."""
+    location = open_location(config.output, **config.storage).join(config.run_id)
+    check_writable(location)
+    certifiers = config.build_certifiers()
+    load_model(config.model, config.storage)  # an unreadable checkpoint fails here, before any work
+    listing = list_images(config.dataset, config.storage)
+    manifest = _start_manifest(location, config)
+    done = done_image_ids(read_results(location.join("results"), ["image_id", "setting"]),
+                          [certifier.setting for certifier in certifiers])
+    pending = listing.filter(pc.invert(pc.is_in(listing["image_id"], pa.array(sorted(done), pa.string()))))
+    log.info("%d images listed, %d already certified by earlier attempts, %d to certify", listing.num_rows,
+             listing.num_rows - pending.num_rows, pending.num_rows)
+    return Run(config, certifiers, location, listing, pending, manifest)
+
+
+def _start_manifest(location: Location, config: RunConfig) -> dict:
+    manifest = {"run_id": config.run_id, "config": config.to_dict(), **environment()}
+    if location.join("manifest.json").exists():
+        earlier = location.read_json("manifest.json")
+        manifest_matches(earlier, manifest)
+        manifest.update(started=earlier["started"], attempts=earlier.get("attempts", 1) + 1)
+    else:
+        manifest.update(started=_now(), attempts=1)
+    manifest["status"] = "running"
+    location.write_json("manifest.json", manifest)
+    return manifest
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def done_image_ids(results: pa.Table, settings: list[str]) -> set[str]:
+    """Images that already have a row for every setting."""
+    if results.num_rows == 0:
+        return set()
+    grouped = results.group_by("image_id").aggregate([("setting", "count_distinct")])
+    complete = pc.equal(grouped["setting_count_distinct"], len(settings))
+    return set(grouped.filter(complete)["image_id"].to_pylist())
+
+
+def certify_batch(engine: Engine, certifiers: Sequence[Certifier], batch: dict[str, np.ndarray], seed: int,
+                  run_info: dict) -> pa.Table:
+    """The rows of one decoded batch (`pipeline.data.preprocess.decode_batch`), sorted by image and setting;
+    `image_index` is the dataset index."""
+    ids = [str(i) for i in batch["image_id"]]
+    labels = [None if label == NO_LABEL else int(label) for label in batch["label"]]
+    good = [i for i, error in enumerate(batch["error"]) if not error]
+    rows = []
+    if good:
+        pixels = torch.from_numpy(batch["pixels"][good]).float().div_(255)
+        rows = certify_rows(engine, pixels, [labels[i] for i in good], certifiers, seed=seed,
+                            image_ids=[ids[i] for i in good], run_info=run_info,
+                            indices=[int(batch["index"][i]) for i in good])
+    context = RowContext(seed=seed, precision=engine.precision, device=engine.device.type, run=run_info)
+    rows += [result_row(certifier, Certificate.failed(error), int(batch["index"][i]), ids[i], labels[i], 0.0, context)
+             for i, error in enumerate(batch["error"]) if error for certifier in certifiers]
+    return to_table(rows).sort_by([("image_id", "ascending"), ("setting", "ascending")])
+
+
+def batch_file(image_ids: Sequence[str]) -> str:
+    """The name of a batch's results file: a hash of its image ids, whatever their order."""
+    digest = hashlib.sha1("\n".join(sorted(image_ids)).encode()).hexdigest()[:20]
+    return f"part-{digest}.parquet"
+
+
+def finish(run: Run, counts: dict[str, int]) -> str:
+    """The exactly-once check, the finished manifest and the report; returns the report's summary."""
+    results = read_results(run.results)
+    keys = pa.table({"image_id": results["image_id"], "setting": results["setting"]})
+    unique = keys.group_by(["image_id", "setting"]).aggregate([]).num_rows
+    if unique != results.num_rows:
+        raise RuntimeError(f"{run.location.uri}: {results.num_rows - unique} duplicated result rows")
+    run.manifest.update(status="finished", finished=_now(), counts={
+        **counts, "rows": results.num_rows, "images": len(set(results["image_id"].to_pylist())),
+        "error_rows": int(pc.sum(pc.equal(results["status"], "error")).as_py() or 0)})
+    run.location.write_json("manifest.json", run.manifest)
+    summary = report.write_report(results, run.location.join("report"), run.config.report_radii)
+    log.info("run %s finished: %d images, %d rows; results in %s", run.config.run_id,
+             run.manifest["counts"]["images"], results.num_rows, run.results.uri)
+    return summary
