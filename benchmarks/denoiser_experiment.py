@@ -19,8 +19,8 @@ from pathlib import Path
 import pipeline
 from pipeline import report
 from pipeline.certifiers import Cohen
+from pipeline.config import DenoiserConfig
 from pipeline.data.demo import load_demo
-from pipeline.denoise.train import DenoiserConfig
 from pipeline.distributed.train import train_denoiser
 from pipeline.models import load_model
 from pipeline.models.denoisers import load_denoiser

@@ -43,7 +43,7 @@ def main() -> None:
     config = validate(base)
 
     listing = list_images(config.dataset)
-    transform = config.transform()
+    transform = config.dataset.transform
     images = torch.stack([torch.from_numpy(decode(data, transform)) for data in listing["image"].to_pylist()])
     labels, ids = listing["label"].to_pylist(), listing["image_id"].to_pylist()
     engine = Engine(load_model(config.model), batch_size=config.batch_size)

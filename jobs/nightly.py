@@ -41,9 +41,9 @@ def run_suite(suite: dict, date: str) -> tuple[pd.DataFrame, dict]:
         started = time.perf_counter()
         uri = run(config)
         seconds = time.perf_counter() - started
-        results = read_results(open_location(uri, **config.storage).join("results"))
-        count = config.actors["count"] * max(1, int(config.actors["gpus"]))
-        devices.append({"model": entry["label"], "devices": count, "device": "gpu" if config.actors["gpus"] else "cpu",
+        results = read_results(config.storage.open(uri).join("results"))
+        count = config.actors.count * max(1, int(config.actors.gpus))
+        devices.append({"model": entry["label"], "devices": count, "device": "gpu" if config.actors.gpus else "cpu",
                         "nodes": sorted(set(results["node"].to_pylist()))})
         frames.append(nightly.figures(entry["label"], results, suite.get("radii", [0.0, 0.25, 0.5]), seconds, count,
                                       suite.get("price_per_device_hour", 0.0)))

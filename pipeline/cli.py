@@ -51,9 +51,8 @@ def certify_main(args: argparse.Namespace) -> int:
         print(f"pipeline: {'invalid configuration: ' if isinstance(error, ConfigError) else ''}{error}",
               file=sys.stderr)
         return 2
-    from pipeline.storage import open_location
 
-    print(open_location(uri, **config.storage).join("report").read_bytes("summary.md").decode())
+    print(config.storage.open(uri).join("report").read_bytes("summary.md").decode())
     print(f"results: {uri}/results  report: {uri}/report")
     return 0
 
@@ -62,9 +61,9 @@ def report_main(args: argparse.Namespace) -> int:
     _logging(args.verbose)
     from pipeline import report
     from pipeline.results import read_results
-    from pipeline.storage import open_location
+    from pipeline.storage import Storage
 
-    run = open_location(args.run, endpoint_url=args.endpoint_url)
+    run = Storage(endpoint_url=args.endpoint_url).open(args.run)
     results = read_results(run.join("results"))
     if results.num_rows == 0:
         print(f"pipeline: no results under {run.uri}/results", file=sys.stderr)
@@ -77,8 +76,7 @@ def report_main(args: argparse.Namespace) -> int:
 def train_denoiser_main(args: argparse.Namespace) -> int:
     """Runs `pipeline train-denoiser`: a YAML config, overrides, then training (Ray Train with workers >= 1)."""
     _logging(args.verbose)
-    from pipeline.config import read_yaml
-    from pipeline.denoise.train import DenoiserConfig
+    from pipeline.config import DenoiserConfig, read_yaml
 
     try:
         data = read_yaml(args.config, args.set)

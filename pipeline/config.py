@@ -14,17 +14,17 @@ from typing import Any
 import yaml
 
 from pipeline.certifiers import REGISTRY, Certifier
-from pipeline.data.preprocess import Transform
-from pipeline.data.sources import LAYOUTS
+from pipeline.data.sources import LAYOUTS, DatasetSpec
+from pipeline.denoise.generate import GenerationSettings
 from pipeline.engine import PRECISIONS
-from pipeline.models import model_names
+from pipeline.models import ModelSpec, model_names
+from pipeline.storage import Storage
 
 DEVICES = ("auto", "cpu", "cuda")
-DATASET_KEYS = {"layout", "root", "split", "skip", "max", "size", "resize", "channels", "mode", "ground_truth",
-                "meta", "synsets", "id"}
-MODEL_KEYS = {"name", "weights", "mean", "std", "num_classes", "denoiser"}
+OBJECTIVES = ("mse", "stab", "clf", "stab_mse", "decrop")
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "read_yaml", "set_dotted", "validate"]
+__all__ = ["OBJECTIVES", "Actors", "ConfigError", "DenoiserConfig", "RunConfig", "load_config", "read_yaml", "section",
+           "set_dotted", "validate"]
 
 
 class ConfigError(ValueError):
@@ -32,15 +32,24 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Actors:
+    """The certification actor pool: `count` actors, each with `gpus` GPUs (fractions allowed) and `cpus`."""
+
+    count: int = 1
+    gpus: float = 0
+    cpus: float = 1
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a certification run needs."""
 
     certifiers: list[dict[str, Any]]
-    dataset: dict[str, Any] = field(default_factory=lambda: {"layout": "demo"})
-    model: dict[str, Any] = field(default_factory=lambda: {"name": "demo_cnn"})
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
     run_id: str = "demo"
     output: str = "runs"
-    storage: dict[str, Any] = field(default_factory=dict)
+    storage: Storage = field(default_factory=Storage)
     seed: int = 0
     batch_size: int = 1000
     images_per_batch: int = 16
@@ -48,7 +57,7 @@ class RunConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool | str = False
-    actors: dict[str, Any] = field(default_factory=lambda: {"count": 1, "gpus": 0, "cpus": 1})
+    actors: Actors = field(default_factory=Actors)
     report_radii: list[float] | None = None
 
     def build_certifiers(self) -> list[Certifier]:
@@ -74,14 +83,23 @@ class RunConfig:
             raise ConfigError(f"certifiers: the same setting appears twice: {repeated}")
         return built
 
-    def transform(self) -> Transform:
-        data = self.dataset
-        size = data.get("size", 32 if data.get("layout") == "demo" else None)
-        return Transform(size=size, resize=data.get("resize"), channels=data.get("channels", 3),
-                         mode=data.get("mode", "RGB"))
-
     def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain data (YAML / JSON), sections included; `validate` reads it back."""
         return dataclasses.asdict(self)
+
+
+def section(kind: type, where: str, value: Any):
+    """A config section (a mapping, or already the typed object) as its frozen dataclass `kind`; ConfigError
+    naming unknown keys."""
+    if isinstance(value, kind):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a mapping")
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return kind(**value)
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -142,32 +160,10 @@ def validate(data: dict[str, Any]) -> RunConfig:
              "certifiers: give a non-empty list, e.g. [{name: cohen, sigma: 0.25}]")
     _require(all(isinstance(entry, dict) for entry in data["certifiers"]),
              "certifiers: every entry must be a mapping with a 'name'")
-    for key in ("dataset", "model", "storage", "actors"):
-        _require(isinstance(data.get(key, {}), dict), f"{key}: must be a mapping")
-    config = RunConfig(**data)
-
-    dataset, model = config.dataset, config.model
-    _require(not (set(dataset) - DATASET_KEYS), f"dataset: unknown key(s) {sorted(set(dataset) - DATASET_KEYS)}")
-    _require(dataset.get("layout") in LAYOUTS,
-             f"dataset.layout: unknown layout {dataset.get('layout')!r}; known: {list(LAYOUTS)}")
-    _require(dataset.get("layout") == "demo" or bool(dataset.get("root")),
-             f"dataset.root: the {dataset.get('layout')} layout needs a root path or s3:// URI")
-    _require(dataset.get("id", "name") in ("name", "relative_path"),
-             f"dataset.id must be 'name' or 'relative_path', got {dataset.get('id')!r}")
-    _require(_is_count(dataset.get("skip", 1), 1), f"dataset.skip must be an integer >= 1, got {dataset.get('skip')!r}")
-    _require(dataset.get("max") is None or _is_count(dataset["max"], 1),
-             f"dataset.max must be an integer >= 1 or null, got {dataset.get('max')!r}")
-    transform = config.transform()
-    _require(_is_count(transform.size, 1), f"dataset.size (the centre-crop side) must be an integer >= 1, "
-                                           f"got {transform.size!r}")
-    _require(transform.resize is None or _is_count(transform.resize, transform.size),
-             f"dataset.resize must be an integer >= dataset.size, got {transform.resize!r}")
-    _require(_is_count(transform.channels, 1), f"dataset.channels must be an integer >= 1, got {transform.channels!r}")
-
-    _require(not (set(model) - MODEL_KEYS), f"model: unknown key(s) {sorted(set(model) - MODEL_KEYS)}")
-    _require(model.get("name") in model_names(),
-             f"model.name: unknown model {model.get('name')!r}; use demo_cnn or a torchvision classifier name")
-
+    sections = {"dataset": DatasetSpec, "model": ModelSpec, "storage": Storage, "actors": Actors}
+    config = RunConfig(**{**data, **{key: section(kind, key, data.get(key, {})) for key, kind in sections.items()}})
+    check_dataset(config.dataset)
+    check_model(config.model)
     _require(isinstance(config.run_id, str) and bool(re.fullmatch(r"[A-Za-z0-9._-]+", config.run_id)),
              f"run_id must be letters, digits, '.', '_' or '-', got {config.run_id!r}")
     _require(isinstance(config.output, str) and bool(config.output), "output: give a directory or s3:// URI")
@@ -182,15 +178,114 @@ def validate(data: dict[str, Any]) -> RunConfig:
              f"channels_last must be true or false, got {config.channels_last!r}")
     _require(isinstance(config.compile, bool | str) and config.compile != "",
              f"compile must be true, false or a torch.compile backend name, got {config.compile!r}")
-    actors = {"count": 1, "gpus": 0, "cpus": 1, **config.actors}
-    _require(not (set(actors) - {"count", "gpus", "cpus"}),
-             f"actors: unknown key(s) {sorted(set(actors) - {'count', 'gpus', 'cpus'})}")
-    _require(_is_count(actors["count"], 1), f"actors.count must be an integer >= 1, got {actors['count']!r}")
-    for key in ("gpus", "cpus"):
-        _require(isinstance(actors[key], int | float) and actors[key] >= 0,
-                 f"actors.{key} must be a number >= 0, got {actors[key]!r}")
+    check_actors(config.actors)
     _require(config.report_radii is None or (isinstance(config.report_radii, list) and
                                              all(isinstance(r, int | float) and r >= 0 for r in config.report_radii)),
              f"report_radii must be a list of radii >= 0, got {config.report_radii!r}")
     config.build_certifiers()
-    return dataclasses.replace(config, actors=actors)
+    return config
+
+
+def check_dataset(dataset: DatasetSpec, where: str = "dataset") -> None:
+    """ConfigError naming the first bad key of a dataset entry."""
+    _require(dataset.layout in LAYOUTS, f"{where}.layout: unknown layout {dataset.layout!r}; known: {list(LAYOUTS)}")
+    _require(dataset.layout == "demo" or bool(dataset.root),
+             f"{where}.root: the {dataset.layout} layout needs a root path or s3:// URI")
+    _require(dataset.id in ("name", "relative_path"),
+             f"{where}.id must be 'name' or 'relative_path', got {dataset.id!r}")
+    _require(_is_count(dataset.skip, 1), f"{where}.skip must be an integer >= 1, got {dataset.skip!r}")
+    _require(dataset.max is None or _is_count(dataset.max, 1),
+             f"{where}.max must be an integer >= 1 or null, got {dataset.max!r}")
+    transform = dataset.transform
+    _require(_is_count(transform.size, 1), f"{where}.size (the centre-crop side) must be an integer >= 1, "
+                                           f"got {transform.size!r}")
+    _require(transform.resize is None or _is_count(transform.resize, transform.size),
+             f"{where}.resize must be an integer >= {where}.size, got {transform.resize!r}")
+    _require(_is_count(transform.channels, 1), f"{where}.channels must be an integer >= 1, got {transform.channels!r}")
+
+
+def check_model(model: ModelSpec, where: str = "model") -> None:
+    """ConfigError naming the first bad key of a model entry."""
+    _require(model.name in model_names(),
+             f"{where}.name: unknown model {model.name!r}; use demo_cnn or a torchvision classifier name")
+
+
+def check_actors(actors: Actors) -> None:
+    _require(_is_count(actors.count, 1), f"actors.count must be an integer >= 1, got {actors.count!r}")
+    for key in ("gpus", "cpus"):
+        value = getattr(actors, key)
+        _require(isinstance(value, int | float) and not isinstance(value, bool) and value >= 0,
+                 f"actors.{key} must be a number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    """Everything a denoiser training run needs (see jobs/configs/denoiser_demo.yaml); `from_dict` reads it
+    from YAML data, ConfigError naming the first bad key."""
+
+    classifier: ModelSpec
+    objective: str = "stab"
+    sigma: float = 0.25
+    access: str = "white_box"
+    surrogate: ModelSpec | None = None
+    denoiser: dict[str, Any] = field(default_factory=lambda: {"depth": 17, "channels": 64, "wide": False})
+    dataset: DatasetSpec = field(default_factory=lambda: DatasetSpec(split="train"))
+    subset: dict[str, Any] = field(default_factory=lambda: {"fraction": 0.01, "seed": 3, "validation": 0.2})
+    epochs: int = 90
+    second_epochs: int = 0
+    batch_size: int = 256
+    lr: float = 1e-3
+    second_lr: float | None = None
+    weight_decay: float = 1e-4
+    step_size: int = 30
+    gamma: float = 0.1
+    disc_lr: float = 1e-5
+    weights: dict[str, float] = field(default_factory=lambda: {"stab": 1.0, "cosine": 4.0, "mmd": 4.0, "dann": 2.0})
+    generation: dict[str, Any] = field(default_factory=dict)
+    augment: bool = True
+    seed: int = 0
+    output: str = "runs/denoisers"
+    run_name: str = "denoiser"
+    storage: Storage = field(default_factory=Storage)
+    cache: str | None = None
+    workers: int = 0
+    use_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        _require(self.access in ("white_box", "black_box"),
+                 f"access must be 'white_box' or 'black_box', got {self.access!r}")
+        _require(not (self.access == "black_box" and not self.surrogate),
+                 "access: black_box needs a `surrogate` classifier for gradients (the target is used only through "
+                 "its outputs)")
+        _require(isinstance(self.sigma, int | float) and self.sigma > 0, f"sigma must be > 0, got {self.sigma!r}")
+        for key in ("epochs", "batch_size"):
+            _require(_is_count(getattr(self, key), 1), f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
+        _require(_is_count(self.second_epochs, 0), f"second_epochs must be an integer >= 0, got {self.second_epochs!r}")
+        unknown = set(self.denoiser) - {"depth", "channels", "wide"}
+        _require(not unknown, f"denoiser: unknown key(s) {sorted(unknown)}; known: depth, channels, wide")
+        check_model(self.classifier, "classifier")
+        if self.surrogate is not None:
+            check_model(self.surrogate, "surrogate")
+        check_dataset(self.dataset)
+        try:
+            GenerationSettings(**self.generation)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"generation: {error}") from error
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DenoiserConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        _require(not unknown, f"unknown denoiser config key(s) {unknown}; known: {sorted(known)}")
+        _require("classifier" in data, "classifier: name the frozen classifier the denoiser is trained for")
+        sections = {"classifier": section(ModelSpec, "classifier", data["classifier"]),
+                    "dataset": section(DatasetSpec, "dataset", data.get("dataset", {"split": "train"})),
+                    "storage": section(Storage, "storage", data.get("storage", {}))}
+        if data.get("surrogate") is not None:
+            sections["surrogate"] = section(ModelSpec, "surrogate", data["surrogate"])
+        return cls(**{**data, **sections})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain data; `from_dict` reads it back."""
+        return dataclasses.asdict(self)

@@ -15,6 +15,8 @@ import pyarrow.dataset as pads
 
 from pipeline.certifiers import Certificate, Cohen
 from pipeline.certifiers.base import Cost
+from pipeline.data.sources import DatasetSpec
+from pipeline.models import ModelSpec
 from pipeline.storage import Location
 
 _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
@@ -216,11 +218,18 @@ def environment() -> dict:
 
 
 def manifest_matches(earlier: dict, current: dict) -> None:
-    """Raises ValueError when a run id is reused with settings that would change its results."""
+    """Raises ValueError when a run id is reused with settings that would change its results. Sections are
+    compared as their typed specs, so a manifest that spelled out only some keys (or was written before a
+    setting existed) matches the same settings given with their defaults."""
     keys = ("certifiers", "dataset", "model", "seed", "precision", "channels_last", "compile")
     added_later = {"channels_last": False, "compile": False}  # runs written before these settings existed
-    changed = [key for key in keys
-               if earlier.get("config", {}).get(key, added_later.get(key)) != current["config"].get(key)]
+    sections = {"dataset": DatasetSpec, "model": ModelSpec}
+
+    def setting(config: dict, key: str):
+        value = config.get(key, added_later.get(key))
+        return sections[key](**value) if key in sections and isinstance(value, dict) else value
+
+    changed = [key for key in keys if setting(earlier.get("config", {}), key) != setting(current["config"], key)]
     if changed:
         raise ValueError(f"run {current['run_id']!r} already exists with different {', '.join(changed)}; "
                          f"resume it with the same settings or choose another run_id")

@@ -34,7 +34,7 @@ from pipeline.data.sources import list_images
 from pipeline.engine import Engine
 from pipeline.models import load_model
 from pipeline.results import RowContext, environment, manifest_matches, read_results, result_row, to_table
-from pipeline.storage import Location, check_writable, open_location
+from pipeline.storage import Location, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,13 @@ class Run:
     @property
     def info(self) -> dict:
         """The run columns of its rows (the node is added where a batch is certified)."""
-        return {"run_id": self.config.run_id, "model": self.config.model["name"],
+        return {"run_id": self.config.run_id, "model": self.config.model.name,
                 "code_version": self.manifest["code_version"]}
 
 
 def prepare(config: RunConfig) -> Run:
     """Checks, manifest and the pending images of a run (see the module docstring)."""
-    location = open_location(config.output, **config.storage).join(config.run_id)
+    location = config.storage.open(config.output).join(config.run_id)
     check_writable(location)
     certifiers = config.build_certifiers()
     load_model(config.model, config.storage)  # an unreadable checkpoint fails here, before any work

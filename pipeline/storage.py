@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-__all__ = ["Location", "StorageError", "check_writable", "open_location"]
+__all__ = ["DEFAULT_STORAGE", "Location", "Storage", "StorageError", "check_writable", "open_location"]
 
 
 class StorageError(OSError):
@@ -100,6 +100,23 @@ def open_location(uri: str, endpoint_url: str | None = None, region: str | None 
         raise StorageError(f"{uri}: unsupported storage; use a local path or s3://bucket/prefix")
     path = os.path.abspath(uri.removeprefix("file://"))
     return Location(pafs.LocalFileSystem(), path, path)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How to reach object storage: the `endpoint_url` of an S3-speaking server (default: AWS_ENDPOINT_URL,
+    else AWS) and the `region`; credentials always come from the standard AWS chain. Local paths need none
+    of it. Every URI a configuration names is opened through one of these."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    def open(self, uri: str) -> Location:
+        """The directory (or file) at a local path or `s3://bucket/prefix`."""
+        return open_location(uri, self.endpoint_url, self.region)
+
+
+DEFAULT_STORAGE = Storage()  # endpoint and region from the environment
 
 
 def check_writable(location: Location) -> None:

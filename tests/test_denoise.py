@@ -10,17 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import validate
+from pipeline.config import DenoiserConfig, validate
 from pipeline.denoise import losses
 from pipeline.denoise.data import few_sample_subset
 from pipeline.denoise.generate import GenerationSettings, boundary_samples, cache_key, interpolated_samples
-from pipeline.denoise.train import DenoiserConfig, fit
+from pipeline.denoise.train import fit
 from pipeline.distributed.certify import run
 from pipeline.distributed.train import train_denoiser
-from pipeline.models import DemoCNN, load_model
+from pipeline.models import DemoCNN, ModelSpec, load_model
 from pipeline.models.denoisers import Denoised, DnCNN, load_denoiser
 from pipeline.results import read_results
-from pipeline.storage import open_location
+from pipeline.storage import Storage, open_location
 
 
 @pytest.fixture(scope="module")
@@ -157,11 +157,12 @@ def test_decrop_on_ray_train_writes_checkpoints_to_s3_that_certify(ray_cluster, 
         "run_name": "tiny", "storage": storage, "workers": 2})
     uri = train_denoiser(config)
     assert uri.startswith(f"s3://{bucket}/train/tiny/checkpoint_")
-    _, metadata = load_denoiser(uri, storage)
+    _, metadata = load_denoiser(uri, Storage(**storage))
     assert metadata["objective"] == "decrop" and metadata["architecture"]["depth"] == 3
     assert (metadata["stage"], metadata["phase"]) == (2, "decrop2")
-    assert len(metadata["subset"]["train_ids"]) == 20 and metadata["classifier"]["spec"] == {"name": "demo_cnn"}
-    assert isinstance(load_model({"name": "demo_cnn", "denoiser": uri}, storage), Denoised)
+    assert len(metadata["subset"]["train_ids"]) == 20
+    assert ModelSpec(**metadata["classifier"]["spec"]) == ModelSpec("demo_cnn")
+    assert isinstance(load_model(ModelSpec("demo_cnn", denoiser=uri), Storage(**storage)), Denoised)
 
     run_uri = run(validate({"run_id": "denoised", "output": str(tmp_path), "storage": storage, "images_per_batch": 4,
                             "dataset": {"layout": "demo", "max": 4}, "actors": {"count": 1, "cpus": 1},
@@ -175,10 +176,10 @@ def test_generation_as_a_ray_data_job_equals_generation_in_process(ray_cluster):
     from pipeline.denoise.generate import generate
     from pipeline.distributed.generate import generate_with_ray
 
-    spec = {"name": "demo_cnn"}
+    spec = ModelSpec("demo_cnn")
     images, labels, ids = torch.rand(6, 3, 32, 32), torch.arange(6), [f"img{i}" for i in range(6)]
     settings = GenerationSettings(steps=3, interp_steps=4)
     expected = generate(load_model(spec), images, labels, ids, settings, batch_size=4)
-    produced = generate_with_ray(spec, {}, actors=1, batch_size=2)(None, images, labels, ids, settings)
+    produced = generate_with_ray(spec, Storage(), actors=1, batch_size=2)(None, images, labels, ids, settings)
     for mine, theirs in zip(produced, expected, strict=True):
         torch.testing.assert_close(mine, theirs)

@@ -9,7 +9,7 @@ import torchvision
 import pipeline
 from pipeline.certifiers import Cohen
 from pipeline.config import load_config
-from pipeline.models import Normalize, load_model
+from pipeline.models import ModelSpec, Normalize, load_model
 
 
 def test_torchvision_model_loads_a_wrapped_checkpoint_and_certifies(tmp_path):
@@ -17,7 +17,7 @@ def test_torchvision_model_loads_a_wrapped_checkpoint_and_certifies(tmp_path):
     # published smoothing checkpoints: {'arch': ..., 'state_dict': Sequential(normalize, DataParallel(model))}
     state = {f"1.module.{key}": value for key, value in reference.state_dict().items()}
     torch.save({"arch": "resnet18", "state_dict": state}, tmp_path / "checkpoint.pt")
-    model = load_model({"name": "resnet18", "num_classes": 10, "weights": str(tmp_path / "checkpoint.pt")})
+    model = load_model(ModelSpec(name="resnet18", num_classes=10, weights=str(tmp_path / "checkpoint.pt")))
     assert isinstance(model[0], Normalize)
     images = torch.rand(2, 3, 32, 32)
     with torch.inference_mode():
@@ -30,15 +30,15 @@ def test_torchvision_model_loads_a_wrapped_checkpoint_and_certifies(tmp_path):
 def test_unreadable_or_mismatched_weights_name_the_file(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match=r"cannot load model weights from .*broken\.pt"):
-        load_model({"name": "resnet18", "weights": str(tmp_path / "broken.pt")})
+        load_model(ModelSpec(name="resnet18", weights=str(tmp_path / "broken.pt")))
     torch.save({"state_dict": {"fc.weight": torch.zeros(3, 3)}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"model\.weights: .*other.pt does not fit resnet18"):
-        load_model({"name": "resnet18", "weights": str(tmp_path / "other.pt")})
+        load_model(ModelSpec(name="resnet18", weights=str(tmp_path / "other.pt")))
 
 
 def test_imagenet_config_is_the_papers_setting():
     config = load_config(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "imagenet.yaml")
     assert [c.sigma for c in config.build_certifiers()] == [0.25, 0.5, 1.0]
     assert {(c.n0, c.n, c.alpha) for c in config.build_certifiers()} == {(100, 100_000, 0.001)}
-    assert config.dataset["skip"] == 100 and config.transform().shape == (3, 224, 224)
-    assert config.transform().resize == 256 and config.model["name"] == "resnet50"
+    assert config.dataset.skip == 100 and config.dataset.transform.shape == (3, 224, 224)
+    assert config.dataset.transform.resize == 256 and config.model.name == "resnet50"

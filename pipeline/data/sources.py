@@ -19,10 +19,11 @@ The synset list comes from `synsets` (a text file, one wnid first on each line, 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import re
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +32,8 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from pipeline.data.demo import load_demo
-from pipeline.storage import Location, StorageError, open_location
+from pipeline.data.preprocess import Transform
+from pipeline.storage import DEFAULT_STORAGE, Location, Storage, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +42,44 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 LISTING_SCHEMA = pa.schema([("index", pa.int64()), ("image_id", pa.string()), ("label", pa.int64()),
                             ("path", pa.string()), ("image", pa.binary())])
 
-__all__ = ["LAYOUTS", "LISTING_SCHEMA", "list_images", "subsample"]
+__all__ = ["LAYOUTS", "LISTING_SCHEMA", "DatasetError", "DatasetSpec", "list_images", "parquet_files", "read_encoded",
+           "subsample"]
+DEMO_SIZE = 32  # the demo digits' side
 
 
 class DatasetError(ValueError):
     """A dataset that cannot be read as configured; the message names the file or key."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset entry of a config: where the images are (`layout`, `root` and the layout's files), which of
+    them (`skip`, `max`, the papers' subsample; `split` of the demo digits) and how they become model
+    inputs (`transform`)."""
+
+    layout: str = "demo"
+    root: str | None = None
+    split: str = "test"
+    skip: int = 1
+    max: int | None = None
+    size: int | None = None  # the square centre crop; the demo digits' 32 by default, required otherwise
+    resize: int | None = None
+    channels: int = 3
+    mode: str | None = "RGB"
+    ground_truth: str | None = None
+    meta: str | None = None
+    synsets: str | None = None
+    id: str = "name"
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        return {field.name for field in dataclasses.fields(cls)}
+
+    @property
+    def transform(self) -> Transform:
+        """The one place a dataset's transform is derived (certification and denoiser training alike)."""
+        size = self.size if self.size is not None or self.layout != "demo" else DEMO_SIZE
+        return Transform(size=size, resize=self.resize, channels=self.channels, mode=self.mode)
 
 
 def subsample(count: int, skip: int = 1, max_index: int | None = None) -> list[int]:
@@ -63,12 +98,12 @@ def _read_text(location: Location, path: str) -> str:
         raise DatasetError(f"cannot read {path}: {error}") from error
 
 
-def _file_location(uri: str, storage: dict) -> tuple[Location, str]:
-    location = open_location(uri, **storage)
+def _file_location(uri: str, storage: Storage) -> tuple[Location, str]:
+    location = storage.open(uri)
     return location, location.path
 
 
-def _synsets_from_meta(uri: str, storage: dict) -> tuple[list[str], dict[int, str]]:
+def _synsets_from_meta(uri: str, storage: Storage) -> tuple[list[str], dict[int, str]]:
     """(sorted wnids of the 1000 classes, ILSVRC2012_ID -> wnid) from the devkit's meta.mat."""
     from scipy.io import loadmat
 
@@ -83,7 +118,7 @@ def _synsets_from_meta(uri: str, storage: dict) -> tuple[list[str], dict[int, st
     return sorted(by_id.values()), by_id
 
 
-def _synsets_from_file(uri: str, storage: dict) -> list[str]:
+def _synsets_from_file(uri: str, storage: Storage) -> list[str]:
     location, path = _file_location(uri, storage)
     wnids = [line.split()[0] for line in _read_text(location, path).splitlines() if line.strip()]
     if not all(re.fullmatch(r"n\d{8}", wnid) for wnid in wnids):
@@ -98,11 +133,11 @@ def _listing(ids: list[str], labels: list, paths: list | None = None, images: li
                      "image": images or empty}, schema=LISTING_SCHEMA)
 
 
-def _class_index(spec: dict, storage: dict, fallback: list[str]) -> dict[str, int]:
-    if spec.get("synsets"):
-        wnids = _synsets_from_file(spec["synsets"], storage)
-    elif spec.get("meta"):
-        wnids, _ = _synsets_from_meta(spec["meta"], storage)
+def _class_index(spec: DatasetSpec, storage: Storage, fallback: list[str]) -> dict[str, int]:
+    if spec.synsets:
+        wnids = _synsets_from_file(spec.synsets, storage)
+    elif spec.meta:
+        wnids, _ = _synsets_from_meta(spec.meta, storage)
     else:
         wnids = sorted(set(fallback))
         if len(wnids) != 1000:
@@ -120,14 +155,14 @@ def _list_files(location: Location) -> list[pafs.FileInfo]:
                   key=lambda i: i.path)
 
 
-def _image_ids(spec: dict, root: Location, files: list[pafs.FileInfo]) -> list[str]:
-    if spec.get("id", "name") == "relative_path":
+def _image_ids(spec: DatasetSpec, root: Location, files: list[pafs.FileInfo]) -> list[str]:
+    if spec.id == "relative_path":
         return [info.path[len(root.path):].lstrip("/") for info in files]
     return [info.base_name for info in files]
 
 
-def _imagenet_folder(spec: dict, storage: dict) -> pa.Table:
-    root = open_location(spec["root"], **storage)
+def _imagenet_folder(spec: DatasetSpec, storage: Storage) -> pa.Table:
+    root = storage.open(spec.root)
     files = _list_files(root)
     relative = [info.path[len(root.path):].lstrip("/") for info in files]
     folders = [name.split("/")[0] for name in relative if "/" in name]
@@ -141,45 +176,45 @@ def _imagenet_folder(spec: dict, storage: dict) -> pa.Table:
     return _listing(_image_ids(spec, root, files), labels, paths=[info.path for info in files])
 
 
-def _ground_truth(spec: dict, storage: dict) -> dict[str, int]:
+def _ground_truth(spec: DatasetSpec, storage: Storage) -> dict[str, int]:
     """Image stem ('ILSVRC2012_val_00000001') -> class index, from either ground-truth convention."""
-    location, path = _file_location(spec["ground_truth"], storage)
+    location, path = _file_location(spec.ground_truth, storage)
     text = _read_text(location, path)
     if path.endswith(".csv"):
         rows = list(csv.DictReader(io.StringIO(text)))
         if not rows or "ImageId" not in rows[0] or "PredictionString" not in rows[0]:
-            raise DatasetError(f"{spec['ground_truth']}: expected the columns ImageId,PredictionString")
+            raise DatasetError(f"{spec.ground_truth}: expected the columns ImageId,PredictionString")
         wnid_of = {row["ImageId"]: row["PredictionString"].split()[0] for row in rows}
         index = _class_index(spec, storage, list(wnid_of.values()))
         return {stem: index[wnid] for stem, wnid in wnid_of.items()}
-    if not spec.get("meta"):
+    if not spec.meta:
         raise DatasetError("dataset.meta: the devkit ground truth numbers classes by ILSVRC2012_ID; give the "
                            "devkit's meta.mat to map them to wnids")
-    wnids, by_id = _synsets_from_meta(spec["meta"], storage)
+    wnids, by_id = _synsets_from_meta(spec.meta, storage)
     index = {wnid: position for position, wnid in enumerate(wnids)}
     ids = [int(line) for line in text.split()]
     return {f"ILSVRC2012_val_{number:08d}": index[by_id[ilsvrc_id]] for number, ilsvrc_id in enumerate(ids, 1)}
 
 
-def _imagenet_val(spec: dict, storage: dict) -> pa.Table:
-    if not spec.get("ground_truth"):
+def _imagenet_val(spec: DatasetSpec, storage: Storage) -> pa.Table:
+    if not spec.ground_truth:
         raise DatasetError("dataset.ground_truth: the flat validation layout needs LOC_val_solution.csv or "
                            "ILSVRC2012_validation_ground_truth.txt")
-    root = open_location(spec["root"], **storage)
+    root = storage.open(spec.root)
     labels_of = _ground_truth(spec, storage)
     files = _list_files(root)
     labels, paths = [], []
     for info in files:
         stem = info.base_name.rsplit(".", 1)[0]
         if stem not in labels_of:
-            raise DatasetError(f"{root.uri}/{info.base_name} has no entry in {spec['ground_truth']}")
+            raise DatasetError(f"{root.uri}/{info.base_name} has no entry in {spec.ground_truth}")
         labels.append(labels_of[stem])
         paths.append(info.path)
     return _listing(_image_ids(spec, root, files), labels, paths=paths)
 
 
-def parquet_files(spec: dict, storage: dict) -> tuple[Location, list[str]]:
-    root = open_location(spec["root"], **storage)
+def parquet_files(spec: DatasetSpec, storage: Storage) -> tuple[Location, list[str]]:
+    root = storage.open(spec.root)
     info = root.fs.get_file_info(root.path)
     files = [root.path] if info.type == pafs.FileType.File else root.list_files(".parquet")
     if not files:
@@ -187,7 +222,7 @@ def parquet_files(spec: dict, storage: dict) -> tuple[Location, list[str]]:
     return root, files
 
 
-def _parquet(spec: dict, storage: dict) -> pa.Table:
+def _parquet(spec: DatasetSpec, storage: Storage) -> pa.Table:
     root, files = parquet_files(spec, storage)
     try:
         ids = pads.dataset(files, filesystem=root.fs, format="parquet").to_table(columns=["image_id", "label"])
@@ -196,8 +231,8 @@ def _parquet(spec: dict, storage: dict) -> pa.Table:
     return _listing(ids["image_id"].cast(pa.string()).to_pylist(), ids["label"].cast(pa.int64()).to_pylist())
 
 
-def _demo(spec: dict) -> pa.Table:
-    images, labels, ids = load_demo(spec.get("split", "test"))
+def _demo(spec: DatasetSpec) -> pa.Table:
+    images, labels, ids = load_demo(spec.split)
     encoded = []
     for image in images:
         buffer = io.BytesIO()
@@ -206,28 +241,43 @@ def _demo(spec: dict) -> pa.Table:
     return _listing(ids, labels.tolist(), images=encoded)
 
 
-def list_images(spec: dict[str, Any], storage: dict | None = None) -> pa.Table:
+def list_images(spec: DatasetSpec, storage: Storage = DEFAULT_STORAGE) -> pa.Table:
     """The dataset's images in dataset order, after the `skip` / `max` subsample; columns of LISTING_SCHEMA
     (`index` counts in the whole dataset, before the subsample).
 
     Rows of `parquet` datasets carry neither path nor bytes here: the shards are read by the job itself.
     """
-    storage = storage or {}
-    layout = spec.get("layout")
     readers = {"demo": lambda: _demo(spec), "imagenet_folder": lambda: _imagenet_folder(spec, storage),
                "imagenet_val": lambda: _imagenet_val(spec, storage), "parquet": lambda: _parquet(spec, storage)}
-    if layout not in readers:
-        raise DatasetError(f"dataset.layout: unknown layout {layout!r}; known: {list(LAYOUTS)}")
-    if layout != "demo" and not spec.get("root"):
-        raise DatasetError(f"dataset.root: the {layout} layout needs a root path or s3:// URI")
+    if spec.layout not in readers:
+        raise DatasetError(f"dataset.layout: unknown layout {spec.layout!r}; known: {list(LAYOUTS)}")
+    if spec.layout != "demo" and not spec.root:
+        raise DatasetError(f"dataset.root: the {spec.layout} layout needs a root path or s3:// URI")
     try:
-        listing = readers[layout]()
+        listing = readers[spec.layout]()
     except StorageError as error:
         raise DatasetError(str(error)) from error
-    keep = subsample(listing.num_rows, int(spec.get("skip", 1)), spec.get("max"))
-    listing = listing.take(keep)
+    listing = listing.take(subsample(listing.num_rows, int(spec.skip), spec.max))
     duplicates = listing.num_rows - len(set(listing["image_id"].to_pylist()))
     if duplicates:
         raise DatasetError(f"dataset has {duplicates} repeated image_id(s); ids must be unique (for folder layouts "
                            f"with repeated file names, set dataset.id: relative_path)")
     return listing
+
+
+def read_encoded(spec: DatasetSpec, listing: pa.Table, storage: Storage = DEFAULT_STORAGE) -> list[bytes]:
+    """The encoded bytes of every image of a listing (from `list_images`), in its order."""
+    ids = listing["image_id"].to_pylist()
+    if spec.layout == "parquet":
+        root, files = parquet_files(spec, storage)
+        shards = pads.dataset(files, filesystem=root.fs, format="parquet").to_table(columns=["image_id", "image"])
+        by_id = dict(zip(shards["image_id"].to_pylist(), shards["image"].to_pylist(), strict=True))
+        return [by_id[image_id] for image_id in ids]
+    if spec.layout == "demo":
+        return listing["image"].to_pylist()
+    fs = storage.open(spec.root).fs
+    encoded = []
+    for path in listing["path"].to_pylist():
+        with fs.open_input_stream(path) as stream:
+            encoded.append(stream.read())
+    return encoded

@@ -8,12 +8,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pyarrow.dataset as pads
 import torch
 
-from pipeline.data.preprocess import ImageError, Transform, decode
-from pipeline.data.sources import list_images, parquet_files
-from pipeline.storage import open_location
+from pipeline.data.preprocess import ImageError, decode
+from pipeline.data.sources import DatasetSpec, list_images, read_encoded
+from pipeline.storage import DEFAULT_STORAGE, Storage
 
 __all__ = ["few_sample_subset", "load_training_images"]
 
@@ -45,31 +44,17 @@ def few_sample_subset(labels, per_class: int | None = None, fraction: float | No
     return np.sort(train), np.sort(held_out)
 
 
-def load_training_images(dataset: dict, storage: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_training_images(dataset: DatasetSpec, storage: Storage = DEFAULT_STORAGE
+                         ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(images float [N, C, H, W] in [0, 1], labels, ids) of a dataset entry of any layout, decoded here
-    with the dataset's transform. An image that cannot be decoded is an error naming it."""
-    storage = storage or {}
+    with the dataset's transform (the same as certification's). An image that cannot be decoded is an error
+    naming it."""
     listing = list_images(dataset, storage)
     ids = listing["image_id"].to_pylist()
-    if dataset.get("layout") == "parquet":
-        root, files = parquet_files(dataset, storage)
-        shards = pads.dataset(files, filesystem=root.fs, format="parquet").to_table(columns=["image_id", "image"])
-        by_id = dict(zip(shards["image_id"].to_pylist(), shards["image"].to_pylist(), strict=True))
-        encoded = [by_id[image_id] for image_id in ids]
-    elif dataset.get("layout") == "demo":
-        encoded = listing["image"].to_pylist()
-    else:
-        fs = open_location(dataset["root"], **storage).fs
-        encoded = []
-        for path in listing["path"].to_pylist():
-            with fs.open_input_stream(path) as stream:
-                encoded.append(stream.read())
-    transform = Transform(size=dataset.get("size", 32), resize=dataset.get("resize"),
-                          channels=dataset.get("channels", 3), mode=dataset.get("mode", "RGB"))
     pixels = []
-    for image_id, data in zip(ids, encoded, strict=True):
+    for image_id, data in zip(ids, read_encoded(dataset, listing, storage), strict=True):
         try:
-            pixels.append(decode(data, transform))
+            pixels.append(decode(data, dataset.transform))
         except ImageError as error:
             raise ValueError(f"training image {image_id}: {error}") from error
     return torch.from_numpy(np.stack(pixels)).float() / 255, torch.as_tensor(listing["label"].to_pylist()), ids

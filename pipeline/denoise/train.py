@@ -31,92 +31,23 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import DenoiserConfig
 from pipeline.denoise import losses
 from pipeline.denoise.data import few_sample_subset, load_training_images
 from pipeline.denoise.generate import GenerationSettings, generate_cached
 from pipeline.models import WithFeatures, load_model
 from pipeline.models.denoisers import DnCNN, save_artifact
-from pipeline.storage import open_location
-
-OBJECTIVES = ("mse", "stab", "clf", "stab_mse", "decrop")
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OBJECTIVES", "DenoiserConfig", "TrainingData", "decrop_views", "fit", "prepare_training"]
-
-
-@dataclass(frozen=True)
-class DenoiserConfig:
-    """Everything a denoiser training run needs (see jobs/configs/denoiser_demo.yaml)."""
-
-    classifier: dict[str, Any]
-    objective: str = "stab"
-    sigma: float = 0.25
-    access: str = "white_box"
-    surrogate: dict[str, Any] | None = None
-    denoiser: dict[str, Any] = field(default_factory=lambda: {"depth": 17, "channels": 64, "wide": False})
-    dataset: dict[str, Any] = field(default_factory=lambda: {"layout": "demo", "split": "train"})
-    subset: dict[str, Any] = field(default_factory=lambda: {"fraction": 0.01, "seed": 3, "validation": 0.2})
-    epochs: int = 90
-    second_epochs: int = 0
-    batch_size: int = 256
-    lr: float = 1e-3
-    second_lr: float | None = None
-    weight_decay: float = 1e-4
-    step_size: int = 30
-    gamma: float = 0.1
-    disc_lr: float = 1e-5
-    weights: dict[str, float] = field(default_factory=lambda: {"stab": 1.0, "cosine": 4.0, "mmd": 4.0, "dann": 2.0})
-    generation: dict[str, Any] = field(default_factory=dict)
-    augment: bool = True
-    seed: int = 0
-    output: str = "runs/denoisers"
-    run_name: str = "denoiser"
-    storage: dict[str, Any] = field(default_factory=dict)
-    cache: str | None = None
-    workers: int = 0
-    use_gpu: bool = False
-
-    def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.access not in ("white_box", "black_box"):
-            raise ValueError(f"access must be 'white_box' or 'black_box', got {self.access!r}")
-        if self.access == "black_box" and not self.surrogate:
-            raise ValueError("access: black_box needs a `surrogate` classifier for gradients (the target is used "
-                             "only through its outputs)")
-        if not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma!r}")
-        for key in ("epochs", "batch_size"):
-            if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
-                raise ValueError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
-        if self.objective in ("stab_mse", "decrop") and self.second_epochs < 0:
-            raise ValueError(f"second_epochs must be >= 0, got {self.second_epochs!r}")
-        unknown = set(self.denoiser) - {"depth", "channels", "wide"}
-        if unknown:
-            raise ValueError(f"denoiser: unknown key(s) {sorted(unknown)}; known: depth, channels, wide")
-        GenerationSettings(**self.generation)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DenoiserConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown denoiser config key(s) {unknown}; known: {sorted(known)}")
-        if "classifier" not in data:
-            raise ValueError("classifier: name the frozen classifier the denoiser is trained for")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+__all__ = ["TrainingData", "decrop_views", "describe", "fit", "prepare_training", "unwrap"]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -126,9 +57,10 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 def describe(config: DenoiserConfig, metrics: dict, subset: dict) -> dict:
     """What a checkpoint of this training is and how it was made (the artifact's description)."""
-    return {"architecture": {"name": "dncnn", **config.denoiser}, "classifier": config.classifier,
+    surrogate = config.surrogate and dataclasses.asdict(config.surrogate)
+    return {"architecture": {"name": "dncnn", **config.denoiser}, "classifier": dataclasses.asdict(config.classifier),
             "objective": config.objective, "access": config.access, "sigma": config.sigma,
-            "surrogate": config.surrogate, "subset": subset, "seed": config.seed, "metrics": metrics,
+            "surrogate": surrogate, "subset": subset, "seed": config.seed, "metrics": metrics,
             "stage": metrics.get("stage"), "phase": metrics.get("phase"), "config": config.to_dict()}
 
 
@@ -179,7 +111,7 @@ def prepare_training(config: DenoiserConfig, device: str = "cpu") -> TrainingDat
 
 def decrop_views(config: DenoiserConfig, data: TrainingData, generate_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
     """DE-CROP's boundary and interpolated samples of the training subset, from the cache when present."""
-    cache = open_location(config.cache or f"{config.output}/cache", **config.storage)
+    cache = config.storage.open(config.cache or f"{config.output}/cache")
     return generate_cached(data.gradient_model, data.x_train, data.y_train, data.subset["train_ids"],
                            GenerationSettings(**config.generation), cache, **({"generate_fn": generate_fn}
                                                                               if generate_fn else {}))

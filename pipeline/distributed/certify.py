@@ -28,7 +28,7 @@ from pipeline.data.sources import parquet_files
 from pipeline.distributed import init_ray
 from pipeline.engine import Engine
 from pipeline.models import load_model
-from pipeline.storage import Location, open_location
+from pipeline.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class CertifyActor:
 
     def __init__(self, config: RunConfig, certifiers: list[Certifier], results: Location, run_info: dict,
                  device: str):
-        torch.set_num_threads(max(1, math.floor(config.actors["cpus"])))
+        torch.set_num_threads(max(1, math.floor(config.actors.cpus)))
         self.engine = Engine(load_model(config.model, config.storage), device=device, batch_size=config.batch_size,
                              precision=config.precision, channels_last=config.channels_last, compile=config.compile)
         self.certifiers, self.results, self.seed = certifiers, results, config.seed
@@ -57,7 +57,7 @@ class CertifyActor:
 
 def _device_and_gpus(config: RunConfig) -> tuple[str, float]:
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    gpus = float(config.actors["gpus"])
+    gpus = float(config.actors.gpus)
     if config.device == "cuda" and not cluster_gpus:
         raise RuntimeError("device: cuda was asked for, but the Ray cluster has no GPUs")
     if config.device == "cpu" or not cluster_gpus:
@@ -68,16 +68,15 @@ def _device_and_gpus(config: RunConfig) -> tuple[str, float]:
 def _decoded(run: lifecycle.Run) -> ray.data.Dataset:
     """The pending images, read and decoded by Ray Data in batches of `images_per_batch`."""
     config, todo = run.config, run.pending
-    if config.dataset["layout"] == "parquet":
+    if config.dataset.layout == "parquet":
         root, files = parquet_files(config.dataset, config.storage)
         source = ray.data.read_parquet(files, filesystem=root.fs, columns=None)
         where = {"keep": dict(zip(todo["image_id"].to_pylist(), todo["index"].to_pylist(), strict=True))}
     else:
         blocks = max(1, min(math.ceil(todo.num_rows / config.images_per_batch), 1000))
         source = ray.data.from_arrow(todo).repartition(blocks)
-        root = config.dataset.get("root")
-        where = {"fs": open_location(root, **config.storage).fs if root else None}
-    return source.map_batches(decode_batch, fn_kwargs={"transform": config.transform(), **where},
+        where = {"fs": config.storage.open(config.dataset.root).fs if config.dataset.root else None}
+    return source.map_batches(decode_batch, fn_kwargs={"transform": config.dataset.transform, **where},
                               batch_size=config.images_per_batch, batch_format="numpy")
 
 
@@ -94,7 +93,7 @@ def certify_pending(run: lifecycle.Run, log_every: float = 5.0) -> dict[str, int
     device, gpus = _device_and_gpus(config)
     certified = _decoded(run).map_batches(
         CertifyActor, batch_size=config.images_per_batch, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=config.actors["count"]), num_cpus=config.actors["cpus"],
+        compute=ray.data.ActorPoolStrategy(size=config.actors.count), num_cpus=config.actors.cpus,
         num_gpus=gpus, fn_constructor_kwargs={"config": config, "certifiers": run.certifiers,
                                               "results": run.results, "run_info": run.info, "device": device})
     started = last_log = time.monotonic()

@@ -14,7 +14,8 @@ import ray
 import torch
 
 from pipeline.denoise.generate import GenerationSettings, generate
-from pipeline.models import load_model
+from pipeline.models import ModelSpec, load_model
+from pipeline.storage import Storage
 
 __all__ = ["SampleGenerator", "generate_with_ray"]
 
@@ -22,7 +23,7 @@ __all__ = ["SampleGenerator", "generate_with_ray"]
 class SampleGenerator:
     """Ray Data actor: boundary and interpolated samples for a batch of (index, id, pixels, label)."""
 
-    def __init__(self, model: dict, storage: dict, settings: dict):
+    def __init__(self, model: ModelSpec, storage: Storage, settings: dict):
         self.model = load_model(model, storage).eval()
         self.settings = GenerationSettings(**settings)
 
@@ -34,7 +35,7 @@ class SampleGenerator:
         return {"index": batch["index"], "boundary": boundary.numpy(), "interpolated": interpolated.numpy()}
 
 
-def generate_with_ray(model_spec: dict, storage: dict, actors: int = 1, batch_size: int = 64):
+def generate_with_ray(model_spec: ModelSpec, storage: Storage, actors: int = 1, batch_size: int = 64):
     """A `generate_fn` for `generate_cached` that runs the generation as a Ray Data job."""
 
     def run(model, images: torch.Tensor, labels: torch.Tensor, image_ids: list[str], settings: GenerationSettings):

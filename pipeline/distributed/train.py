@@ -18,10 +18,10 @@ import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline.denoise.train import DenoiserConfig, decrop_views, fit, prepare_training
+from pipeline.config import DenoiserConfig
+from pipeline.denoise.train import decrop_views, fit, prepare_training
 from pipeline.distributed import init_ray
 from pipeline.distributed.generate import generate_with_ray
-from pipeline.storage import open_location
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _train_loop(config_dict: dict) -> None:
 def train_denoiser(config: DenoiserConfig) -> str:
     """Trains on Ray Train with `config.workers` workers (in this process when 0); returns the URI of the
     best artifact."""
-    output = open_location(config.output, **config.storage)
+    output = config.storage.open(config.output)
     if config.workers == 0:
         best_uri = output.join(config.run_name, "best")
 

@@ -36,8 +36,8 @@ from scipy.stats import norm
 
 import pipeline
 from pipeline.certifiers import Cohen
-from pipeline.config import ConfigError, read_yaml, set_dotted
-from pipeline.denoise.train import DenoiserConfig, fit
+from pipeline.config import ConfigError, DenoiserConfig, read_yaml, set_dotted
+from pipeline.denoise.train import fit
 from pipeline.distributed import init_ray
 from pipeline.models.denoisers import Denoised
 from pipeline.storage import open_location

@@ -7,10 +7,11 @@ and `1.module.` prefixes of DataParallel / Sequential(normalize, model) wrappers
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import pickle
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torchvision
@@ -18,15 +19,40 @@ from torch import nn
 
 from pipeline.models.demo import DemoCNN, Normalize, load_demo_model
 from pipeline.models.denoisers import Denoised, classifier_digest, load_denoiser
-from pipeline.storage import open_location
+from pipeline.storage import DEFAULT_STORAGE, Storage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DemoCNN", "Normalize", "WithFeatures", "load_demo_model", "load_model", "load_state_dict",
+__all__ = ["DemoCNN", "ModelSpec", "Normalize", "WithFeatures", "load_demo_model", "load_model", "load_state_dict",
            "model_names"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model entry of a config: a registry `name` (demo_cnn or a torchvision classifier), `weights` (a path
+    or URI; none: the demo's shipped weights, or a random torchvision network), the normalisation put in
+    front (`mean`, `std`; ImageNet's by default), `num_classes`, and a `denoiser` artifact to put in front of
+    the classifier."""
+
+    name: str = "demo_cnn"
+    weights: str | None = None
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    num_classes: int = 1000
+    denoiser: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if isinstance(value, list | tuple):
+                object.__setattr__(self, key, tuple(value))
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        return {field.name for field in dataclasses.fields(cls)}
 
 
 class WithFeatures(nn.Module):
@@ -54,9 +80,9 @@ def model_names() -> list[str]:
     return ["demo_cnn", *torchvision.models.list_models(module=torchvision.models)]
 
 
-def load_state_dict(uri: str, storage: dict | None = None) -> dict[str, torch.Tensor]:
+def load_state_dict(uri: str, storage: Storage = DEFAULT_STORAGE) -> dict[str, torch.Tensor]:
     """A state dict from a local path or s3:// URI; ValueError naming the file when it cannot be read."""
-    location = open_location(uri, **(storage or {}))
+    location = storage.open(uri)
     try:
         with location.fs.open_input_stream(location.path) as stream:
             checkpoint = torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
@@ -71,32 +97,30 @@ def load_state_dict(uri: str, storage: dict | None = None) -> dict[str, torch.Te
     return state
 
 
-def load_model(spec: dict[str, Any], storage: dict | None = None) -> nn.Module:
-    """The classifier named by a model entry of a run config, in eval mode; with `denoiser: URI`, the
-    composition classifier(denoiser(x)) (a trained denoiser artifact, `pipeline.models.denoisers`)."""
+def load_model(spec: ModelSpec, storage: Storage = DEFAULT_STORAGE) -> nn.Module:
+    """The classifier a model spec names, in eval mode; with a `denoiser`, the composition
+    classifier(denoiser(x)) (a trained denoiser artifact, `pipeline.models.denoisers`)."""
     classifier = _load_classifier(spec, storage)
-    if not spec.get("denoiser"):
+    if not spec.denoiser:
         return classifier
-    denoiser, metadata = load_denoiser(spec["denoiser"], storage)
+    denoiser, metadata = load_denoiser(spec.denoiser, storage)
     if metadata.get("classifier", {}).get("sha256") != classifier_digest(classifier):
         log.warning("denoiser %s was trained for another classifier (%s); certifying it in front of %s",
-                    spec["denoiser"], metadata.get("classifier", {}).get("spec"), spec.get("name"))
+                    spec.denoiser, metadata.get("classifier", {}).get("spec"), spec.name)
     return Denoised(classifier, denoiser).eval()
 
 
-def _load_classifier(spec: dict[str, Any], storage: dict | None) -> nn.Module:
-    name, weights = spec.get("name"), spec.get("weights")
-    if name == "demo_cnn":
-        return load_demo_model(weights) if weights else load_demo_model()
-    if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"model.name: unknown model {name!r}; use demo_cnn or a torchvision classifier name")
-    network = torchvision.models.get_model(name, weights=None, num_classes=int(spec.get("num_classes", 1000)))
-    if weights:
+def _load_classifier(spec: ModelSpec, storage: Storage) -> nn.Module:
+    if spec.name == "demo_cnn":
+        return load_demo_model(spec.weights) if spec.weights else load_demo_model()
+    if spec.name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"model.name: unknown model {spec.name!r}; use demo_cnn or a torchvision classifier name")
+    network = torchvision.models.get_model(spec.name, weights=None, num_classes=int(spec.num_classes))
+    if spec.weights:
         try:
-            network.load_state_dict(load_state_dict(weights, storage))
+            network.load_state_dict(load_state_dict(spec.weights, storage))
         except RuntimeError as error:
-            raise ValueError(f"model.weights: {weights} does not fit {name}: {error}") from error
+            raise ValueError(f"model.weights: {spec.weights} does not fit {spec.name}: {error}") from error
     else:
-        log.warning("model %s has no weights: certifying a randomly initialised network", name)
-    normalize = Normalize(spec.get("mean", IMAGENET_MEAN), spec.get("std", IMAGENET_STD))
-    return nn.Sequential(normalize, network).eval()
+        log.warning("model %s has no weights: certifying a randomly initialised network", spec.name)
+    return nn.Sequential(Normalize(spec.mean, spec.std), network).eval()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.storage import open_location
+from pipeline.storage import DEFAULT_STORAGE, Storage
 
 ARTIFACT_VERSION = 1
 
@@ -81,10 +81,10 @@ def save_artifact(directory: Path, denoiser: nn.Module, classifier: nn.Module, d
     (directory / "artifact.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
 
 
-def load_denoiser(uri: str, storage: dict | None = None) -> tuple[DnCNN, dict]:
+def load_denoiser(uri: str, storage: Storage = DEFAULT_STORAGE) -> tuple[DnCNN, dict]:
     """(denoiser in eval mode, its artifact.json) from a directory or s3:// prefix; ValueError naming what
     does not fit."""
-    location = open_location(uri, **(storage or {}))
+    location = storage.open(uri)
     try:
         metadata = json.loads(location.read_bytes("artifact.json"))
         state = torch.load(io.BytesIO(location.read_bytes("denoiser.pt")), map_location="cpu", weights_only=True)
