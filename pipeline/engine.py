@@ -137,8 +137,8 @@ class Engine:
             first_slot[key] = slots_per_image
             slots_per_image += len(ends)
 
-        votes = _Votes(self, images, head, len(images) * slots_per_image, batch_size,
-                       lambda slots: torch.div(slots, slots_per_image, rounding_mode="floor"))
+        votes = _Votes(self, images, head, batch_size)
+        votes.grow(torch.arange(len(images)).repeat_interleave(slots_per_image).tolist())
         if slots_per_image:
             packer = self._packer(images, image_ids, seed, votes.add, batch_size,
                                   len(images) * sum(ends[-1] for ends in cuts.values()))
@@ -176,8 +176,7 @@ class Engine:
             raise ValueError(f"got {len(procedures)} procedures for {len(images)} images")
         slot_of: dict[tuple[int, tuple], int] = {}
         drawn: dict[tuple[int, tuple], int] = {}
-        image_of = torch.empty(0, dtype=torch.long, device=self.device)  # slot -> image
-        votes = _Votes(self, images, head, 0, batch_size, lambda slots: image_of[slots])
+        votes = _Votes(self, images, head, batch_size)
         packer = self._packer(images, image_ids, seed, votes.add, batch_size, None)
         results: list = [None] * len(images)
         pending: dict[int, Draws] = {}
@@ -202,10 +201,7 @@ class Engine:
             for key in new_slots:
                 slot_of[key] = len(slot_of)
                 drawn[key] = 0
-            if new_slots:
-                votes.grow(len(slot_of))
-                image_of = torch.cat([image_of, torch.as_tensor([image for image, _ in new_slots],
-                                                                device=self.device)])
+            votes.grow([image for image, _ in new_slots])
             for image, draws in round_requests.items():
                 key = (image, draws.stream)
                 if draws.n < drawn[key]:
@@ -260,28 +256,33 @@ class Engine:
 
 
 class _Votes:
-    """Per-slot class counts of the top-1 prediction, on the device; one `index_add_` per batch."""
+    """Per-slot class counts of the top-1 prediction, on the device; one `index_add_` per batch. Each slot
+    belongs to one image (`image_of`), whose index a `head` receives with its inputs."""
 
-    def __init__(self, engine: Engine, images, head, slots: int, batch_size, image_index):
-        self.engine, self.head, self.image_index = engine, head, image_index
+    def __init__(self, engine: Engine, images, head, batch_size):
+        self.engine, self.head = engine, head
         if head is None:
             self.num_classes = engine.num_classes(images[0])
         else:
             probe = images[:1].to(engine.device, torch.float32)
             self.num_classes = int(engine.forward(
                 lambda x: head(x, torch.zeros(1, dtype=torch.long, device=engine.device)), probe).shape[1])
-        self.counts = torch.zeros((slots, self.num_classes), dtype=torch.int64, device=engine.device)
+        self.counts = torch.zeros((0, self.num_classes), dtype=torch.int64, device=engine.device)
+        self.image_of = torch.zeros(0, dtype=torch.long, device=engine.device)
         self.ones = torch.ones(batch_size or engine.batch_size, dtype=torch.int64, device=engine.device)
 
-    def grow(self, slots: int) -> None:
-        extra = torch.zeros((slots - len(self.counts), self.num_classes), dtype=torch.int64, device=self.counts.device)
-        self.counts = torch.cat([self.counts, extra])
+    def grow(self, images: list[int]) -> None:
+        """New slots, one for each image listed, after the existing ones."""
+        device = self.counts.device
+        self.counts = torch.cat([self.counts, torch.zeros((len(images), self.num_classes), dtype=torch.int64,
+                                                          device=device)])
+        self.image_of = torch.cat([self.image_of, torch.as_tensor(images, dtype=torch.long, device=device)])
 
     def add(self, inputs: torch.Tensor, slots: torch.Tensor, draws: torch.Tensor) -> None:
         if self.head is None:
             scores = self.engine.logits(inputs)
         else:
-            scores = self.engine.forward(lambda x: self.head(x, self.image_index(slots)), inputs)
+            scores = self.engine.forward(lambda x: self.head(x, self.image_of[slots]), inputs)
         flat = self.counts.view(-1)
         flat.index_add_(0, slots * self.num_classes + scores.argmax(dim=1), self.ones[:len(inputs)])
 

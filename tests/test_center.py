@@ -10,10 +10,10 @@ from scipy import stats as sps
 from torch import nn
 
 import pipeline
-from pipeline import metrics
+from pipeline import distances
 from pipeline.certifiers import Center, center
+from pipeline.distances import METRICS, get_metric
 from pipeline.engine import Draws, Engine
-from pipeline.metrics import METRICS, get_metric
 
 
 class LinearMap(nn.Module):
@@ -84,7 +84,7 @@ def test_blockwise_distances_equal_dense_ones(monkeypatch, name):
     metric = get_metric(name)
     points = random_points(name, 40, torch.Generator().manual_seed(0))
     dense = torch.stack([metric.paired(points[i:i + 1].expand_as(points), points) for i in range(len(points))])
-    monkeypatch.setattr(metrics, "PAIRWISE_BUDGET", 50)
+    monkeypatch.setattr(distances, "PAIRWISE_BUDGET", 50)
     monkeypatch.setattr(center, "ROW_BLOCK", 7)
     torch.testing.assert_close(metric.pairwise(points, points).float(), dense.float(), rtol=1e-5, atol=1e-5)
     medians = center.median_distances(metric, points, points)

@@ -37,8 +37,8 @@ from pipeline.certifiers.base import (
     Certifier,
     Cost,
 )
+from pipeline.distances import METRICS, get_metric
 from pipeline.engine import Draws, Engine
-from pipeline.metrics import METRICS, get_metric
 from pipeline.models import WithFeatures
 
 OUTPUTS = ("logits", "probs", "features", "denoised")

@@ -1,4 +1,4 @@
-"""Distances for center smoothing, each with its relaxed-triangle constant K: d(a, c) <= K (d(a, b) + d(b, c)).
+"""Output distances for center smoothing, each with its relaxed-triangle constant K: d(a, c) <= K (d(a, b) + d(b, c)).
 
 Every metric compares batches of outputs pair by pair (`paired(a, b)`, a and b of shape [N, ...] -> [N])
 and all against all (`pairwise(a, b)`, [P, ...] x [Q, ...] -> [P, Q]). Torch only, so they run where the
