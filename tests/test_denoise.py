@@ -183,3 +183,15 @@ def test_generation_as_a_ray_data_job_equals_generation_in_process(ray_cluster):
     produced = generate_with_ray(spec, Storage(), actors=1, batch_size=2)(None, images, labels, ids, settings)
     for mine, theirs in zip(produced, expected, strict=True):
         torch.testing.assert_close(mine, theirs)
+
+
+def test_training_images_use_the_certification_transform():
+    """A training config names its dataset like a run does: an ImageNet layout without `size` is refused,
+    naming the key, instead of being cropped to the demo's 32x32."""
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dataset.size \(the centre-crop side\) must be an integer >= 1, got None"):
+        DenoiserConfig.from_dict({"classifier": {"name": "resnet18"},
+                                  "dataset": {"layout": "imagenet_folder", "root": "/data/imagenet/train"}})
+    config = DenoiserConfig.from_dict({"classifier": {"name": "demo_cnn"}})
+    assert config.dataset.transform.shape == (3, 32, 32) and config.dataset.split == "train"
