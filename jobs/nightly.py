@@ -23,21 +23,18 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from pipeline import nightly
-from pipeline.config import read_yaml, validate
+from pipeline.config import NightlySuite, read_yaml
 from pipeline.distributed.certify import run
 from pipeline.results import environment, read_results
-from pipeline.storage import open_location
 
 log = logging.getLogger("nightly")
 
 
-def run_suite(suite: dict, date: str) -> tuple[pd.DataFrame, dict]:
-    night = open_location(suite["output"], **suite.get("storage", {})).join("nightly", date)
+def run_suite(suite: NightlySuite, date: str) -> tuple[pd.DataFrame, dict]:
+    night = suite.storage.open(suite.output).join("nightly", date)
     frames, devices = [], []
-    for entry in suite["models"]:
-        config = validate({**suite["run"], "model": entry["model"], "run_id": f"{entry['label']}",
-                           "output": night.join("runs").uri, "storage": suite.get("storage", {}),
-                           "seed": suite.get("seed", 0)})
+    for entry in suite.models:
+        config = suite.run_config(entry, night.join("runs").uri)
         started = time.perf_counter()
         uri = run(config)
         seconds = time.perf_counter() - started
@@ -45,13 +42,13 @@ def run_suite(suite: dict, date: str) -> tuple[pd.DataFrame, dict]:
         count = config.actors.count * max(1, int(config.actors.gpus))
         devices.append({"model": entry["label"], "devices": count, "device": "gpu" if config.actors.gpus else "cpu",
                         "nodes": sorted(set(results["node"].to_pylist()))})
-        frames.append(nightly.figures(entry["label"], results, suite.get("radii", [0.0, 0.25, 0.5]), seconds, count,
-                                      suite.get("price_per_device_hour", 0.0)))
+        frames.append(nightly.figures(entry["label"], results, suite.radii, seconds, count,
+                                      suite.price_per_device_hour))
     return pd.concat(frames, ignore_index=True), {**environment(), "date": date, "devices": devices}
 
 
-def previous_night(suite: dict, date: str) -> tuple[str, pd.DataFrame] | None:
-    root = open_location(suite["output"], **suite.get("storage", {})).join("nightly")
+def previous_night(suite: NightlySuite, date: str) -> tuple[str, pd.DataFrame] | None:
+    root = suite.storage.open(suite.output).join("nightly")
     listed = root.fs.get_file_info(pafs.FileSelector(root.path, allow_not_found=True))
     nights = sorted(info.base_name for info in listed if info.type == pafs.FileType.Directory and info.base_name < date)
     for name in reversed(nights):
@@ -86,13 +83,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a suite value, e.g. models.0.model.weights=PATH (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    suite = read_yaml(args.config, args.set)
+    suite = NightlySuite.from_dict(read_yaml(args.config, args.set))
 
     figures, env = run_suite(suite, args.date)
-    night = open_location(suite["output"], **suite.get("storage", {})).join("nightly", args.date)
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(figures, preserve_index=False), buffer)
-    night.write_bytes("figures.parquet", buffer.getvalue())
+    night = suite.storage.open(suite.output).join("nightly", args.date)
+    night.write_parquet("figures.parquet", pa.Table.from_pandas(figures, preserve_index=False))
     night.write_json("environment.json", env)
     night.write_bytes("accuracy.png", plot(figures))
 
@@ -104,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "No earlier night in this output to compare with."]
     else:
         name, last = earlier
-        comparison = nightly.compare(figures, last, suite.get("accuracy_alpha", 0.001),
-                                     suite.get("throughput_tolerance", 0.3))
+        comparison = nightly.compare(figures, last, suite.accuracy_alpha, suite.throughput_tolerance)
         regressions = comparison[comparison["regression"]]
         lines += ["", f"## Against {name}", "", comparison.to_markdown(index=False)]
     night.write_bytes("report.md", ("\n".join(lines) + "\n").encode())

@@ -23,8 +23,8 @@ from pipeline.storage import Storage
 DEVICES = ("auto", "cpu", "cuda")
 OBJECTIVES = ("mse", "stab", "clf", "stab_mse", "decrop")
 
-__all__ = ["OBJECTIVES", "Actors", "ConfigError", "DenoiserConfig", "RunConfig", "load_config", "read_yaml", "section",
-           "set_dotted", "validate"]
+__all__ = ["OBJECTIVES", "Actors", "ConfigError", "DenoiserConfig", "NightlySuite", "RunConfig", "load_config",
+           "read_yaml", "section", "set_dotted", "validate"]
 
 
 class ConfigError(ValueError):
@@ -289,3 +289,44 @@ class DenoiserConfig:
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain data; `from_dict` reads it back."""
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class NightlySuite:
+    """A nightly benchmark suite (see jobs/configs/nightly_demo.yaml): one certification `run` (everything of
+    a run config but the model) for every entry of `models` ({label, model}), the same seed for all, written
+    under `output`/nightly/<date>/, with the regression test's levels."""
+
+    run: dict[str, Any]
+    models: list[dict[str, Any]]
+    output: str = "runs"
+    storage: Storage = field(default_factory=Storage)
+    seed: int = 0
+    radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5])
+    price_per_device_hour: float = 0.0
+    accuracy_alpha: float = 0.001
+    throughput_tolerance: float = 0.3
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NightlySuite:
+        """The suite, with every model's run config validated up front (ConfigError naming the entry)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        _require(not unknown, f"unknown nightly suite key(s) {unknown}; known: {sorted(known)}")
+        _require(isinstance(data.get("run"), dict), "run: give the certification settings shared by every model")
+        models = data.get("models")
+        _require(isinstance(models, list) and bool(models) and all(
+            isinstance(entry, dict) and set(entry) == {"label", "model"} for entry in models),
+            "models: give a non-empty list of {label, model} entries")
+        suite = cls(**{**data, "storage": section(Storage, "storage", data.get("storage", {}))})
+        for position, entry in enumerate(suite.models):
+            try:
+                suite.run_config(entry, suite.output)
+            except ConfigError as error:
+                raise ConfigError(f"models[{position}] ({entry['label']}): {error}") from error
+        return suite
+
+    def run_config(self, entry: dict[str, Any], output: str) -> RunConfig:
+        """The certification run of one model of the suite, written under `output`."""
+        return validate({**self.run, "model": entry["model"], "run_id": str(entry["label"]), "output": output,
+                         "storage": self.storage, "seed": self.seed})
