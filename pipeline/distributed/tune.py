@@ -32,10 +32,10 @@ import yaml
 from matplotlib.figure import Figure
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from scipy.stats import norm
 
 import pipeline
 from pipeline.certifiers import Cohen
+from pipeline.certifiers.cohen import max_radius
 from pipeline.config import ConfigError, read_yaml, set_dotted
 from pipeline.denoise.train import DenoiserConfig, fit
 from pipeline.distributed.certify import init_ray
@@ -90,7 +90,7 @@ def validate_sweep(sweep: dict[str, Any]) -> None:
         if not isinstance(radius, int | float) or radius < 0:
             raise SweepError(f"objective.radius must be a number >= 0, got {radius!r}")
         sigmas = _values(search["sigma"]) if "sigma" in search else [sweep["train"].get("sigma", 0.25)]
-        reach = max(sigmas) * norm.ppf(certification["alpha"] ** (1 / certification["n"]))
+        reach = max_radius(max(sigmas), certification["n"], certification["alpha"])
         if radius >= reach:
             raise SweepError(f"objective.radius={radius} cannot be certified: with n={certification['n']} and "
                              f"alpha={certification['alpha']} the largest radius is {reach:.3f} (at sigma "
