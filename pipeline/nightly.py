@@ -19,6 +19,8 @@ import pandas as pd
 import pyarrow as pa
 from scipy.stats import fisher_exact
 
+from pipeline.report import acr, certified_counts
+
 __all__ = ["compare", "figures"]
 
 WORSE_WHEN_LOWER = "lower"
@@ -33,12 +35,10 @@ def figures(model: str, results: pa.Table, radii: Sequence[float], seconds: floa
     for setting, group in rows.groupby("setting", sort=True):
         images = len(group)
         if group["correct"].notna().any():
-            correct = group["correct"].fillna(False).astype(bool) & (group["status"] == "ok")
-            for radius in radii:
-                successes = int((correct & (group["radius"] >= radius)).sum())
+            for radius, successes in zip(radii, certified_counts(group, radii), strict=True):
                 out.append((setting, f"certified_accuracy@{radius:g}", successes / images, successes, images,
                             "proportion", WORSE_WHEN_LOWER))
-            out.append((setting, "acr", float((group["radius"] * correct).mean()), None, images, "accuracy", None))
+            out.append((setting, "acr", acr(group), None, images, "accuracy", None))
         abstained = int(group["abstained"].sum())
         out.append((setting, "abstention_rate", abstained / images, abstained, images, "proportion",
                     WORSE_WHEN_HIGHER))

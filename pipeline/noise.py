@@ -34,7 +34,7 @@ DRAWS_PER_BLOCK = 64
 
 __all__ = ["DRAWS_PER_BLOCK", "DerandomizedSplitting", "Gaussian", "NoiseStream", "Splitting", "SplittingAugment",
            "block_seed", "dssn_levels", "dssn_template", "gaussian_draws", "make_noise", "noise_scheme",
-           "split_cells"]
+           "split_cells", "splitting_lambda", "splitting_width"]
 
 
 def block_seed(seed: int, image_id: str, stage: str, block: int) -> int:
@@ -103,6 +103,18 @@ class Gaussian(NoiseStream):
         torch.add(image, rows, alpha=self.sigma, out=rows if out is None else out)
 
 
+def splitting_lambda(sigma: float) -> float:
+    """lambda = sqrt(3) sigma: the half-width of splitting noise's cells, so that an offset uniform on
+    [0, 2 lambda) has standard deviation sigma. Every class probability under it is 1/(2 lambda)-Lipschitz
+    in the l1 norm."""
+    return math.sqrt(3) * sigma
+
+
+def splitting_width(sigma: float) -> float:
+    """2 lambda (`splitting_lambda`): the width of splitting noise's cells."""
+    return 2 * splitting_lambda(sigma)
+
+
 def split_cells(image: torch.Tensor, splits: torch.Tensor, width: float) -> torch.Tensor:
     """The centre of the cell holding each coordinate, cells [split + width k, split + width (k + 1)),
     clipped to [0, 1]; `splits` broadcasts against `image`."""
@@ -117,7 +129,7 @@ class Splitting(NoiseStream):
 
     def __init__(self, shape, device="cpu", *, sigma: float):
         super().__init__(shape, device)
-        self.width = 2 * math.sqrt(3) * float(sigma)
+        self.width = splitting_width(float(sigma))
 
     def fill(self, out, seed, image_id, stage, block):
         torch.rand(out.shape, generator=self._seeded(seed, image_id, stage, block), out=out)
@@ -128,7 +140,7 @@ class Splitting(NoiseStream):
 
 def dssn_levels(sigma: float, q: int) -> int:
     """L = int(2 lambda q), lambda = sqrt(3) sigma: the number of DSSN offsets (and forward passes)."""
-    return int(2 * math.sqrt(3) * sigma * q)
+    return int(splitting_width(sigma) * q)
 
 
 def dssn_template(dimension: int, levels: int, template: str | int = "reference") -> np.ndarray:
@@ -194,7 +206,7 @@ class SplittingAugment:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.kind == "ssn":
-            width = 2 * math.sqrt(3) * self.sigma
+            width = splitting_width(self.sigma)
             return split_cells(images, width * torch.rand(images.shape, generator=generator), width)
         shape = tuple(images.shape[1:])
         if self._dssn is None or self._dssn.shape != shape:

@@ -31,7 +31,9 @@ def test_largest_radius_is_reached_when_every_draw_agrees():
     for n, multiple in [(100_000, 3.81), (10_000, 3.20), (1_000, 2.46)]:
         _, radius = cohen.certify_from_counts([100, 0], [n, 0], sigma=1.0, alpha=0.001)
         assert radius == pytest.approx(norm.ppf(0.001 ** (1 / n)), rel=1e-9)
+        assert radius == pytest.approx(cohen.max_radius(1.0, n, 0.001), rel=1e-9)
         assert radius == pytest.approx(multiple, abs=0.005)
+        assert cohen.max_radius(0.25, n, 0.001) == pytest.approx(0.25 * radius, rel=1e-9)
 
 
 def test_predict_runs_the_binomial_test_on_the_top_two():

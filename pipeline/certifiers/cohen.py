@@ -21,7 +21,7 @@ from pipeline.certifiers.base import ABSTAIN, ESTIMATION, SELECTION, Certificate
 from pipeline.certifiers.sequential import SEQUENTIAL_MODES, Outcome, SequentialOptions, top_class
 from pipeline.engine import Draws
 
-__all__ = ["Cohen", "certificate_from_counts", "certify_from_counts", "predict_from_counts",
+__all__ = ["Cohen", "certificate_from_counts", "certify_from_counts", "max_radius", "predict_from_counts",
            "sequential_certificate"]
 
 
@@ -61,6 +61,13 @@ def certify_from_counts(selection_counts, estimation_counts, sigma: float, alpha
     """CERTIFY on counts: (predicted class, certified l2 radius), or (-1, 0.0) on abstention."""
     certificate = certificate_from_counts(selection_counts, estimation_counts, sigma, alpha)
     return certificate.prediction, certificate.radius
+
+
+def max_radius(sigma: float, n: int, alpha: float) -> float:
+    """The largest radius CERTIFY can issue with n estimation draws at level alpha:
+    sigma * Phi^-1(alpha^(1/n)), reached when all n draws vote for the selected class (alpha^(1/n) is the
+    one-sided Clopper–Pearson lower bound for n successes in n). No radius at or above it can be certified."""
+    return sigma * norm.ppf(alpha ** (1 / n))
 
 
 def predict_from_counts(counts, alpha: float) -> int:

@@ -26,7 +26,7 @@ import torch
 from pipeline import stats
 from pipeline.certifiers.base import ABSTAIN, DSSN_OFFSETS, ESTIMATION, SELECTION, Certificate, Certifier, Cost
 from pipeline.engine import Draws
-from pipeline.noise import dssn_levels, template_identity
+from pipeline.noise import dssn_levels, splitting_lambda, splitting_width, template_identity
 
 GRID_TOLERANCE = 1e-3  # in units of one level: float32 images of k/q are within ~1e-5 of the grid
 
@@ -61,8 +61,9 @@ class DSSN(Certifier):
         if not (self.template == "reference" or seeded):
             raise ValueError(f"{self.name}: template must be 'reference' or an integer seed, got {self.template!r}")
         if self.levels < 1:
+            smallest = 1 / (splitting_width(1.0) * self.q)  # the sigma at which L = int(2 lambda q) reaches 1
             raise ValueError(f"{self.name}: sigma={self.sigma} is too small for q={self.q}: L = int(2 sqrt(3) sigma q) "
-                             f"= {self.levels} levels; sigma must be at least {1 / (2 * math.sqrt(3) * self.q):.4g}")
+                             f"= {self.levels} levels; sigma must be at least {smallest:.4g}")
 
     @property
     def levels(self) -> int:
@@ -77,7 +78,7 @@ class DSSN(Certifier):
                                  f"{self.q}-level quantized inputs only")
 
     def params(self, input_shape: tuple | None = None) -> dict:
-        params = {**super().params(), "levels": self.levels, "lambda": math.sqrt(3) * self.sigma,
+        params = {**super().params(), "levels": self.levels, "lambda": splitting_lambda(self.sigma),
                   "threat_model": f"l1 ball; the input and every perturbed input on the 1/{self.q} grid"}
         if input_shape is not None:
             params["template_identity"] = template_identity(math.prod(input_shape), self.levels, self.template)
@@ -111,7 +112,7 @@ class SSN(Certifier):
         self._require_count("n", 1)
 
     def params(self, input_shape: tuple | None = None) -> dict:
-        return {**super().params(), "lambda": math.sqrt(3) * self.sigma,
+        return {**super().params(), "lambda": splitting_lambda(self.sigma),
                 "threat_model": "l1 ball; any real perturbed input"}
 
     def draws(self, labeled: bool) -> dict[str, Draws]:
@@ -125,7 +126,7 @@ class SSN(Certifier):
         p_lower = float(stats.clopper_pearson_lower(count, n, self.alpha))
         cost = Cost(n=n, n0=selection.sum())
         if p_lower > 0.5:
-            radius = 2 * math.sqrt(3) * self.sigma * (p_lower - 0.5)
+            radius = splitting_width(self.sigma) * (p_lower - 0.5)
             return Certificate(prediction=top, radius=radius, cost=cost, p_lower=p_lower, count=count,
                                topk_labels=[top])
         return Certificate(prediction=ABSTAIN, radius=0.0, cost=cost, p_lower=p_lower, count=count)

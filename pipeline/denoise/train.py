@@ -22,6 +22,11 @@ Access (`access`):
 Checkpoints are selected by the target's accuracy on noisy, denoised images of the validation split carved
 from the few-sample subset (one seeded noise draw per image), never on the test set. A checkpoint is a
 versioned artifact: the weights, the config, the target classifier's digest, the subset and the seeds.
+
+The steps: `TrainingRun.start` builds what a run holds fixed (data, denoiser, generators, validation noise);
+`fit` runs the objective's `stages`, each epoch `train_one_epoch` (the phase's loss from `LOSSES`), `validate`
+and `report_epoch` (rank 0 writes the artifact); `fit_local` is `fit` in this process with the best artifact
+under `<output>/<run_name>/best`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +48,13 @@ from pipeline.config import DenoiserConfig
 from pipeline.denoise import losses
 from pipeline.denoise.data import few_sample_subset, load_training_images
 from pipeline.denoise.generate import GenerationSettings, generate_cached
-from pipeline.models import WithFeatures, load_model
+from pipeline.models import ModelSpec, WithFeatures, load_model
 from pipeline.models.denoisers import DnCNN, save_artifact
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainingData", "decrop_views", "describe", "fit", "prepare_training", "unwrap"]
+__all__ = ["LOSSES", "TrainingData", "TrainingRun", "decrop_views", "describe", "fit", "fit_local", "gradient_spec",
+           "prepare_training", "stages", "train_one_epoch", "unwrap", "validate"]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -90,12 +97,18 @@ class TrainingData:
     subset: dict
 
 
+def gradient_spec(config: DenoiserConfig) -> ModelSpec:
+    """The spec of the classifier whose gradients train the denoiser: the surrogate with black-box access,
+    the target otherwise."""
+    return config.surrogate if config.access == "black_box" else config.classifier
+
+
 def prepare_training(config: DenoiserConfig, device: str = "cpu") -> TrainingData:
     """Loads the classifiers (frozen) and the subset: the same on every worker and on the driver."""
     target = load_model(config.classifier, config.storage).to(device).eval()
     gradient_model = target
     if config.access == "black_box":
-        gradient_model = load_model(config.surrogate, config.storage).to(device).eval()
+        gradient_model = load_model(gradient_spec(config), config.storage).to(device).eval()
     for model in (target, gradient_model):
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -117,145 +130,271 @@ def decrop_views(config: DenoiserConfig, data: TrainingData, generate_fn=None) -
                                                                               if generate_fn else {}))
 
 
-def fit(config: DenoiserConfig, report: Callable[[dict, Path | None], None], rank: int = 0, world_size: int = 1,
-        prepare: Callable[[nn.Module], nn.Module] = lambda module: module, device: str = "cpu",
-        evaluate: Callable[[nn.Module, TrainingData], dict] | None = None, every_epoch: bool = False,
-        resume_from: Path | None = None) -> dict:
-    """Trains the denoiser; calls report(metrics, artifact directory or None) after every epoch (the
-    directory, on rank 0, when the validation accuracy improved, or every epoch with `every_epoch`).
-    `evaluate(denoiser, data)` adds metrics every epoch; `resume_from` (an artifact directory) restarts after
-    the epoch it records, from its weights. Returns the best metrics of the last stage. Every report carries
-    `selection_score`: the validation accuracy in the last stage, -1 before it, so ranking checkpoints by it
-    picks the last stage's best."""
-    torch.manual_seed(config.seed)
-    data = prepare_training(config, device)
-    target, gradient_model, subset = data.target, data.gradient_model, data.subset
-    x_train, y_train, x_val, y_val = data.x_train, data.y_train, data.x_val, data.y_val
-    featured = WithFeatures(gradient_model)
-    log.info("training a %s denoiser on %d images (%d held out for selection), rank %d of %d",
-             config.objective, len(x_train), len(x_val), rank, world_size)
-    views = decrop_views(config, data) if config.objective == "decrop" else None
+class Stage(NamedTuple):
+    """One stage of an objective: the phase (which loss), its epochs and its learning rate."""
 
-    network = DnCNN(image_channels=x_train.shape[1], **config.denoiser)
-    start_epoch = 0
-    if resume_from is not None:
-        network.load_state_dict(torch.load(resume_from / "denoiser.pt", map_location="cpu", weights_only=True))
-        start_epoch = json.loads((resume_from / "artifact.json").read_text())["metrics"]["epoch"]
-    denoiser = prepare(network.to(device))
-    phases = {"mse": [("mse", config.epochs, config.lr)], "stab": [("stab", config.epochs, config.lr)],
-              "clf": [("clf", config.epochs, config.lr)],
-              "stab_mse": [("mse", config.epochs, config.lr), ("stab", config.second_epochs,
-                                                               config.second_lr or config.lr)],
-              "decrop": [("decrop1", config.epochs, config.lr), ("decrop2", config.second_epochs,
-                                                                 config.second_lr or config.lr)]}[config.objective]
-    noise_generator = torch.Generator(device=device).manual_seed(config.seed + 1000 * rank)
-    shuffle_generator = torch.Generator().manual_seed(config.seed)
-    validation_noise = torch.randn(x_val.shape, generator=torch.Generator(device=device).manual_seed(config.seed),
-                                   device=device) * config.sigma
-    best: dict = {"val_accuracy": -1.0}
-    selected = max(index for index, (_, epochs, _) in enumerate(phases) if epochs > 0)
-    epoch_done = 0
-    discriminator = None
-    for stage, (phase, epochs, lr) in enumerate(phases):
-        if epochs == 0:
-            continue
-        if stage == selected:
-            best = {"val_accuracy": -1.0}  # the artifact is chosen among the last stage's epochs
-        optimizer = torch.optim.Adam(denoiser.parameters(), lr=lr, weight_decay=config.weight_decay)
-        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
-        if phase == "decrop2":
-            with torch.no_grad():
-                width = featured(x_train[:2])[1].shape[1]
-            discriminator = prepare(losses.DomainDiscriminator(width).to(device))
-            disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=config.disc_lr)
-        for stage_epoch in range(epochs):
-            if epoch_done < start_epoch:  # finished before the run was resumed
-                epoch_done += 1
-                continue
-            denoiser.train()
-            order = torch.randperm(len(x_train), generator=shuffle_generator)
-            order = order[:len(order) - len(order) % world_size][rank::world_size]  # equal shards for DDP
-            batches = order.split(config.batch_size)
-            running = 0.0
-            for step, batch in enumerate(batches):
-                x = x_train[batch]
-                if config.augment:
-                    x = _augment(x, shuffle_generator)
-                noise = torch.randn(x.shape, generator=noise_generator, device=device) * config.sigma
-                if phase == "mse":
-                    loss = F.mse_loss(denoiser(x + noise), x)
-                elif phase in ("stab", "clf"):
-                    with torch.no_grad():
-                        target_labels = target(x).argmax(1) if phase == "stab" else y_train[batch]
-                    loss = F.cross_entropy(gradient_model(denoiser(x + noise)), target_labels)
-                else:
-                    loss = _decrop_loss(config, x, noise, views, batch, denoiser, target, gradient_model, featured,
-                                        shuffle_generator)
-                    if phase == "decrop2":
-                        progress = (stage_epoch + step / len(batches)) / epochs  # from 0 within stage 2
-                        loss = loss + _domain_loss(x, noise, denoiser, featured, discriminator,
-                                                   losses.dann_lambda(progress, config.weights.get("dann", 2.0)))
-                        disc_optimizer.zero_grad()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                if phase == "decrop2":
-                    disc_optimizer.step()
-                running += loss.item()
-            schedule.step()
-            epoch_done += 1
-            accuracy = _validation_accuracy(denoiser, target, x_val, y_val, validation_noise)
-            metrics = {"epoch": epoch_done, "phase": phase, "stage": stage + 1,
-                       "train_loss": running / max(1, len(batches)), "val_accuracy": accuracy,
-                       "selection_score": accuracy if stage == selected else -1.0}
-            if evaluate is not None:
-                metrics.update(evaluate(unwrap(denoiser), data))
-            improved = accuracy > best["val_accuracy"]
-            if improved:
-                best = dict(metrics)
-            if rank == 0 and (improved or every_epoch):
-                with tempfile.TemporaryDirectory() as directory:
-                    save_artifact(Path(directory), unwrap(denoiser), target, describe(config, metrics, subset))
-                    report(metrics, Path(directory))
-            else:
-                report(metrics, None)
-    return best
+    phase: str
+    epochs: int
+    lr: float
 
 
-def _validation_accuracy(denoiser, target, images, labels, noise) -> float:
-    if len(images) == 0:
-        return 0.0
-    denoiser.eval()
+PHASES = {"mse": ("mse",), "stab": ("stab",), "clf": ("clf",), "stab_mse": ("mse", "stab"),
+          "decrop": ("decrop1", "decrop2")}
+
+
+def stages(config: DenoiserConfig) -> list[Stage]:
+    """The objective's stages in order: the first for `epochs` at `lr`, a second for `second_epochs` at
+    `second_lr` (or `lr`)."""
+    phases = PHASES[config.objective]
+    schedule = [(config.epochs, config.lr), (config.second_epochs, config.second_lr or config.lr)][:len(phases)]
+    return [Stage(phase, epochs, lr) for phase, (epochs, lr) in zip(phases, schedule, strict=True)]
+
+
+def _unchanged(module: nn.Module) -> nn.Module:
+    """The module itself: no wrapper, for training in one process."""
+    return module
+
+
+@dataclass
+class Batch:
+    """A training batch: its positions in the subset, the clean (augmented) images and the noise drawn for
+    them, and how far through its stage the batch starts (0 at the stage's first batch)."""
+
+    index: torch.Tensor
+    x: torch.Tensor
+    noise: torch.Tensor
+    progress: float
+
+    @property
+    def noisy(self) -> torch.Tensor:
+        return self.x + self.noise
+
+
+@dataclass
+class TrainingRun:
+    """What every step of one run on one rank shares, built once by `start`: the config, the classifiers and
+    subset, the (wrapped) denoiser, the gradient model's features, DE-CROP's views, the run's generators and
+    the validation split's fixed noise. `discriminator` is DE-CROP stage 2's, None before that stage."""
+
+    config: DenoiserConfig
+    data: TrainingData
+    denoiser: nn.Module
+    featured: WithFeatures
+    views: tuple[torch.Tensor, torch.Tensor] | None
+    noise_generator: torch.Generator  # the training noise, seeded per rank
+    shuffle_generator: torch.Generator  # the epoch order and the augmentation, the same on every rank
+    validation_noise: torch.Tensor
+    start_epoch: int = 0  # epochs finished before a resume
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    prepare: Callable[[nn.Module], nn.Module] = _unchanged  # wraps every trained module (DDP on Ray Train)
+    discriminator: nn.Module | None = None
+
+    @classmethod
+    def start(cls, config: DenoiserConfig, rank: int = 0, world_size: int = 1,
+              prepare: Callable[[nn.Module], nn.Module] = _unchanged, device: str = "cpu",
+              resume_from: Path | None = None) -> TrainingRun:
+        """Seeds torch, then loads the data, generates (or reads) the views and builds the denoiser, in this
+        order; resumes from the artifact directory `resume_from` when given."""
+        torch.manual_seed(config.seed)
+        data = prepare_training(config, device)
+        log.info("training a %s denoiser on %d images (%d held out for selection), rank %d of %d",
+                 config.objective, len(data.x_train), len(data.x_val), rank, world_size)
+        views = decrop_views(config, data) if config.objective == "decrop" else None
+        network, start_epoch = _denoiser(config, data.x_train.shape[1], resume_from)
+        validation = torch.Generator(device=device).manual_seed(config.seed)
+        return cls(config, data, prepare(network.to(device)), WithFeatures(data.gradient_model), views,
+                   noise_generator=torch.Generator(device=device).manual_seed(config.seed + 1000 * rank),
+                   shuffle_generator=torch.Generator().manual_seed(config.seed),
+                   validation_noise=torch.randn(data.x_val.shape, generator=validation, device=device) * config.sigma,
+                   start_epoch=start_epoch, rank=rank, world_size=world_size, device=device, prepare=prepare)
+
+    def batches(self) -> tuple[torch.Tensor, ...]:
+        """This rank's batches of positions for one epoch: a fresh seeded permutation of the subset, cut to a
+        multiple of the world size and dealt out to the ranks (equal shards for DDP)."""
+        order = torch.randperm(len(self.data.x_train), generator=self.shuffle_generator)
+        order = order[:len(order) - len(order) % self.world_size][self.rank::self.world_size]
+        return order.split(self.config.batch_size)
+
+    def batch(self, index: torch.Tensor, progress: float) -> Batch:
+        """The subset's images at `index`, augmented when configured, and their noise: drawn in that order."""
+        x = self.data.x_train[index]
+        if self.config.augment:
+            x = _augment(x, self.shuffle_generator)
+        noise = torch.randn(x.shape, generator=self.noise_generator, device=self.device) * self.config.sigma
+        return Batch(index, x, noise, progress)
+
+
+def _denoiser(config: DenoiserConfig, image_channels: int, resume_from: Path | None) -> tuple[DnCNN, int]:
+    """A freshly initialised DnCNN and 0, or, resuming, that DnCNN with the artifact's weights and the epoch
+    the artifact records."""
+    network = DnCNN(image_channels=image_channels, **config.denoiser)
+    if resume_from is None:
+        return network, 0
+    network.load_state_dict(torch.load(resume_from / "denoiser.pt", map_location="cpu", weights_only=True))
+    return network, json.loads((resume_from / "artifact.json").read_text())["metrics"]["epoch"]
+
+
+def _mse_loss(run: TrainingRun, batch: Batch) -> torch.Tensor:
+    """MSE between the denoised noisy images and the clean ones."""
+    return F.mse_loss(run.denoiser(batch.noisy), batch.x)
+
+
+def _stab_loss(run: TrainingRun, batch: Batch) -> torch.Tensor:
+    """Stab: the gradient model on the denoised images against the target's prediction on the clean ones."""
     with torch.no_grad():
-        return float((target(denoiser(images + noise)).argmax(1) == labels).float().mean())
+        clean_logits = run.data.target(batch.x)
+    return losses.stab_loss(run.data.gradient_model(run.denoiser(batch.noisy)), clean_logits)
 
 
-def _decrop_loss(config, x, noise, views, batch, denoiser, target, gradient_model, featured, generator):
+def _clf_loss(run: TrainingRun, batch: Batch) -> torch.Tensor:
+    """Clf: the gradient model on the denoised images against the true labels."""
+    return F.cross_entropy(run.data.gradient_model(run.denoiser(batch.noisy)), run.data.y_train[batch.index])
+
+
+def _decrop_loss(run: TrainingRun, batch: Batch) -> torch.Tensor:
     """DE-CROP stage 1: Stab on the originals, cosine in logit space and MMD on normalised features for the
     boundary and interpolated views; one noise draw shared by the three views."""
-    weights = config.weights
+    weights = run.config.weights
     with torch.no_grad():
-        clean_labels = target(x).argmax(1)
-        clean_logits, clean_features = featured(x)
+        target_logits = run.data.target(batch.x)
+        clean_logits, clean_features = run.featured(batch.x)
         clean_features = F.normalize(clean_features, dim=1)
-    denoised_logits = gradient_model(denoiser(x + noise))
-    loss = weights.get("stab", 1.0) * F.cross_entropy(denoised_logits, clean_labels)
-    for view in views:
-        extra = view[batch]
-        if config.augment:
-            extra = _augment(extra, generator)
-        logits, features = featured(denoiser(extra + noise))
+    denoised_logits = run.data.gradient_model(run.denoiser(batch.noisy))
+    loss = weights.get("stab", 1.0) * losses.stab_loss(denoised_logits, target_logits)
+    for view in run.views:
+        extra = view[batch.index]
+        if run.config.augment:
+            extra = _augment(extra, run.shuffle_generator)
+        logits, features = run.featured(run.denoiser(extra + batch.noise))
         loss = loss + weights.get("cosine", 4.0) * losses.cosine_loss(logits, clean_logits)
         loss = loss + weights.get("mmd", 4.0) * losses.mmd_rbf(clean_features, F.normalize(features, dim=1))
     return loss
 
 
-def _domain_loss(x, noise, denoiser, featured, discriminator, scale):
-    """Stage 2: clean features (domain 0) against denoised features (domain 1) through the gradient reversal
-    layer; the discriminator learns the domains while the denoiser learns to hide them."""
+def _decrop_domain_loss(run: TrainingRun, batch: Batch) -> torch.Tensor:
+    """DE-CROP stage 2: stage 1's loss plus the domain loss, clean features (domain 0) against denoised ones
+    (domain 1) through the gradient reversal layer, whose weight follows DANN's schedule over the stage; the
+    discriminator learns the domains while the denoiser learns to hide them."""
+    loss = _decrop_loss(run, batch)
+    scale = losses.dann_lambda(batch.progress, run.config.weights.get("dann", 2.0))
     with torch.no_grad():
-        clean = F.normalize(featured(x)[1], dim=1)
-    denoised = F.normalize(featured(denoiser(x + noise))[1], dim=1)
+        clean = F.normalize(run.featured(batch.x)[1], dim=1)
+    denoised = F.normalize(run.featured(run.denoiser(batch.noisy))[1], dim=1)
     features = torch.cat([clean, losses.reverse_gradient(denoised, scale)])
-    domains = torch.cat([torch.zeros(len(x)), torch.ones(len(x))]).long().to(x.device)
-    return F.nll_loss(discriminator(features), domains)
+    domains = torch.cat([torch.zeros(len(batch.x)), torch.ones(len(batch.x))]).long().to(batch.x.device)
+    return loss + F.nll_loss(run.discriminator(features), domains)
+
+
+LOSSES: dict[str, Callable[[TrainingRun, Batch], torch.Tensor]] = {
+    "mse": _mse_loss, "stab": _stab_loss, "clf": _clf_loss, "decrop1": _decrop_loss, "decrop2": _decrop_domain_loss}
+
+
+def start_stage(run: TrainingRun, stage: Stage) -> tuple[list[torch.optim.Optimizer], torch.optim.lr_scheduler.StepLR]:
+    """A stage's fresh optimizers and the denoiser's step schedule: Adam on the denoiser, and in DE-CROP
+    stage 2 Adam on a new domain discriminator (built here, on the gradient model's feature width)."""
+    config = run.config
+    optimizer = torch.optim.Adam(run.denoiser.parameters(), lr=stage.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
+    if stage.phase != "decrop2":
+        return [optimizer], schedule
+    with torch.no_grad():
+        width = run.featured(run.data.x_train[:2])[1].shape[1]
+    run.discriminator = run.prepare(losses.DomainDiscriminator(width).to(run.device))
+    return [optimizer, torch.optim.Adam(run.discriminator.parameters(), lr=config.disc_lr)], schedule
+
+
+def train_one_epoch(run: TrainingRun, stage: Stage, stage_epoch: int,
+                    optimizers: list[torch.optim.Optimizer]) -> float:
+    """One pass over this rank's shard with the stage's loss, every optimizer stepping after each batch;
+    returns the mean batch loss."""
+    run.denoiser.train()
+    batches = run.batches()
+    running = 0.0
+    for step, index in enumerate(batches):
+        loss = LOSSES[stage.phase](run, run.batch(index, (stage_epoch + step / len(batches)) / stage.epochs))
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        running += loss.item()
+    return running / max(1, len(batches))
+
+
+def validate(run: TrainingRun) -> float:
+    """The target's accuracy on the validation split with the run's fixed noise, denoised (0 when the split
+    is empty)."""
+    if len(run.data.x_val) == 0:
+        return 0.0
+    run.denoiser.eval()
+    with torch.no_grad():
+        predictions = run.data.target(run.denoiser(run.data.x_val + run.validation_noise)).argmax(1)
+    return float((predictions == run.data.y_val).float().mean())
+
+
+def report_epoch(run: TrainingRun, report: Callable[[dict, Path | None], None], metrics: dict, save: bool) -> None:
+    """report(metrics, artifact directory) on rank 0 when `save`, the artifact written to a temporary
+    directory for the call; report(metrics, None) otherwise."""
+    if run.rank != 0 or not save:
+        report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        save_artifact(Path(directory), unwrap(run.denoiser), run.data.target,
+                      describe(run.config, metrics, run.data.subset))
+        report(metrics, Path(directory))
+
+
+def fit(config: DenoiserConfig, report: Callable[[dict, Path | None], None], rank: int = 0, world_size: int = 1,
+        prepare: Callable[[nn.Module], nn.Module] = _unchanged, device: str = "cpu",
+        evaluate: Callable[[nn.Module, TrainingData], dict] | None = None, every_epoch: bool = False,
+        resume_from: Path | None = None) -> dict:
+    """Trains the denoiser; calls report(metrics, artifact directory or None) after every epoch (the
+    directory, on rank 0, when the validation accuracy improved within the stage, or every epoch with
+    `every_epoch`). `evaluate(denoiser, data)` adds metrics every epoch; `resume_from` (an artifact directory)
+    restarts after the epoch it records, from its weights. Returns the best metrics of the last stage. Every
+    report carries `selection_score`: the validation accuracy in the last stage, -1 before it, so ranking
+    checkpoints by it picks the last stage's best."""
+    run = TrainingRun.start(config, rank, world_size, prepare, device, resume_from)
+    plan = stages(config)
+    last = max(number for number, stage in enumerate(plan) if stage.epochs > 0)
+    epoch = 0
+    for number, stage in enumerate(plan):
+        if stage.epochs == 0:
+            continue
+        best = {"val_accuracy": -1.0}  # the best of this stage; the last stage's is the artifact
+        optimizers, schedule = start_stage(run, stage)
+        for stage_epoch in range(stage.epochs):
+            epoch += 1
+            if epoch <= run.start_epoch:  # finished before the run was resumed
+                continue
+            train_loss = train_one_epoch(run, stage, stage_epoch, optimizers)
+            schedule.step()
+            accuracy = validate(run)
+            metrics = {"epoch": epoch, "phase": stage.phase, "stage": number + 1, "train_loss": train_loss,
+                       "val_accuracy": accuracy, "selection_score": accuracy if number == last else -1.0}
+            if evaluate is not None:
+                metrics.update(evaluate(unwrap(run.denoiser), run.data))
+            improved = accuracy > best["val_accuracy"]
+            if improved:
+                best = dict(metrics)
+            report_epoch(run, report, metrics, save=improved or every_epoch)
+    return best
+
+
+def fit_local(config: DenoiserConfig) -> str:
+    """Trains in this process; every reported artifact overwrites `<output>/<run_name>/best`, which ends as
+    the best of the last stage. Returns its URI."""
+    output = config.storage.open(config.output)
+    best_uri = output.join(config.run_name, "best")
+
+    def report(metrics: dict, directory: Path | None) -> None:
+        log.info("epoch %d (%s): loss %.4f, validation accuracy %.3f", metrics["epoch"], metrics["phase"],
+                 metrics["train_loss"], metrics["val_accuracy"])
+        if directory is not None:
+            for file in directory.iterdir():
+                best_uri.write_bytes(file.name, file.read_bytes())
+
+    fit(config, report)
+    return best_uri.uri

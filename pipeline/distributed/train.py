@@ -19,7 +19,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from pipeline.config import DenoiserConfig
-from pipeline.denoise.train import decrop_views, fit, prepare_training
+from pipeline.denoise.train import decrop_views, fit, fit_local, gradient_spec, prepare_training
 from pipeline.distributed import init_ray
 from pipeline.distributed.generate import generate_with_ray
 
@@ -43,24 +43,12 @@ def _train_loop(config_dict: dict) -> None:
 def train_denoiser(config: DenoiserConfig) -> str:
     """Trains on Ray Train with `config.workers` workers (in this process when 0); returns the URI of the
     best artifact."""
-    output = config.storage.open(config.output)
     if config.workers == 0:
-        best_uri = output.join(config.run_name, "best")
-
-        def report(metrics: dict, directory: Path | None) -> None:
-            log.info("epoch %d (%s): loss %.4f, validation accuracy %.3f", metrics["epoch"], metrics["phase"],
-                     metrics["train_loss"], metrics["val_accuracy"])
-            if directory is not None:
-                for file in directory.iterdir():
-                    best_uri.write_bytes(file.name, file.read_bytes())
-
-        fit(config, report)
-        return best_uri.uri
-
+        return fit_local(config)
+    output = config.storage.open(config.output)
     init_ray()
     if config.objective == "decrop":  # generate the views once, as a Ray Data job; the workers read the cache
-        model = config.surrogate if config.access == "black_box" else config.classifier
-        decrop_views(config, prepare_training(config), generate_with_ray(model, config.storage,
+        decrop_views(config, prepare_training(config), generate_with_ray(gradient_spec(config), config.storage,
                                                                           actors=config.workers))
     checkpoints = CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="selection_score",
                                    checkpoint_score_order="max")

@@ -32,14 +32,15 @@ import yaml
 from matplotlib.figure import Figure
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from scipy.stats import norm
 
 import pipeline
 from pipeline.certifiers import Cohen
+from pipeline.certifiers.cohen import max_radius
 from pipeline.config import ConfigError, DenoiserConfig, read_yaml, set_dotted
 from pipeline.denoise.train import fit
 from pipeline.distributed import init_ray
 from pipeline.models.denoisers import Denoised
+from pipeline.report import accuracy_at, acr
 from pipeline.storage import open_location
 
 METRICS = ("certified_accuracy", "acr")
@@ -90,7 +91,7 @@ def validate_sweep(sweep: dict[str, Any]) -> None:
         if not isinstance(radius, int | float) or radius < 0:
             raise SweepError(f"objective.radius must be a number >= 0, got {radius!r}")
         sigmas = _values(search["sigma"]) if "sigma" in search else [sweep["train"].get("sigma", 0.25)]
-        reach = max(sigmas) * norm.ppf(certification["alpha"] ** (1 / certification["n"]))
+        reach = max_radius(max(sigmas), certification["n"], certification["alpha"])
         if radius >= reach:
             raise SweepError(f"objective.radius={radius} cannot be certified: with n={certification['n']} and "
                              f"alpha={certification['alpha']} the largest radius is {reach:.3f} (at sigma "
@@ -137,6 +138,12 @@ def _objective_name(sweep: dict) -> str:
     return f"certified_accuracy@{objective['radius']:g}" if objective["metric"] == "certified_accuracy" else "acr"
 
 
+def sweep_metrics(table: pa.Table, radius: float) -> dict[str, float]:
+    """Both objectives on a certification's rows: certified accuracy at `radius` and ACR."""
+    rows = table.to_pandas()
+    return {f"certified_accuracy@{radius:g}": accuracy_at(rows, [radius])[0], "acr": acr(rows)}
+
+
 def _trainable(sampled: dict, sweep: dict) -> None:
     config = DenoiserConfig.from_dict({**trial_config(sweep, sampled), "workers": 0})
     certification = {"n0": 20, "n": 100, "alpha": 0.001, **(sweep.get("certification") or {})}
@@ -146,10 +153,7 @@ def _trainable(sampled: dict, sweep: dict) -> None:
         denoiser.eval()
         table = pipeline.certify(Denoised(data.target, denoiser), data.x_val.cpu(), data.y_val.cpu(),
                                  [Cohen(sigma=config.sigma, **certification)], seed=config.seed, batch_size=1000)
-        rows = table.to_pandas()
-        correct = rows["correct"].astype(bool)
-        return {f"certified_accuracy@{radius:g}": float((correct & (rows["radius"] >= radius)).mean()),
-                "acr": float((rows["radius"] * correct).mean())}
+        return sweep_metrics(table, radius)
 
     def report(metrics: dict, directory: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(directory)) if directory is not None else None
