@@ -104,11 +104,12 @@ def add_train_denoiser_arguments(parser: argparse.ArgumentParser) -> None:
 def sweep_main(args: argparse.Namespace) -> int:
     """Runs `pipeline sweep`: validates the sweep, then runs or resumes it on Ray Tune."""
     _logging(args.verbose)
-    from pipeline.distributed.tune import SweepError, load_sweep, run_sweep
+    from pipeline.config import ConfigError, load_sweep
+    from pipeline.distributed.tune import run_sweep
 
     try:
         sweep = load_sweep(args.config, args.set)
-    except (SweepError, ValueError) as error:
+    except ConfigError as error:
         print(f"pipeline: invalid sweep: {error}", file=sys.stderr)
         return 2
     uri = run_sweep(sweep)

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from pipeline.certifiers import REGISTRY, Certifier
+from pipeline.certifiers.cohen import max_radius
 from pipeline.data.sources import LAYOUTS, DatasetSpec
 from pipeline.denoise.generate import GenerationSettings
 from pipeline.engine import PRECISIONS
@@ -23,8 +24,11 @@ from pipeline.storage import Storage
 DEVICES = ("auto", "cpu", "cuda")
 OBJECTIVES = ("mse", "stab", "clf", "stab_mse", "decrop")
 
-__all__ = ["OBJECTIVES", "Actors", "ConfigError", "DenoiserConfig", "NightlySuite", "RunConfig", "load_config",
-           "read_yaml", "section", "set_dotted", "validate"]
+SWEEP_METRICS = ("certified_accuracy", "acr")
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
+
+__all__ = ["OBJECTIVES", "Actors", "ConfigError", "DenoiserConfig", "NightlySuite", "RunConfig", "SweepConfig",
+           "load_config", "load_sweep", "read_yaml", "section", "set_dotted", "validate"]
 
 
 class ConfigError(ValueError):
@@ -330,3 +334,88 @@ class NightlySuite:
         """The certification run of one model of the suite, written under `output`."""
         return validate({**self.run, "model": entry["model"], "run_id": str(entry["label"]), "output": output,
                          "storage": self.storage, "seed": self.seed})
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A sweep campaign over denoiser training (see jobs/configs/sweep_demo.yaml and
+    `pipeline.distributed.tune`): the base `train` config, the `search` space over its dotted keys, the
+    `objective` measured every epoch by a cheap Cohen `certification` of the validation split, the
+    scheduler and search algorithm, resources per trial, where the sweep is written (`output`, with
+    `storage`), and the `final` certification of the best trial."""
+
+    train: dict[str, Any]
+    search: dict[str, dict[str, Any]]
+    objective: dict[str, Any]
+    name: str = "sweep"
+    output: str = "runs/sweeps"
+    storage: Storage = field(default_factory=Storage)
+    certification: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    search_algorithm: str = "random"
+    num_samples: int = 4
+    resources: dict[str, Any] = field(default_factory=dict)
+    max_concurrent: int | None = None
+    final_certify: bool = False
+    final: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "certification", {"n0": 20, "n": 100, "alpha": 0.001, **self.certification})
+        object.__setattr__(self, "scheduler", {"name": "asha", **self.scheduler})
+        object.__setattr__(self, "resources", {"cpu": 1, "gpu": 0, **self.resources})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweepConfig:
+        """The sweep from YAML data; ConfigError naming the first bad key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        _require(not unknown, f"unknown sweep key(s) {unknown}; known: {sorted(known)}")
+        _require(not isinstance(data.get("storage"), str),
+                 "storage: the sweep's folder is `output`; `storage` holds the object storage options, "
+                 "e.g. {endpoint_url: ...}")
+        _require(isinstance(data.get("train"), dict), "train: give the base denoiser training config (a path or a "
+                                                      "mapping)")
+        sweep = cls(**{**data, "storage": section(Storage, "storage", data.get("storage", {}))})
+        sweep.check()
+        return sweep
+
+    def check(self) -> None:
+        _require(bool(self.search), "search: the search space is empty; name at least one hyperparameter, e.g. "
+                                    "{lr: {loguniform: [1e-4, 1e-2]}}")
+        for key, spec in self.search.items():
+            _require(isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS,
+                     f"search.{key}: give one of {list(DISTRIBUTIONS)}, e.g. {{choice: [0.25, 0.5]}}")
+        metric = self.objective.get("metric")
+        _require(metric in SWEEP_METRICS, f"objective.metric must be one of {list(SWEEP_METRICS)}, got {metric!r}")
+        if metric == "certified_accuracy":
+            self._check_radius()
+        _require(self.scheduler["name"] in ("asha", "fifo"),
+                 f"scheduler.name must be 'asha' or 'fifo', got {self.scheduler['name']!r}")
+        _require(self.search_algorithm in ("grid", "random", "optuna"),
+                 f"search_algorithm must be grid, random or optuna, got {self.search_algorithm!r}")
+        DenoiserConfig.from_dict(self.train)
+
+    def _check_radius(self) -> None:
+        radius, certification = self.objective.get("radius"), self.certification
+        _require(isinstance(radius, int | float) and radius >= 0, f"objective.radius must be a number >= 0, "
+                                                                  f"got {radius!r}")
+        sigmas = list(next(iter(self.search["sigma"].values()))) if "sigma" in self.search else [
+            self.train.get("sigma", 0.25)]
+        reach = max_radius(max(sigmas), certification["n"], certification["alpha"])
+        _require(radius < reach, f"objective.radius={radius} cannot be certified: with n={certification['n']} and "
+                                 f"alpha={certification['alpha']} the largest radius is {reach:.3f} (at sigma "
+                                 f"{max(sigmas)}); raise certification.n or lower the radius")
+
+    @property
+    def metric(self) -> str:
+        """The name of the objective in the trials' reports."""
+        radius = self.objective.get("radius")
+        return f"certified_accuracy@{radius:g}" if self.objective["metric"] == "certified_accuracy" else "acr"
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
+    """The sweep from YAML, with `key=value` overrides; `train` may be a path to a training config."""
+    data = read_yaml(path, overrides)
+    if isinstance(data.get("train"), str):  # a path, relative to the working directory
+        data["train"] = read_yaml(data["train"])
+    return SweepConfig.from_dict(data)

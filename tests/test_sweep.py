@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from pipeline import cli
-from pipeline.distributed.tune import SweepError, load_sweep, run_sweep, validate_sweep
+from pipeline.config import ConfigError, SweepConfig, load_sweep
+from pipeline.distributed.tune import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ def clean_classifier(tmp_path_factory):
 
 def sweep_config(tmp_path, classifier, **overrides):
     sweep = {
-        "name": "tiny", "storage": str(tmp_path / "sweeps"),
+        "name": "tiny", "output": str(tmp_path / "sweeps"),
         "train": {"classifier": {"name": "demo_cnn", "weights": str(classifier)}, "objective": "stab",
                   "denoiser": {"depth": 3, "channels": 8}, "subset": {"per_class": 2, "seed": 3, "validation": 0.5},
                   "epochs": 4, "batch_size": 10, "output": str(tmp_path / "denoisers")},
@@ -51,8 +52,7 @@ def test_tiny_asha_sweep_writes_trials_and_a_best_config_that_trains_and_certifi
     # one trial at a time: the grid comes in order (1e-7, 3e-3, 1e-7, 3e-3), so ASHA's decision at the first
     # rung does not depend on which concurrent trial reports first
     sweep = sweep_config(tmp_path, clean_classifier, max_concurrent=1)
-    validate_sweep(sweep)
-    uri = run_sweep(sweep)
+    uri = run_sweep(SweepConfig.from_dict(sweep))
     trials = pd.read_parquet(Path(uri) / "trials.parquet")
     assert len(trials) == 4 and set(trials["status"]) == {"finished"}
     assert trials["stopped_early"].any(), trials[["config.lr", "acr", "epochs_run"]]
@@ -105,11 +105,13 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
 
 def test_bad_sweeps_give_clear_errors(tmp_path):
     base = sweep_config(tmp_path, "weights.pt")
-    with pytest.raises(SweepError, match="search space is empty"):
-        validate_sweep({**base, "search": {}})
-    with pytest.raises(SweepError, match=r"objective\.metric must be one of"):
-        validate_sweep({**base, "objective": {"metric": "top5"}})
-    with pytest.raises(SweepError, match=r"objective\.radius=2\.0 cannot be certified: with n=50"):
-        validate_sweep({**base, "objective": {"metric": "certified_accuracy", "radius": 2.0}})
-    with pytest.raises(SweepError, match=r"search\.lr: give one of"):
-        validate_sweep({**base, "search": {"lr": [1, 2]}})
+    with pytest.raises(ConfigError, match="search space is empty"):
+        SweepConfig.from_dict({**base, "search": {}})
+    with pytest.raises(ConfigError, match=r"objective\.metric must be one of"):
+        SweepConfig.from_dict({**base, "objective": {"metric": "top5"}})
+    with pytest.raises(ConfigError, match=r"objective\.radius=2\.0 cannot be certified: with n=50"):
+        SweepConfig.from_dict({**base, "objective": {"metric": "certified_accuracy", "radius": 2.0}})
+    with pytest.raises(ConfigError, match=r"search\.lr: give one of"):
+        SweepConfig.from_dict({**base, "search": {"lr": [1, 2]}})
+    with pytest.raises(ConfigError, match=r"storage: the sweep's folder is `output`"):
+        SweepConfig.from_dict({**base, "storage": "runs/sweeps"})

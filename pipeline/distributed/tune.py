@@ -23,7 +23,6 @@ import io
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -35,79 +34,16 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 import pipeline
 from pipeline.certifiers import Cohen
-from pipeline.certifiers.cohen import max_radius
-from pipeline.config import ConfigError, DenoiserConfig, read_yaml, set_dotted
+from pipeline.config import ConfigError, DenoiserConfig, SweepConfig, set_dotted, validate
 from pipeline.denoise.train import fit
 from pipeline.distributed import init_ray
+from pipeline.distributed.certify import run
 from pipeline.models.denoisers import Denoised
 from pipeline.report import accuracy_at, acr
-from pipeline.storage import open_location
-
-METRICS = ("certified_accuracy", "acr")
-DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepError", "load_sweep", "run_sweep"]
-
-
-class SweepError(ValueError):
-    """A sweep that cannot run; the message names the key."""
-
-
-def load_sweep(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
-    """The sweep mapping from YAML, with `key=value` overrides, validated (SweepError naming the key)."""
-    try:
-        sweep = read_yaml(path, overrides)
-        if isinstance(sweep.get("train"), str):  # a path, relative to the working directory
-            sweep["train"] = read_yaml(sweep["train"])
-    except ConfigError as error:
-        raise SweepError(str(error)) from error
-    validate_sweep(sweep)
-    return sweep
-
-
-def validate_sweep(sweep: dict[str, Any]) -> None:
-    known = {"name", "storage", "storage_options", "train", "search", "objective", "certification", "scheduler",
-             "search_algorithm", "num_samples", "resources", "max_concurrent", "final_certify", "final"}
-    unknown = sorted(set(sweep) - known)
-    if unknown:
-        raise SweepError(f"unknown sweep key(s) {unknown}; known: {sorted(known)}")
-    if not isinstance(sweep.get("train"), dict):
-        raise SweepError("train: give the base denoiser training config (a path or a mapping)")
-    search = sweep.get("search") or {}
-    if not search:
-        raise SweepError("search: the search space is empty; name at least one hyperparameter, e.g. "
-                         "{lr: {loguniform: [1e-4, 1e-2]}}")
-    for key, spec in search.items():
-        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
-            raise SweepError(f"search.{key}: give one of {list(DISTRIBUTIONS)}, e.g. {{choice: [0.25, 0.5]}}")
-    objective = sweep.get("objective") or {}
-    if objective.get("metric") not in METRICS:
-        raise SweepError(f"objective.metric must be one of {list(METRICS)}, got {objective.get('metric')!r}")
-    certification = {"n0": 20, "n": 100, "alpha": 0.001, **(sweep.get("certification") or {})}
-    if objective["metric"] == "certified_accuracy":
-        radius = objective.get("radius")
-        if not isinstance(radius, int | float) or radius < 0:
-            raise SweepError(f"objective.radius must be a number >= 0, got {radius!r}")
-        sigmas = _values(search["sigma"]) if "sigma" in search else [sweep["train"].get("sigma", 0.25)]
-        reach = max_radius(max(sigmas), certification["n"], certification["alpha"])
-        if radius >= reach:
-            raise SweepError(f"objective.radius={radius} cannot be certified: with n={certification['n']} and "
-                             f"alpha={certification['alpha']} the largest radius is {reach:.3f} (at sigma "
-                             f"{max(sigmas)}); raise certification.n or lower the radius")
-    scheduler = (sweep.get("scheduler") or {}).get("name", "asha")
-    if scheduler not in ("asha", "fifo"):
-        raise SweepError(f"scheduler.name must be 'asha' or 'fifo', got {scheduler!r}")
-    algorithm = sweep.get("search_algorithm", "random")
-    if algorithm not in ("grid", "random", "optuna"):
-        raise SweepError(f"search_algorithm must be grid, random or optuna, got {algorithm!r}")
-    DenoiserConfig.from_dict(sweep["train"])
-
-
-def _values(spec: dict) -> list:
-    """The values a search entry can take (for uniform ranges: the two ends)."""
-    return list(next(iter(spec.values())))
+__all__ = ["run_sweep", "sweep_metrics", "trial_config"]
 
 
 def _space(search: dict, algorithm: str) -> dict:
@@ -125,17 +61,12 @@ def _space(search: dict, algorithm: str) -> dict:
     return space
 
 
-def trial_config(sweep: dict, sampled: dict) -> dict:
+def trial_config(sweep: SweepConfig, sampled: dict) -> dict:
     """The training config of one trial: the base with the sampled values at their dotted keys."""
-    train = copy.deepcopy(sweep["train"])
+    train = copy.deepcopy(sweep.train)
     for key, value in sampled.items():
         set_dotted(train, key, value)
     return train
-
-
-def _objective_name(sweep: dict) -> str:
-    objective = sweep["objective"]
-    return f"certified_accuracy@{objective['radius']:g}" if objective["metric"] == "certified_accuracy" else "acr"
 
 
 def sweep_metrics(table: pa.Table, radius: float) -> dict[str, float]:
@@ -144,10 +75,9 @@ def sweep_metrics(table: pa.Table, radius: float) -> dict[str, float]:
     return {f"certified_accuracy@{radius:g}": accuracy_at(rows, [radius])[0], "acr": acr(rows)}
 
 
-def _trainable(sampled: dict, sweep: dict) -> None:
+def _trainable(sampled: dict, sweep: SweepConfig) -> None:
     config = DenoiserConfig.from_dict({**trial_config(sweep, sampled), "workers": 0})
-    certification = {"n0": 20, "n": 100, "alpha": 0.001, **(sweep.get("certification") or {})}
-    radius = sweep["objective"].get("radius", 0.0)
+    certification, radius = sweep.certification, sweep.objective.get("radius", 0.0)
 
     def evaluate(denoiser, data) -> dict:
         denoiser.eval()
@@ -167,39 +97,45 @@ def _trainable(sampled: dict, sweep: dict) -> None:
             fit(config, report, evaluate=evaluate, every_epoch=True, resume_from=Path(directory))
 
 
-def run_sweep(sweep: dict[str, Any]) -> str:
+def _scheduler(sweep: SweepConfig, epochs: int):
+    settings = sweep.scheduler
+    if settings["name"] == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(max_t=settings.get("max_t", epochs), grace_period=settings.get("grace_period", 1),
+                         reduction_factor=settings.get("reduction_factor", 2))
+
+
+def _search_algorithm(sweep: SweepConfig):
+    if sweep.search_algorithm != "optuna":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as error:
+        raise ConfigError("search_algorithm: optuna needs the optuna package (pip install optuna)") from error
+    return OptunaSearch()
+
+
+def run_sweep(sweep: SweepConfig) -> str:
     """Runs (or resumes) the sweep; writes the trial table, the plot and the best configs; returns the sweep's
     URI."""
     init_ray()
-    name = sweep.get("name", "sweep")
-    storage = sweep.get("storage_options") or {}
-    root = open_location(sweep.get("storage", "runs/sweeps"), **storage)
+    name, metric = sweep.name, sweep.metric
+    root = sweep.storage.open(sweep.output)
     location = root.join(name)
-    metric = _objective_name(sweep)
-    epochs = sweep["train"].get("epochs", 90) + sweep["train"].get("second_epochs", 0)
-    scheduling = sweep.get("scheduler") or {}
-    scheduler = FIFOScheduler() if scheduling.get("name", "asha") == "fifo" else ASHAScheduler(
-        max_t=scheduling.get("max_t", epochs), grace_period=scheduling.get("grace_period", 1),
-        reduction_factor=scheduling.get("reduction_factor", 2))
-    algorithm = sweep.get("search_algorithm", "random")
-    search_alg = None
-    if algorithm == "optuna":
-        try:
-            from ray.tune.search.optuna import OptunaSearch
-        except ImportError as error:
-            raise SweepError("search_algorithm: optuna needs the optuna package (pip install optuna)") from error
-        search_alg = OptunaSearch()
-    resources = {"cpu": 1, "gpu": 0, **(sweep.get("resources") or {})}
-    trainable = tune.with_resources(tune.with_parameters(_trainable, sweep=sweep), resources)
+    base = DenoiserConfig.from_dict(sweep.train)
+    epochs = base.epochs + base.second_epochs
+    algorithm = sweep.search_algorithm
+    trainable = tune.with_resources(tune.with_parameters(_trainable, sweep=sweep), sweep.resources)
     if tune.Tuner.can_restore(location.path, storage_filesystem=location.fs):
         log.info("resuming sweep %s from %s", name, location.uri)
         tuner = tune.Tuner.restore(location.path, trainable, resume_unfinished=True, storage_filesystem=location.fs)
     else:
         tuner = tune.Tuner(
-            trainable, param_space=_space(sweep["search"], algorithm),
-            tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler, search_alg=search_alg,
-                                        num_samples=1 if algorithm == "grid" else sweep.get("num_samples", 4),
-                                        max_concurrent_trials=sweep.get("max_concurrent")),
+            trainable, param_space=_space(sweep.search, algorithm),
+            tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=_scheduler(sweep, epochs),
+                                        search_alg=_search_algorithm(sweep),
+                                        num_samples=1 if algorithm == "grid" else sweep.num_samples,
+                                        max_concurrent_trials=sweep.max_concurrent),
             run_config=tune.RunConfig(name=name, storage_path=root.path, storage_filesystem=root.fs,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
     results = tuner.fit()
@@ -214,7 +150,7 @@ def _write_outputs(sweep, results, location, metric: str, epochs: int) -> None:
         last = result.metrics or {}
         iterations = int(last.get("training_iteration", 0))
         rows.append({"trial_id": last.get("trial_id"), "config": yaml.safe_dump(result.config),
-                     **{f"config.{key}": result.config.get(key) for key in sweep["search"]},
+                     **{f"config.{key}": result.config.get(key) for key in sweep.search},
                      metric: float(history[metric].max()) if metric in history else math.nan,
                      "val_accuracy": float(history["val_accuracy"].max()) if "val_accuracy" in history else math.nan,
                      "epochs_run": iterations, "stopped_early": 0 < iterations < epochs,
@@ -224,27 +160,23 @@ def _write_outputs(sweep, results, location, metric: str, epochs: int) -> None:
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), buffer)
     location.write_bytes("trials.parquet", buffer.getvalue())
-    location.write_bytes("objective.png", _plot(table, sweep["search"], metric))
+    location.write_bytes("objective.png", _plot(table, sweep.search, metric))
 
     best = results.get_best_result(metric=metric, mode="max", scope="all")
     train = trial_config(sweep, best.config)
     location.write_bytes("best_train.yaml", yaml.safe_dump(train, sort_keys=False).encode())
     checkpoint = best.get_best_checkpoint(metric=metric, mode="max") or best.checkpoint
-    final = sweep.get("final") or {}
-    certify = {
-        "run_id": f"{sweep.get('name', 'sweep')}-best", "output": str(final.get("output", "runs")),
+    best_config, final = DenoiserConfig.from_dict(train), sweep.final
+    certify = {  # Cohen's own defaults, unless `final.certification` sets them
+        "run_id": f"{sweep.name}-best", "output": str(final.get("output", "runs")),
         "dataset": final.get("dataset", {"layout": "demo", "split": "test"}),
         "model": {**train["classifier"], "denoiser": _uri(location, checkpoint.path)},
-        "certifiers": [{"name": "cohen", "sigma": train.get("sigma", 0.25),
-                        "n0": 100, "n": 100_000, "alpha": 0.001, **final.get("certification", {})}],
+        "certifiers": [{"name": "cohen", "sigma": best_config.sigma, **final.get("certification", {})}],
         **({"storage": train["storage"]} if train.get("storage") else {}),
     }
     location.write_bytes("best_certify.yaml", yaml.safe_dump(certify, sort_keys=False).encode())
     log.info("best trial: %s = %.4f with %s", metric, best.metrics.get(metric, math.nan), best.config)
-    if sweep.get("final_certify"):
-        from pipeline.config import validate
-        from pipeline.distributed.certify import run
-
+    if sweep.final_certify:
         run(validate(certify))
 
 
