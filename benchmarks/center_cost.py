@@ -47,7 +47,7 @@ def main() -> None:
         started = time.perf_counter()
         certifier.smooth(engine, images, ids, 0, output_head(model, "features"))
         search = (time.perf_counter() - started) / args.images
-        print(f"| {centers} | {certifier.forward_passes:,} | {seconds:.1f} | {search:.1f} "
+        print(f"| {centers} | {certifier.cost.forward_passes:,} | {seconds:.1f} | {search:.1f} "
               f"| {rows.eps_out.median():.3f} | {int(rows.abstained.sum())}/{len(rows)} |", flush=True)
 
 

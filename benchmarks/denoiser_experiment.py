@@ -22,7 +22,7 @@ from pipeline.certifiers import Cohen
 from pipeline.config import DenoiserConfig
 from pipeline.data.demo import load_demo
 from pipeline.distributed.train import train_denoiser
-from pipeline.models import load_model
+from pipeline.models import ModelSpec, load_model
 from pipeline.models.denoisers import load_denoiser
 
 RADII = (0.0, 0.25, 0.5)
@@ -61,9 +61,8 @@ def main() -> None:
         images, labels, ids = load_demo("test")
         images, labels, ids = images[: args.images].float() / 255, labels[: args.images], ids[: args.images]
         certifier = Cohen(sigma=0.25, n0=100, n=1000, alpha=0.001)
-        models = {"no denoiser": {"name": "demo_cnn", "weights": str(target)},
-                  **{name: {"name": "demo_cnn", "weights": str(target), "denoiser": uri}
-                     for name, uri in denoisers.items()}}
+        models = {"no denoiser": ModelSpec("demo_cnn", weights=str(target)),
+                  **{name: ModelSpec("demo_cnn", weights=str(target), denoiser=uri) for name, uri in denoisers.items()}}
         print(f"\n{args.images} demo test digits, sigma 0.25, n0 = 100, n = 1000, alpha = 0.001; classifier trained "
               f"without noise; denoisers from 20 train images ({args.epochs} + {args.second_epochs} epochs)\n")
         print("| model | " + " | ".join(f"r = {r:g}" for r in RADII) + " | checkpoint selected (epoch, phase, "
@@ -73,8 +72,8 @@ def main() -> None:
             table = pipeline.certify(load_model(spec), images, labels, [certifier], image_ids=ids)
             accuracy = report.certified_accuracy(table, RADII).iloc[0].tolist()
             selected = ""
-            if "denoiser" in spec:
-                metrics = load_denoiser(spec["denoiser"])[1]["metrics"]
+            if spec.denoiser:
+                metrics = load_denoiser(spec.denoiser)[1]["metrics"]
                 selected = f"{metrics['epoch']}, {metrics['phase']}, {metrics['val_accuracy']:.1f}"
             print(f"| {name} | " + " | ".join(f"{value:.2f}" for value in accuracy) + f" | {selected} |", flush=True)
 

@@ -19,7 +19,7 @@ from pipeline.results import RowContext, result_row, to_table
 
 log = logging.getLogger(__name__)
 
-__all__ = ["certify", "content_ids"]
+__all__ = ["certify", "certify_rows", "content_ids"]
 
 
 def content_ids(images: torch.Tensor) -> list[str]:

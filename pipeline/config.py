@@ -223,6 +223,39 @@ def check_actors(actors: Actors) -> None:
 
 
 @dataclass(frozen=True)
+class Subset:
+    """The few-sample subset: `per_class` images of every class, or a `fraction` of the data (0.01 when
+    neither is given), drawn with `seed`; `validation` of each class's draw is held out for selection."""
+
+    per_class: int | None = None
+    fraction: float | None = None
+    seed: int = 3
+    validation: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.per_class is None and self.fraction is None:
+            object.__setattr__(self, "fraction", 0.01)
+        _require(self.per_class is None or self.fraction is None, "subset: give one of per_class or fraction")
+        _require(self.per_class is None or _is_count(self.per_class, 1),
+                 f"subset.per_class must be an integer >= 1, got {self.per_class!r}")
+        _require(self.fraction is None or (isinstance(self.fraction, int | float) and 0 < self.fraction <= 1),
+                 f"subset.fraction must lie in (0, 1], got {self.fraction!r}")
+        _require(isinstance(self.validation, int | float) and 0 <= self.validation < 1,
+                 f"subset.validation must lie in [0, 1), got {self.validation!r}")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The weights of DE-CROP's losses: Stab, logit cosine and feature MMD (stage 1), and the gradient
+    reversal's DANN scale (stage 2)."""
+
+    stab: float = 1.0
+    cosine: float = 4.0
+    mmd: float = 4.0
+    dann: float = 2.0
+
+
+@dataclass(frozen=True)
 class DenoiserConfig:
     """Everything a denoiser training run needs (see jobs/configs/denoiser_demo.yaml); `from_dict` reads it
     from YAML data, ConfigError naming the first bad key."""
@@ -234,7 +267,7 @@ class DenoiserConfig:
     surrogate: ModelSpec | None = None
     denoiser: dict[str, Any] = field(default_factory=lambda: {"depth": 17, "channels": 64, "wide": False})
     dataset: DatasetSpec = field(default_factory=lambda: DatasetSpec(split="train"))
-    subset: dict[str, Any] = field(default_factory=lambda: {"fraction": 0.01, "seed": 3, "validation": 0.2})
+    subset: Subset = field(default_factory=Subset)
     epochs: int = 90
     second_epochs: int = 0
     batch_size: int = 256
@@ -244,8 +277,8 @@ class DenoiserConfig:
     step_size: int = 30
     gamma: float = 0.1
     disc_lr: float = 1e-5
-    weights: dict[str, float] = field(default_factory=lambda: {"stab": 1.0, "cosine": 4.0, "mmd": 4.0, "dann": 2.0})
-    generation: dict[str, Any] = field(default_factory=dict)
+    weights: LossWeights = field(default_factory=LossWeights)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
     augment: bool = True
     seed: int = 0
     output: str = "runs/denoisers"
@@ -272,10 +305,6 @@ class DenoiserConfig:
         if self.surrogate is not None:
             check_model(self.surrogate, "surrogate")
         check_dataset(self.dataset)
-        try:
-            GenerationSettings(**self.generation)
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"generation: {error}") from error
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DenoiserConfig:
@@ -285,7 +314,13 @@ class DenoiserConfig:
         _require("classifier" in data, "classifier: name the frozen classifier the denoiser is trained for")
         sections = {"classifier": section(ModelSpec, "classifier", data["classifier"]),
                     "dataset": section(DatasetSpec, "dataset", data.get("dataset", {"split": "train"})),
-                    "storage": section(Storage, "storage", data.get("storage", {}))}
+                    "storage": section(Storage, "storage", data.get("storage", {})),
+                    "subset": section(Subset, "subset", data.get("subset", {})),
+                    "weights": section(LossWeights, "weights", data.get("weights", {}))}
+        try:
+            sections["generation"] = section(GenerationSettings, "generation", data.get("generation", {}))
+        except (TypeError, ValueError) as error:
+            raise ConfigError(str(error)) from error
         if data.get("surrogate") is not None:
             sections["surrogate"] = section(ModelSpec, "surrogate", data["surrogate"])
         return cls(**{**data, **sections})

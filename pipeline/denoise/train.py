@@ -47,7 +47,7 @@ from torch import nn
 from pipeline.config import DenoiserConfig
 from pipeline.denoise import losses
 from pipeline.denoise.data import few_sample_subset, load_training_images
-from pipeline.denoise.generate import GenerationSettings, generate_cached
+from pipeline.denoise.generate import generate_cached
 from pipeline.models import ModelSpec, WithFeatures, load_model
 from pipeline.models.denoisers import DnCNN, save_artifact
 
@@ -113,11 +113,9 @@ def prepare_training(config: DenoiserConfig, device: str = "cpu") -> TrainingDat
         for parameter in model.parameters():
             parameter.requires_grad_(False)
     images, labels, ids = load_training_images(config.dataset, config.storage)
-    counts = {key: value for key, value in config.subset.items() if key in ("per_class", "fraction")}
-    train_index, validation_index = few_sample_subset(
-        labels.numpy(), seed=config.subset.get("seed", 3), validation=config.subset.get("validation", 0.2), **counts)
+    train_index, validation_index = few_sample_subset(labels.numpy(), **dataclasses.asdict(config.subset))
     subset = {"train_ids": [ids[i] for i in train_index], "validation_ids": [ids[i] for i in validation_index],
-              **config.subset}
+              **dataclasses.asdict(config.subset)}
     return TrainingData(target, gradient_model, images[train_index].to(device), labels[train_index].to(device),
                         images[validation_index].to(device), labels[validation_index].to(device), subset)
 
@@ -126,7 +124,7 @@ def decrop_views(config: DenoiserConfig, data: TrainingData, generate_fn=None) -
     """DE-CROP's boundary and interpolated samples of the training subset, from the cache when present."""
     cache = config.storage.open(config.cache or f"{config.output}/cache")
     return generate_cached(data.gradient_model, data.x_train, data.y_train, data.subset["train_ids"],
-                           GenerationSettings(**config.generation), cache, **({"generate_fn": generate_fn}
+                           config.generation, cache, **({"generate_fn": generate_fn}
                                                                               if generate_fn else {}))
 
 
@@ -262,14 +260,14 @@ def _decrop_loss(run: TrainingRun, batch: Batch) -> torch.Tensor:
         clean_logits, clean_features = run.featured(batch.x)
         clean_features = F.normalize(clean_features, dim=1)
     denoised_logits = run.data.gradient_model(run.denoiser(batch.noisy))
-    loss = weights.get("stab", 1.0) * losses.stab_loss(denoised_logits, target_logits)
+    loss = weights.stab * losses.stab_loss(denoised_logits, target_logits)
     for view in run.views:
         extra = view[batch.index]
         if run.config.augment:
             extra = _augment(extra, run.shuffle_generator)
         logits, features = run.featured(run.denoiser(extra + batch.noise))
-        loss = loss + weights.get("cosine", 4.0) * losses.cosine_loss(logits, clean_logits)
-        loss = loss + weights.get("mmd", 4.0) * losses.mmd_rbf(clean_features, F.normalize(features, dim=1))
+        loss = loss + weights.cosine * losses.cosine_loss(logits, clean_logits)
+        loss = loss + weights.mmd * losses.mmd_rbf(clean_features, F.normalize(features, dim=1))
     return loss
 
 
@@ -278,7 +276,7 @@ def _decrop_domain_loss(run: TrainingRun, batch: Batch) -> torch.Tensor:
     (domain 1) through the gradient reversal layer, whose weight follows DANN's schedule over the stage; the
     discriminator learns the domains while the denoiser learns to hide them."""
     loss = _decrop_loss(run, batch)
-    scale = losses.dann_lambda(batch.progress, run.config.weights.get("dann", 2.0))
+    scale = losses.dann_lambda(batch.progress, run.config.weights.dann)
     with torch.no_grad():
         clean = F.normalize(run.featured(batch.x)[1], dim=1)
     denoised = F.normalize(run.featured(run.denoiser(batch.noisy))[1], dim=1)

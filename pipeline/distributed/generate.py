@@ -7,8 +7,6 @@ settings, so the result equals in-process generation.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import ray
 import torch
@@ -23,9 +21,9 @@ __all__ = ["SampleGenerator", "generate_with_ray"]
 class SampleGenerator:
     """Ray Data actor: boundary and interpolated samples for a batch of (index, id, pixels, label)."""
 
-    def __init__(self, model: ModelSpec, storage: Storage, settings: dict):
+    def __init__(self, model: ModelSpec, storage: Storage, settings: GenerationSettings):
         self.model = load_model(model, storage).eval()
-        self.settings = GenerationSettings(**settings)
+        self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = torch.from_numpy(np.asarray(batch["pixels"], dtype=np.float32))
@@ -45,7 +43,7 @@ def generate_with_ray(model_spec: ModelSpec, storage: Storage, actors: int = 1, 
                 .map_batches(SampleGenerator, batch_size=batch_size, batch_format="numpy",
                              compute=ray.data.ActorPoolStrategy(size=actors),
                              fn_constructor_kwargs={"model": model_spec, "storage": storage,
-                                                    "settings": dataclasses.asdict(settings)})
+                                                    "settings": settings})
                 .take_all())
         rows.sort(key=lambda row: row["index"])
         return (torch.from_numpy(np.stack([row["boundary"] for row in rows])).to(images.device),
