@@ -72,6 +72,9 @@ def _check_ids(image_ids, count: int) -> list[str]:
     return image_ids
 
 
+Verdicts = dict[int, list[tuple[Certificate, float]]]  # certifier position -> (certificate, seconds) per image
+
+
 def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Certifier] = (), *, seed: int = 0,
             batch_size: int = 1000, device: str = "cpu", precision: str = "fp32", channels_last: bool = False,
             compile: bool | str = False, image_ids: Sequence[str] | None = None, progress: bool = False) -> pa.Table:
@@ -101,6 +104,7 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
     labels = _check_inputs(engine, images, image_ids, labels, certifiers)
     verdicts = {**_counted(engine, images, image_ids, labels, seed, certifiers),
                 **_sampled(engine, images, image_ids, labels, seed, certifiers)}
+    _fail_nonfinite(engine, image_ids, verdicts)
     context = RowContext(seed=seed, precision=engine.precision, device=engine.device.type,
                          settings={"noise_scheme": noise_scheme(engine.device), **engine.settings()},
                          run=run_info or {}, input_shape=tuple(images.shape[1:]))
@@ -111,6 +115,18 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
             certificate, seconds = verdicts[position][index]
             rows.append(result_row(certifier, certificate, int(image_index), image_id, label, seconds, context))
     return rows
+
+
+def _fail_nonfinite(engine: Engine, image_ids: Sequence[str], verdicts: Verdicts) -> None:
+    """An image on which the model returned NaN or infinite scores has no certificate (those draws cannot
+    vote): every one of its certificates becomes a failed one naming the cause."""
+    for index, image_id in enumerate(image_ids):
+        bad = engine.nonfinite.pop(image_id, 0)
+        if bad:
+            failed = Certificate.failed(f"the model returned NaN or infinite outputs on {bad} of this image's "
+                                        f"noisy copies; no certificate")
+            for position in verdicts:
+                verdicts[position][index] = (failed, verdicts[position][index][1])
 
 
 def _check_certifiers(certifiers: Sequence[Certifier]) -> list[Certifier]:
@@ -131,9 +147,6 @@ def _check_inputs(engine, images, image_ids, labels, certifiers) -> list[int | N
         certifier.check_num_classes(num_classes)
         certifier.check_images(images, image_ids)
     return labels
-
-
-Verdicts = dict[int, list[tuple[Certificate, float]]]  # certifier position -> (certificate, seconds) per image
 
 
 def _counted(engine, images, image_ids, labels, seed, certifiers) -> Verdicts:

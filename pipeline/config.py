@@ -6,11 +6,13 @@ See `jobs/configs/demo.yaml` (annotated) and `jobs/configs/imagenet.yaml` (the p
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
 import yaml
 
 from pipeline.certifiers import REGISTRY, Certifier
@@ -115,25 +117,48 @@ def set_dotted(data: dict, dotted: str, value: Any) -> None:
     target[last] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, reading exponent floats without a dot (1e5, 2.5e-3) as numbers, as YAML 1.2 and
+    Python do, instead of as strings (YAML 1.1)."""
+
+
+EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789"))
+
+
+def parse_yaml(text: str):
+    """YAML text as data, through a subclass of the safe loader: plain data only, no object construction."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
     """A YAML mapping from `path` (empty without one), with `key=value` overrides applied (dotted keys, a
     number indexing a list, YAML values); ConfigError naming the file or the override."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = parse_yaml(Path(path).read_text()) or {}
         except OSError as error:
             raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    return apply_overrides(data, overrides)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`key=value` overrides applied to `data` in place (dotted keys, a number indexing a list, YAML values)."""
     for override in overrides:
         key, separator, text = override.partition("=")
         if not separator or not key:
             raise ConfigError(f"--set expects key=value, got {override!r}")
         try:
-            set_dotted(data, key.strip(), yaml.safe_load(text))
+            value = parse_yaml(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {override!r}: the value is not valid YAML ({error.problem})") from error
+        try:
+            set_dotted(data, key.strip(), value)
         except (IndexError, AttributeError, TypeError, KeyError) as error:
             raise ConfigError(f"--set {override!r}: no such place in the config") from error
     return data
@@ -153,6 +178,14 @@ def _require(condition: bool, message: str) -> None:
 
 def _is_count(value: Any, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive(value: Any) -> bool:
+    return _is_number(value) and value > 0
 
 
 def validate(data: dict[str, Any]) -> RunConfig:
@@ -206,12 +239,24 @@ def check_dataset(dataset: DatasetSpec, where: str = "dataset") -> None:
     _require(transform.resize is None or _is_count(transform.resize, transform.size),
              f"{where}.resize must be an integer >= {where}.size, got {transform.resize!r}")
     _require(_is_count(transform.channels, 1), f"{where}.channels must be an integer >= 1, got {transform.channels!r}")
+    _require(_is_count(transform.max_pixels, 1),
+             f"{where}.max_pixels must be an integer >= 1, got {transform.max_pixels!r}")
+    if dataset.mode is not None:
+        _require(dataset.mode in PIL.Image.MODES,
+                 f"{where}.mode: unknown image mode {dataset.mode!r}; use one of PIL's, e.g. RGB or L (or null)")
+        bands = PIL.Image.getmodebands(dataset.mode)
+        _require(bands == transform.channels, f"{where}.mode {dataset.mode} has {bands} channel(s), but "
+                                              f"{where}.channels is {transform.channels}")
 
 
 def check_model(model: ModelSpec, where: str = "model") -> None:
     """ConfigError naming the first bad key of a model entry."""
     _require(model.name in model_names(),
              f"{where}.name: unknown model {model.name!r}; use demo_cnn or a torchvision classifier name")
+    _require(all(isinstance(value, int | float) and math.isfinite(value) and value > 0 for value in model.std),
+             f"{where}.std must hold finite numbers > 0 (the input is divided by it), got {list(model.std)}")
+    _require(all(isinstance(value, int | float) and math.isfinite(value) for value in model.mean),
+             f"{where}.mean must hold finite numbers, got {list(model.mean)}")
 
 
 def check_actors(actors: Actors) -> None:
@@ -299,8 +344,21 @@ class DenoiserConfig:
         for key in ("epochs", "batch_size"):
             _require(_is_count(getattr(self, key), 1), f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
         _require(_is_count(self.second_epochs, 0), f"second_epochs must be an integer >= 0, got {self.second_epochs!r}")
+        _require(_is_count(self.step_size, 1), f"step_size must be an integer >= 1, got {self.step_size!r}")
+        _require(_is_count(self.workers, 0), f"workers must be an integer >= 0 (0: train in this process), got "
+                                             f"{self.workers!r}")
+        for key in ("lr", "second_lr", "gamma", "disc_lr"):
+            value = getattr(self, key)
+            _require((value is None and key == "second_lr") or _is_positive(value),
+                     f"{key} must be a number > 0, got {value!r}")
+        _require(_is_number(self.weight_decay) and self.weight_decay >= 0,
+                 f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
         unknown = set(self.denoiser) - {"depth", "channels", "wide"}
         _require(not unknown, f"denoiser: unknown key(s) {sorted(unknown)}; known: depth, channels, wide")
+        _require(_is_count(self.denoiser.get("depth", 17), 3),
+                 f"denoiser.depth must be an integer >= 3, got {self.denoiser.get('depth')!r}")
+        _require(_is_count(self.denoiser.get("channels", 64), 1),
+                 f"denoiser.channels must be an integer >= 1, got {self.denoiser.get('channels')!r}")
         check_model(self.classifier, "classifier")
         if self.surrogate is not None:
             check_model(self.surrogate, "surrogate")
@@ -428,6 +486,11 @@ class SweepConfig:
                  f"scheduler.name must be 'asha' or 'fifo', got {self.scheduler['name']!r}")
         _require(self.search_algorithm in ("grid", "random", "optuna"),
                  f"search_algorithm must be grid, random or optuna, got {self.search_algorithm!r}")
+        _require(_is_count(self.num_samples, 1), f"num_samples must be an integer >= 1, got {self.num_samples!r}")
+        _require(self.max_concurrent is None or _is_count(self.max_concurrent, 1),
+                 f"max_concurrent must be an integer >= 1 or null, got {self.max_concurrent!r}")
+        for key, value in self.resources.items():
+            _require(_is_number(value) and value >= 0, f"resources.{key} must be a number >= 0, got {value!r}")
         DenoiserConfig.from_dict(self.train)
 
     def _check_radius(self) -> None:
@@ -449,8 +512,9 @@ class SweepConfig:
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
-    """The sweep from YAML, with `key=value` overrides; `train` may be a path to a training config."""
-    data = read_yaml(path, overrides)
+    """The sweep from YAML, with `key=value` overrides applied after a `train` path is read (so
+    `train.epochs=3` reaches the training config)."""
+    data = read_yaml(path)
     if isinstance(data.get("train"), str):  # a path, relative to the working directory
         data["train"] = read_yaml(data["train"])
-    return SweepConfig.from_dict(data)
+    return SweepConfig.from_dict(apply_overrides(data, overrides))

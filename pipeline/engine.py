@@ -25,6 +25,7 @@ certificate (`Engine.settings`).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
@@ -88,6 +89,7 @@ class Engine:
         self.progress = progress
         self.forward_passes = 0
         self.seconds = 0.0
+        self.nonfinite: Counter[str] = Counter()  # image id -> noisy outputs with NaN or inf (they never vote)
         self._num_classes: int | None = None
 
     def settings(self) -> dict:
@@ -137,7 +139,7 @@ class Engine:
             first_slot[key] = slots_per_image
             slots_per_image += len(ends)
 
-        votes = _Votes(self, images, head, batch_size)
+        votes = _Votes(self, images, head)
         votes.grow(torch.arange(len(images)).repeat_interleave(slots_per_image).tolist())
         if slots_per_image:
             packer = self._packer(images, image_ids, seed, votes.add, batch_size,
@@ -149,6 +151,7 @@ class Engine:
                         packer.put(image, key, start, end, slot)
                         slot, start = slot + 1, end
             packer.close()
+        self._record_nonfinite(image_ids, votes.nonfinite_per_image(len(images)))
         per_slot = votes.counts.view(len(images), slots_per_image, -1).cpu().numpy()
         self.seconds += time.perf_counter() - started
 
@@ -176,7 +179,7 @@ class Engine:
             raise ValueError(f"got {len(procedures)} procedures for {len(images)} images")
         slot_of: dict[tuple[int, tuple], int] = {}
         drawn: dict[tuple[int, tuple], int] = {}
-        votes = _Votes(self, images, head, batch_size)
+        votes = _Votes(self, images, head)
         packer = self._packer(images, image_ids, seed, votes.add, batch_size, None)
         results: list = [None] * len(images)
         pending: dict[int, Draws] = {}
@@ -216,6 +219,7 @@ class Engine:
             for image, image_counts in zip(round_requests, counts, strict=True):
                 advance(image, image_counts)
         packer.close()
+        self._record_nonfinite(image_ids, votes.nonfinite_per_image(len(images)))
         self.seconds += time.perf_counter() - started
         return results
 
@@ -225,16 +229,26 @@ class Engine:
         `sink(outputs, image_index, draw_index)` for each batch, the indices as device tensors."""
         started = time.perf_counter()
         self._check(images, image_ids)
+        nonfinite = torch.zeros(len(images), dtype=torch.int64, device=self.device)
 
         def forward(inputs: torch.Tensor, slots: torch.Tensor, draw_index: torch.Tensor) -> None:
-            sink(self.forward(head, inputs), slots, draw_index)
+            outputs = self.forward(head, inputs)
+            nonfinite.index_add_(0, slots, (~torch.isfinite(outputs.flatten(1)).all(dim=1)).long())
+            sink(outputs, slots, draw_index)
 
         if draws.n:
             packer = self._packer(images, image_ids, seed, forward, None, len(images) * draws.n)
             for image in range(len(images)):
                 packer.put(image, draws.stream, 0, draws.n, image)
             packer.close()
+        self._record_nonfinite(image_ids, nonfinite)
         self.seconds += time.perf_counter() - started
+
+    def _record_nonfinite(self, image_ids: Sequence[str], per_image: torch.Tensor) -> None:
+        """Adds each image's count of non-finite outputs to `nonfinite` (one read from the device)."""
+        for image, count in enumerate(per_image.tolist()):
+            if count:
+                self.nonfinite[image_ids[image]] += int(count)
 
     @staticmethod
     def _check(images: torch.Tensor, image_ids: Sequence[str]) -> None:
@@ -259,7 +273,7 @@ class _Votes:
     """Per-slot class counts of the top-1 prediction, on the device; one `index_add_` per batch. Each slot
     belongs to one image (`image_of`), whose index a `head` receives with its inputs."""
 
-    def __init__(self, engine: Engine, images, head, batch_size):
+    def __init__(self, engine: Engine, images, head):
         self.engine, self.head = engine, head
         if head is None:
             self.num_classes = engine.num_classes(images[0])
@@ -268,14 +282,15 @@ class _Votes:
             self.num_classes = int(engine.forward(
                 lambda x: head(x, torch.zeros(1, dtype=torch.long, device=engine.device)), probe).shape[1])
         self.counts = torch.zeros((0, self.num_classes), dtype=torch.int64, device=engine.device)
+        self.nonfinite = torch.zeros(0, dtype=torch.int64, device=engine.device)  # per slot
         self.image_of = torch.zeros(0, dtype=torch.long, device=engine.device)
-        self.ones = torch.ones(batch_size or engine.batch_size, dtype=torch.int64, device=engine.device)
 
     def grow(self, images: list[int]) -> None:
         """New slots, one for each image listed, after the existing ones."""
         device = self.counts.device
         self.counts = torch.cat([self.counts, torch.zeros((len(images), self.num_classes), dtype=torch.int64,
                                                           device=device)])
+        self.nonfinite = torch.cat([self.nonfinite, torch.zeros(len(images), dtype=torch.int64, device=device)])
         self.image_of = torch.cat([self.image_of, torch.as_tensor(images, dtype=torch.long, device=device)])
 
     def add(self, inputs: torch.Tensor, slots: torch.Tensor, draws: torch.Tensor) -> None:
@@ -283,8 +298,14 @@ class _Votes:
             scores = self.engine.logits(inputs)
         else:
             scores = self.engine.forward(lambda x: self.head(x, self.image_of[slots]), inputs)
-        flat = self.counts.view(-1)
-        flat.index_add_(0, slots * self.num_classes + scores.argmax(dim=1), self.ones[:len(inputs)])
+        finite = torch.isfinite(scores).all(dim=1)  # a draw with a NaN or infinite score does not vote
+        self.counts.view(-1).index_add_(0, slots * self.num_classes + scores.argmax(dim=1), finite.long())
+        self.nonfinite.index_add_(0, slots, (~finite).long())
+
+    def nonfinite_per_image(self, images: int) -> torch.Tensor:
+        """Non-finite draws per image, summed over its slots."""
+        return torch.zeros(images, dtype=torch.int64, device=self.counts.device).index_add_(0, self.image_of,
+                                                                                          self.nonfinite)
 
 
 class _Packer:

@@ -38,7 +38,7 @@ from pipeline.storage import Location, check_writable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Run", "batch_file", "certify_batch", "done_image_ids", "finish", "prepare"]
+__all__ = ["IncompleteRun", "Run", "batch_file", "certify_batch", "check_model", "done_image_ids", "finish", "prepare"]
 
 
 @dataclass
@@ -68,8 +68,9 @@ def prepare(config: RunConfig) -> Run:
     location = config.storage.open(config.output).join(config.run_id)
     check_writable(location)
     certifiers = config.build_certifiers()
-    load_model(config.model, config.storage)  # an unreadable checkpoint fails here, before any work
+    num_classes = check_model(load_model(config.model, config.storage), config.dataset.transform.shape, certifiers)
     listing = list_images(config.dataset, config.storage)
+    _warn_of_labels(listing, num_classes)
     manifest = _start_manifest(location, config)
     done = done_image_ids(read_results(location.join("results"), ["image_id", "setting"]),
                           [certifier.setting for certifier in certifiers])
@@ -77,6 +78,33 @@ def prepare(config: RunConfig) -> Run:
     log.info("%d images listed, %d already certified by earlier attempts, %d to certify", listing.num_rows,
              listing.num_rows - pending.num_rows, pending.num_rows)
     return Run(config, certifiers, location, listing, pending, manifest)
+
+
+def check_model(model: torch.nn.Module, shape: tuple[int, int, int], certifiers: Sequence[Certifier]) -> int:
+    """One clean forward on a blank input of the dataset's shape, before any work: the model must run on it
+    and return finite scores [1, num_classes >= 2] that every certifier can use. Returns num_classes."""
+    engine = Engine(model)
+    image = torch.zeros(shape)
+    try:
+        num_classes = certifiers[0].num_classes(engine, image)
+        scores = engine.logits(image[None])
+    except RuntimeError as error:
+        raise ValueError(f"the model cannot run on the dataset's {shape[0]}x{shape[1]}x{shape[2]} inputs: "
+                         f"{error}") from error
+    if not torch.isfinite(scores).all():
+        raise ValueError("the model returns NaN or infinite scores on a clean input; check its weights and its "
+                         "normalisation (model.mean, model.std)")
+    for certifier in certifiers:
+        certifier.check_num_classes(num_classes)
+    return num_classes
+
+
+def _warn_of_labels(listing: pa.Table, num_classes: int) -> None:
+    labels = listing["label"]
+    outside = pc.sum(pc.or_(pc.less(labels, 0), pc.greater_equal(labels, num_classes))).as_py() or 0
+    if outside:
+        log.warning("%d images have labels outside the model's classes 0..%d; they will be error rows", outside,
+                    num_classes - 1)
 
 
 def _start_manifest(location: Location, config: RunConfig) -> dict:
@@ -111,7 +139,8 @@ def certify_batch(engine: Engine, certifiers: Sequence[Certifier], batch: dict[s
     `image_index` is the dataset index."""
     ids = [str(i) for i in batch["image_id"]]
     labels = [None if label == NO_LABEL else int(label) for label in batch["label"]]
-    good = [i for i, error in enumerate(batch["error"]) if not error]
+    errors = _label_errors(engine, certifiers, batch, ids, labels)
+    good = [i for i, error in enumerate(errors) if not error]
     rows = []
     if good:
         pixels = torch.from_numpy(batch["pixels"][good]).float().div_(255)
@@ -120,8 +149,22 @@ def certify_batch(engine: Engine, certifiers: Sequence[Certifier], batch: dict[s
                             indices=[int(batch["index"][i]) for i in good])
     context = RowContext(seed=seed, precision=engine.precision, device=engine.device.type, run=run_info)
     rows += [result_row(certifier, Certificate.failed(error), int(batch["index"][i]), ids[i], labels[i], 0.0, context)
-             for i, error in enumerate(batch["error"]) if error for certifier in certifiers]
+             for i, error in enumerate(errors) if error for certifier in certifiers]
     return to_table(rows).sort_by([("image_id", "ascending"), ("setting", "ascending")])
+
+
+def _label_errors(engine: Engine, certifiers: Sequence[Certifier], batch: dict[str, np.ndarray], ids: list[str],
+                  labels: list[int | None]) -> list[str]:
+    """The batch's decoding errors, plus one for each decoded image whose label the model cannot have."""
+    errors = [str(error) for error in batch["error"]]
+    decoded = [i for i, error in enumerate(errors) if not error]
+    if not decoded:
+        return errors
+    num_classes = certifiers[0].num_classes(engine, torch.from_numpy(batch["pixels"][decoded[0]]).float() / 255)
+    for i in decoded:
+        if labels[i] is not None and not 0 <= labels[i] < num_classes:
+            errors[i] = f"{ids[i]}: label {labels[i]} is outside the model's classes 0..{num_classes - 1}"
+    return errors
 
 
 def batch_file(image_ids: Sequence[str]) -> str:
@@ -130,13 +173,27 @@ def batch_file(image_ids: Sequence[str]) -> str:
     return f"part-{digest}.parquet"
 
 
+class IncompleteRun(RuntimeError):
+    """A run that ended without a row for every listed image and setting; a rerun certifies the missing ones."""
+
+
 def finish(run: Run, counts: dict[str, int]) -> str:
-    """The exactly-once check, the finished manifest and the report; returns the report's summary."""
+    """The exactly-once and completeness checks, the finished manifest and the report; returns the report's
+    summary. IncompleteRun (manifest status "incomplete") when listed images lack rows, as when a results
+    file was lost during the run."""
     results = read_results(run.results)
     keys = pa.table({"image_id": results["image_id"], "setting": results["setting"]})
     unique = keys.group_by(["image_id", "setting"]).aggregate([]).num_rows
     if unique != results.num_rows:
         raise RuntimeError(f"{run.location.uri}: {results.num_rows - unique} duplicated result rows")
+    done = done_image_ids(results.select(["image_id", "setting"]), [c.setting for c in run.certifiers])
+    missing = sorted(set(run.listing["image_id"].to_pylist()) - done)
+    if missing:
+        run.manifest.update(status="incomplete", counts={**counts, "missing": len(missing)})
+        run.location.write_json("manifest.json", run.manifest)
+        raise IncompleteRun(f"run {run.config.run_id}: {len(missing)} of {run.listing.num_rows} listed images have "
+                            f"no rows for every setting (e.g. {', '.join(missing[:5])}); results may have been "
+                            f"lost from {run.results.uri}. Rerun the same command to certify them.")
     run.manifest.update(status="finished", finished=_now(), counts={
         **counts, "rows": results.num_rows, "images": len(set(results["image_id"].to_pylist())),
         "error_rows": int(pc.sum(pc.equal(results["status"], "error")).as_py() or 0)})

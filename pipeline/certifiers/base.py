@@ -122,6 +122,9 @@ class Certifier:
 
     def _require_count(self, field: str, minimum: int) -> None:
         value = getattr(self, field)
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:  # 1e5 in YAML
+            value = int(value)
+            object.__setattr__(self, field, value)
         if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or value < minimum:
             raise ValueError(f"{self.name}: {field} must be an integer >= {minimum}, got {value!r}")
 

@@ -1,7 +1,9 @@
 """Decoding and preprocessing on CPU workers: encoded bytes to uint8 [C, H, W] arrays.
 
 `Transform(resize=256, size=224)` is ImageNet's Resize(256) + CenterCrop(224) (torchvision, on the PIL
-image, as the papers did). Pixels stay 8-bit, so every value lies on the 1/255 grid after scaling.
+image, as the papers did). Pixels stay 8-bit, so every value lies on the 1/255 grid after scaling:
+16-bit images are scaled to 8 bits (v / 257, rounded), never clipped; other deep formats (32-bit integer or
+float pixels) are refused. An image above `max_pixels` is refused before it is decoded.
 A bad image never raises: it comes back as an error message with a zero array in its place.
 """
 
@@ -17,6 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
 NO_LABEL = -1  # the label of an image its dataset does not label, in decoded batches
+MAX_PIXELS = 50_000_000  # the default pixel cap: about 7 times ImageNet's largest image
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 
 __all__ = ["NO_LABEL", "ImageError", "Transform", "decode", "decode_batch"]
 
@@ -35,6 +39,7 @@ class Transform:
     resize: int | None = None
     channels: int = 3
     mode: str | None = "RGB"
+    max_pixels: int = MAX_PIXELS
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -43,11 +48,7 @@ class Transform:
 
 def decode(data: bytes, transform: Transform) -> np.ndarray:
     """uint8 array of `transform.shape`, or ImageError."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"cannot decode image: {error}") from error
+    image = _open(data, transform.max_pixels)
     if transform.mode:
         image = image.convert(transform.mode)
     channels = len(image.getbands())
@@ -62,6 +63,35 @@ def decode(data: bytes, transform: Transform) -> np.ndarray:
     image = v2.functional.center_crop(image, transform.size)
     pixels = np.asarray(image, dtype=np.uint8)
     return pixels.reshape(*pixels.shape[:2], -1).transpose(2, 0, 1).copy()
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """The decoded image, 16-bit pixels scaled to 8 bits; ImageError for what cannot be certified."""
+    if not data:
+        raise ImageError("the file is empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"image is too large to decode safely: {error}") from error
+    except UnidentifiedImageError as error:
+        raise ImageError("cannot identify an image in the file (not an image, or a format PIL cannot read)") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"cannot decode image: {error}") from error
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(f"image is {width}x{height} = {width * height:,} pixels, above the cap of {max_pixels:,} "
+                         f"(dataset.max_pixels)")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"cannot decode image: {error}") from error
+    if image.mode in SIXTEEN_BIT:
+        wide = np.asarray(image, dtype=np.uint16).astype(np.float64)
+        return Image.fromarray(np.rint(wide / 257).astype(np.uint8), mode="L")
+    if image.mode in ("I", "F"):
+        raise ImageError(f"image has {'32-bit integer' if image.mode == 'I' else 'floating-point'} pixels (mode "
+                         f"{image.mode}); give 8- or 16-bit images")
+    return image
 
 
 def decode_batch(batch: dict[str, np.ndarray], transform: Transform, fs: pafs.FileSystem | None = None,

@@ -22,6 +22,7 @@ import csv
 import dataclasses
 import io
 import logging
+import os
 import re
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from pipeline.data.demo import load_demo
-from pipeline.data.preprocess import Transform
+from pipeline.data.preprocess import MAX_PIXELS, Transform
 from pipeline.storage import DEFAULT_STORAGE, Location, Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class DatasetSpec:
     resize: int | None = None
     channels: int = 3
     mode: str | None = "RGB"
+    max_pixels: int = MAX_PIXELS  # larger images become error rows before they are decoded
     ground_truth: str | None = None
     meta: str | None = None
     synsets: str | None = None
@@ -79,7 +81,8 @@ class DatasetSpec:
     def transform(self) -> Transform:
         """The one place a dataset's transform is derived (certification and denoiser training alike)."""
         size = self.size if self.size is not None or self.layout != "demo" else DEMO_SIZE
-        return Transform(size=size, resize=self.resize, channels=self.channels, mode=self.mode)
+        return Transform(size=size, resize=self.resize, channels=self.channels, mode=self.mode,
+                         max_pixels=self.max_pixels)
 
 
 def subsample(count: int, skip: int = 1, max_index: int | None = None) -> list[int]:
@@ -147,12 +150,32 @@ def _class_index(spec: DatasetSpec, storage: Storage, fallback: list[str]) -> di
 
 
 def _list_files(location: Location) -> list[pafs.FileInfo]:
+    """The image files below a dataset root, in path order. Local file names that are not valid UTF-8 are
+    skipped with a warning naming their raw bytes (no id or path could name them)."""
     try:
-        infos = location.fs.get_file_info(pafs.FileSelector(location.path, recursive=True))
+        if isinstance(location.fs, pafs.LocalFileSystem):
+            infos = _local_files(location.path)
+        else:
+            infos = location.fs.get_file_info(pafs.FileSelector(location.path, recursive=True))
     except (FileNotFoundError, OSError) as error:
         raise DatasetError(f"cannot list dataset root {location.uri}: {error}") from error
     return sorted((i for i in infos if i.type == pafs.FileType.File and i.base_name.lower().endswith(IMAGE_SUFFIXES)),
                   key=lambda i: i.path)
+
+
+def _local_files(root: str) -> list[pafs.FileInfo]:
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"no such directory: {root}")
+    files, undecodable = [], []
+    for directory, _, names in os.walk(os.fsencode(root), followlinks=True):
+        for name in names:
+            try:
+                files.append(pafs.FileInfo(os.path.join(directory, name).decode("utf-8"), pafs.FileType.File))
+            except UnicodeDecodeError:
+                undecodable.append(os.path.join(directory, name))
+    if undecodable:
+        log.warning("skipped %d file(s) whose names are not valid UTF-8, e.g. %r", len(undecodable), undecodable[0])
+    return files
 
 
 def _image_ids(spec: DatasetSpec, root: Location, files: list[pafs.FileInfo]) -> list[str]:

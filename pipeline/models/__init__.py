@@ -87,7 +87,8 @@ def load_state_dict(uri: str, storage: Storage = DEFAULT_STORAGE) -> dict[str, t
         with location.fs.open_input_stream(location.path) as stream:
             checkpoint = torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
-        raise ValueError(f"cannot load model weights from {uri}: {error}") from error
+        reason = "the file is empty" if isinstance(error, EOFError) else str(error) or type(error).__name__
+        raise ValueError(f"cannot load model weights from {uri}: {reason}") from error
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{uri} holds no state dict (found {type(checkpoint).__name__})")

@@ -58,5 +58,6 @@ def load_demo_model(path: str | Path = WEIGHTS) -> DemoCNN:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise ValueError(f"cannot load demo model weights from {path}: {error}") from error
+        reason = "the file is empty" if isinstance(error, EOFError) else str(error) or type(error).__name__
+        raise ValueError(f"cannot load demo model weights from {path}: {reason}") from error
     return model.eval()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import time
 from pathlib import Path
 
@@ -88,8 +89,9 @@ def load_denoiser(uri: str, storage: Storage = DEFAULT_STORAGE) -> tuple[DnCNN, 
     try:
         metadata = json.loads(location.read_bytes("artifact.json"))
         state = torch.load(io.BytesIO(location.read_bytes("denoiser.pt")), map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"cannot load a denoiser artifact from {uri}: {error}") from error
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        reason = "denoiser.pt is empty" if isinstance(error, EOFError) else str(error) or type(error).__name__
+        raise ValueError(f"cannot load a denoiser artifact from {uri}: {reason}") from error
     architecture = {key: value for key, value in metadata.get("architecture", {}).items() if key != "name"}
     denoiser = DnCNN(**architecture)
     try:
