@@ -73,6 +73,7 @@ def _check_ids(image_ids, count: int) -> list[str]:
 
 
 Verdicts = dict[int, list[tuple[Certificate, float]]]  # certifier position -> (certificate, seconds) per image
+NONFINITE = Certificate.failed("the model returned NaN or infinite outputs on this image's noisy copies")
 
 
 def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Certifier] = (), *, seed: int = 0,
@@ -115,6 +116,21 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
             certificate, seconds = verdicts[position][index]
             rows.append(result_row(certifier, certificate, int(image_index), image_id, label, seconds, context))
     return rows
+
+
+def _run(certifier: Certifier, engine: Engine, images, image_ids, seed, labels) -> list[Certificate]:
+    """A sampling certifier's certificates. When images with non-finite outputs stopped it (their counts miss
+    draws), it runs again on the others alone, which get the same noise and so the same certificates."""
+    try:
+        return certifier.run(engine, images, image_ids, seed, labels)
+    except ValueError:
+        finite = [i for i, image_id in enumerate(image_ids) if not engine.nonfinite.get(image_id)]
+        if len(finite) == len(image_ids):
+            raise
+    certificates = certifier.run(engine, images[finite], [image_ids[i] for i in finite], seed,
+                                 [labels[i] for i in finite]) if finite else []
+    by_image = dict(zip(finite, certificates, strict=True))
+    return [by_image.get(index, NONFINITE) for index in range(len(image_ids))]
 
 
 def _fail_nonfinite(engine: Engine, image_ids: Sequence[str], verdicts: Verdicts) -> None:
@@ -169,8 +185,11 @@ def _counted(engine, images, image_ids, labels, seed, certifiers) -> Verdicts:
         verdicts[position] = []
         for index, label in enumerate(labels):
             started = time.perf_counter()
-            certificate = certifier.certify({role: counts[draws][index] for role, draws in roles[position].items()},
-                                            label)
+            if engine.nonfinite.get(image_ids[index]):  # its counts miss the draws that could not vote
+                certificate = NONFINITE
+            else:
+                certificate = certifier.certify({role: counts[draws][index] for role, draws in roles[position].items()},
+                                                label)
             seconds = passes[position] * seconds_per_pass + time.perf_counter() - started
             verdicts[position].append((certificate, seconds))
     return verdicts
@@ -182,9 +201,9 @@ def _sampled(engine, images, image_ids, labels, seed, certifiers) -> Verdicts:
     for position, certifier in enumerate(certifiers):
         if certifier.self_sampling:
             started = time.perf_counter()
-            certificates = certifier.run(engine, images, image_ids, seed, labels)
+            certificates = _run(certifier, engine, images, image_ids, seed, labels)
             seconds = time.perf_counter() - started
-            total = sum(certificate.cost.forward_passes for certificate in certificates)
+            total = max(1, sum(certificate.cost.forward_passes for certificate in certificates))
             verdicts[position] = [(certificate, seconds * certificate.cost.forward_passes / total)
                                   for certificate in certificates]
     return verdicts

@@ -3,10 +3,12 @@
 import io
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
 import uuid
+import zlib
 from pathlib import Path
 
 import boto3
@@ -67,6 +69,15 @@ def imagenet(tmp_path_factory):
     pq.write_table(table.slice(0, 5), root / "shards" / "part-0.parquet")
     pq.write_table(table.slice(5), root / "shards" / "part-1.parquet")
     return root
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height 8-bit RGB pixels and holds none: enough for a decoder to see its size."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def config(output, dataset, run_id="run", **overrides):
@@ -161,12 +172,17 @@ def test_bad_images_become_error_rows(ray_cluster, imagenet, tmp_path):
     shutil.copytree(imagenet / "folder", root)
     (root / WNIDS[0] / "ILSVRC2012_val_00000010.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
     (root / WNIDS[1] / "ILSVRC2012_val_00000011.JPEG").write_bytes(jpeg(np.random.default_rng(1), (50, 50), "L"))
+    (root / WNIDS[1] / "bomb.png").write_bytes(png_header(15000, 15000))  # above PIL's decompression-bomb limit
+    (root / WNIDS[2] / "text.JPEG").write_bytes(b"not an image")
+    (root / WNIDS[2]).joinpath(os.fsdecode(b"bad\xff\xfename.JPEG")).write_bytes(b"never listed")
     table = rows(run(config(tmp_path, {"layout": "imagenet_folder", "root": str(root), "mode": None})))
-    assert len(table) == 2 * 11
+    assert len(table) == 2 * 13  # the file whose name is not UTF-8 is skipped with a warning
     errors = {row["image_id"]: row["error"] for row in table if row["status"] == "error"}
-    assert set(errors) == {"ILSVRC2012_val_00000010.JPEG", "ILSVRC2012_val_00000011.JPEG"}
+    assert set(errors) == {"ILSVRC2012_val_00000010.JPEG", "ILSVRC2012_val_00000011.JPEG", "bomb.png", "text.JPEG"}
     assert "cannot decode image" in errors["ILSVRC2012_val_00000010.JPEG"]
     assert "1 channel(s)" in errors["ILSVRC2012_val_00000011.JPEG"]
+    assert "too large to decode safely" in errors["bomb.png"]
+    assert "cannot identify an image" in errors["text.JPEG"] and "0x" not in errors["text.JPEG"]
     assert sum(row["status"] == "ok" for row in table) == 18
 
 
