@@ -3,7 +3,19 @@
 Runs the suite (the same dataset subset, certifiers and seeds for every model), writes
 `<output>/nightly/<date>/` (figures.parquet, environment.json, report.md, accuracy.png, and each model's
 run), compares with the most recent earlier night in the same output (see `pipeline.nightly` for the
-tests), prints the figures that moved, and exits 1 on a regression.
+tests) and prints the figures that moved. Tonight's files are written whatever the comparison finds.
+
+Rerunning a date reuses the runs that night already certified; throughput is measured only over the images
+certified by tonight's attempt, so a rerun that certified nothing records no throughput (NaN, noted in
+report.md) and is never compared on it, neither tonight nor by the next night.
+
+Exit codes:
+  0  no regression (or no earlier night to compare with)
+  1  a regression: the printed REGRESSION lines and report.md say which figures moved (an uncaught error,
+     a bad suite config or a failed run, also exits 1, with a traceback and no REGRESSION line)
+  2  bad command-line arguments (argparse)
+  3  could not compare: the earlier night's figures.parquet is unreadable (named in the printed line and
+     in report.md); tonight's figures are still written
 """
 
 from __future__ import annotations
@@ -26,36 +38,68 @@ from pipeline import nightly
 from pipeline.config import NightlySuite, read_yaml
 from pipeline.distributed.certify import run
 from pipeline.results import environment, read_results
+from pipeline.storage import Location
 
 log = logging.getLogger("nightly")
 
+EXIT_OK, EXIT_REGRESSION, EXIT_NOT_COMPARED = 0, 1, 3
+FIGURE_COLUMNS = {"model", "setting", "figure", "value", "successes", "count", "kind", "worse_when"}
+
+
+class DamagedNight(Exception):
+    """An earlier night whose figures cannot be read: `night` (its date) and the message naming the file."""
+
+    def __init__(self, night: str, message: str):
+        super().__init__(message)
+        self.night = night
+
 
 def run_suite(suite: NightlySuite, date: str) -> tuple[pd.DataFrame, dict]:
+    """Every model's run of the night (reusing what an earlier attempt of the same date certified) and its
+    figures, with the environment; throughput from the images this attempt certified (the run manifest's
+    counts["certified"]) over the seconds it took."""
     night = suite.storage.open(suite.output).join("nightly", date)
     frames, devices = [], []
     for entry in suite.models:
         config = suite.run_config(entry, night.join("runs").uri)
         started = time.perf_counter()
-        uri = run(config)
+        location = config.storage.open(run(config))
         seconds = time.perf_counter() - started
-        results = read_results(config.storage.open(uri).join("results"))
+        results = read_results(location.join("results"))
+        certified_tonight = location.read_json("manifest.json")["counts"]["certified"]
         count = config.actors.count * max(1, int(config.actors.gpus))
         devices.append({"model": entry["label"], "devices": count, "device": "gpu" if config.actors.gpus else "cpu",
-                        "nodes": sorted(set(results["node"].to_pylist()))})
+                        "nodes": sorted(set(results["node"].to_pylist())), "certified_tonight": certified_tonight})
         frames.append(nightly.figures(entry["label"], results, suite.radii, seconds, count,
-                                      suite.price_per_device_hour))
+                                      suite.price_per_device_hour, certified_tonight))
     return pd.concat(frames, ignore_index=True), {**environment(), "date": date, "devices": devices}
 
 
 def previous_night(suite: NightlySuite, date: str) -> tuple[str, pd.DataFrame] | None:
+    """The most recent night before `date` with a figures.parquet, and its figures; None when there is none.
+    Raises DamagedNight when that file cannot be read as a table of figures."""
     root = suite.storage.open(suite.output).join("nightly")
     listed = root.fs.get_file_info(pafs.FileSelector(root.path, allow_not_found=True))
     nights = sorted(info.base_name for info in listed if info.type == pafs.FileType.Directory and info.base_name < date)
     for name in reversed(nights):
         location = root.join(name)
         if location.join("figures.parquet").exists():
-            return name, pq.read_table(io.BytesIO(location.read_bytes("figures.parquet"))).to_pandas()
+            return name, read_figures(name, location)
     return None
+
+
+def read_figures(name: str, location: Location) -> pd.DataFrame:
+    """The figures.parquet of night `name` at `location`; DamagedNight naming the file if it is unreadable
+    or lacks the figure columns."""
+    uri = location.join("figures.parquet").uri
+    try:
+        figures = pq.read_table(io.BytesIO(location.read_bytes("figures.parquet"))).to_pandas()
+    except (pa.ArrowException, OSError) as error:
+        raise DamagedNight(name, f"{uri} is unreadable: {type(error).__name__}: {error}") from error
+    missing = sorted(FIGURE_COLUMNS - set(figures.columns))
+    if missing:
+        raise DamagedNight(name, f"{uri} lacks the figure column(s) {missing}")
+    return figures
 
 
 def plot(figures: pd.DataFrame) -> bytes:
@@ -74,7 +118,42 @@ def plot(figures: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
+def figures_section(date: str, env: dict, figures: pd.DataFrame) -> list[str]:
+    """The report's head: the night, code and packages, tonight's figures and a note for reused throughput."""
+    lines = [f"# Nightly benchmark {date}", "", f"code {env['code_version']}, packages "
+             f"{json.dumps(env['packages'])}", "", figures.drop(columns=["worse_when"]).to_markdown(index=False)]
+    reused = sorted(set(figures.loc[nightly.is_reused(figures), "model"]))
+    if reused:
+        note = (f"Throughput not measured for {', '.join(reused)}: every image was already certified by an "
+                f"earlier attempt of this night (reused), so images_per_s, device_seconds_per_image and "
+                f"cost_per_image are NaN and not compared.")
+        log.warning(note)
+        lines += ["", note]
+    return lines
+
+
+def comparison_section(suite: NightlySuite, date: str, figures: pd.DataFrame) -> tuple[list[str], int]:
+    """The report's comparison with the most recent earlier night, and the exit code it gives; prints the
+    regressions, or the damaged night."""
+    try:
+        earlier = previous_night(suite, date)
+    except DamagedNight as damaged:
+        print(f"COULD NOT COMPARE with the night {damaged.night}: {damaged}")
+        return ["", f"## Not compared with {damaged.night}", "", f"The night {damaged.night} is damaged: "
+                f"{damaged}"], EXIT_NOT_COMPARED
+    if earlier is None:
+        return ["", "No earlier night in this output to compare with."], EXIT_OK
+    name, last = earlier
+    comparison = nightly.compare(figures, last, suite.accuracy_alpha, suite.throughput_tolerance)
+    for _, row in comparison[comparison["regression"]].iterrows():
+        print(f"REGRESSION {row['model']} {row['setting']} {row['figure']}: {row['value_last']:.4g} -> "
+              f"{row['value']:.4g} ({row['reason']})")
+    code = EXIT_REGRESSION if comparison["regression"].any() else EXIT_OK
+    return ["", f"## Against {name}", "", comparison.to_markdown(index=False)], code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs the night, writes its files and report; returns the exit code (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, metavar="FILE", help="YAML benchmark suite")
     parser.add_argument("--date", default=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
@@ -90,27 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     night.write_parquet("figures.parquet", pa.Table.from_pandas(figures, preserve_index=False))
     night.write_json("environment.json", env)
     night.write_bytes("accuracy.png", plot(figures))
-
-    lines = [f"# Nightly benchmark {args.date}", "", f"code {env['code_version']}, packages "
-             f"{json.dumps(env['packages'])}", "", figures.drop(columns=["worse_when"]).to_markdown(index=False)]
-    earlier = previous_night(suite, args.date)
-    regressions = pd.DataFrame()
-    if earlier is None:
-        lines += ["", "No earlier night in this output to compare with."]
-    else:
-        name, last = earlier
-        comparison = nightly.compare(figures, last, suite.accuracy_alpha, suite.throughput_tolerance)
-        regressions = comparison[comparison["regression"]]
-        lines += ["", f"## Against {name}", "", comparison.to_markdown(index=False)]
-    night.write_bytes("report.md", ("\n".join(lines) + "\n").encode())
+    comparison, code = comparison_section(suite, args.date, figures)
+    night.write_bytes("report.md", ("\n".join(figures_section(args.date, env, figures) + comparison) + "\n").encode())
     log.info("nightly results in %s", night.uri)
-    if len(regressions):
-        for _, row in regressions.iterrows():
-            print(f"REGRESSION {row['model']} {row['setting']} {row['figure']}: {row['value_last']:.4g} -> "
-                  f"{row['value']:.4g} ({row['reason']})")
-        return 1
-    print(f"no regression; report: {night.uri}/report.md")
-    return 0
+    if code == EXIT_OK:
+        print(f"no regression; report: {night.uri}/report.md")
+    return code
 
 
 if __name__ == "__main__":

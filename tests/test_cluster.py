@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import tomllib
 import torch
@@ -156,3 +157,55 @@ def test_nightly_records_nights_and_fails_on_a_planted_regression(ray_cluster, t
         assert {"figures.parquet", "environment.json", "report.md", "accuracy.png"} <= {p.name for p in night.iterdir()}
     figures = pd.read_parquet(tmp_path / "nightly" / "2026-11-21" / "figures.parquet")
     assert {"images_per_s", "device_seconds_per_image", "cost_per_image", "acr"} <= set(figures["figure"])
+
+
+def synthetic_results(images: int) -> pa.Table:
+    """Result rows of one setting, every image certified correct at radius 0.5."""
+    return pa.table({"image_id": [f"image{k}" for k in range(images)], "setting": ["s"] * images,
+                     "correct": [True] * images, "status": ["ok"] * images, "radius": [0.5] * images,
+                     "abstained": [False] * images, "forward_passes": [100] * images})
+
+
+def test_nightly_throughput_is_tonights_work_and_a_reused_night_is_never_compared():
+    """20 images in the run, 5 of them certified tonight in 10 s on 2 devices: 0.5 images/s, while accuracy
+    is over all 20. A night that certified none has NaN throughput, compared with nothing either way."""
+    results = synthetic_results(20)
+    measured = nightly.figures("m", results, [0.0], 10.0, 2, 0.5, certified_tonight=5)
+    value = measured.set_index("figure")["value"]
+    assert (value["images_per_s"], value["device_seconds_per_image"], value["certified_accuracy@0"]) == (0.5, 4.0, 1)
+    reused = nightly.figures("m", results, [0.0], 0.5, 2, 0.5, certified_tonight=0)
+    assert list(reused.loc[nightly.is_reused(reused), "figure"]) == list(nightly.THROUGHPUT_FIGURES)
+    for tonight, last in ((reused, measured), (measured, reused)):
+        compared = nightly.compare(tonight, last).set_index("figure")
+        assert not compared["regression"].any()
+        assert compared.loc["images_per_s", "reason"].startswith("not compared")
+    slower = nightly.figures("m", results, [0.0], 10.0, 2, 0.5, certified_tonight=1)
+    assert nightly.compare(slower, measured).set_index("figure").loc["images_per_s", "regression"]
+
+
+def test_nightly_rerun_of_a_date_is_marked_reused_and_a_damaged_night_is_named(ray_cluster, tmp_path, capsys):
+    """Rerunning a date reuses its runs: no throughput is measured (not 40x faster) and the next date raises
+    no throughput alarm against it. An unreadable earlier figures.parquet still gives tonight's report,
+    naming that night, and exit 3."""
+    from nightly import main
+
+    settings = ["--config", str(ROOT / "jobs" / "configs" / "nightly_demo.yaml"), "--set", f"output={tmp_path}",
+                "--set", "run.dataset.max=8", "--set", "run.certifiers=[{name: cohen, sigma: 0.25, n0: 20, n: 100}]"]
+    nights = tmp_path / "nightly"
+    assert main([*settings, "--date", "2026-11-20"]) == 0
+    assert main([*settings, "--date", "2026-11-20"]) == 0
+    rerun = pd.read_parquet(nights / "2026-11-20" / "figures.parquet")
+    assert nightly.is_reused(rerun).sum() == len(nightly.THROUGHPUT_FIGURES)
+    assert "Throughput not measured for demo_cnn" in (nights / "2026-11-20" / "report.md").read_text()
+    assert main([*settings, "--date", "2026-11-21"]) == 0
+    assert "REGRESSION" not in capsys.readouterr().out
+    assert "not compared: the earlier night certified no images" in (nights / "2026-11-21" / "report.md").read_text()
+
+    (nights / "2026-11-20" / "figures.parquet").write_bytes(b"not a parquet file")
+    (nights / "2026-11-21" / "report.md").unlink()
+    assert main([*settings, "--date", "2026-11-21"]) == 3
+    printed = capsys.readouterr().out
+    assert "COULD NOT COMPARE with the night 2026-11-20" in printed and "figures.parquet is unreadable" in printed
+    assert "magic bytes" in printed
+    report = (nights / "2026-11-21" / "report.md").read_text()
+    assert "Not compared with 2026-11-20" in report and "2026-11-20/figures.parquet" in report
