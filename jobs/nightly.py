@@ -152,11 +152,22 @@ def comparison_section(suite: NightlySuite, date: str, figures: pd.DataFrame) ->
     return ["", f"## Against {name}", "", comparison.to_markdown(index=False)], code
 
 
+def night_date(text: str) -> str:
+    """A --date value: a calendar date written YYYY-MM-DD (it names the night's folder)."""
+    try:
+        written = datetime.date.fromisoformat(text).isoformat()
+    except ValueError:
+        written = None
+    if written != text:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the night, writes its files and report; returns the exit code (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, metavar="FILE", help="YAML benchmark suite")
-    parser.add_argument("--date", default=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
+    parser.add_argument("--date", type=night_date, default=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
                         help="the night's date, YYYY-MM-DD (default: today, UTC)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a suite value, e.g. models.0.model.weights=PATH (repeatable)")

@@ -21,7 +21,7 @@ from pipeline.data.sources import LAYOUTS, DatasetSpec
 from pipeline.denoise.generate import GenerationSettings
 from pipeline.engine import PRECISIONS
 from pipeline.models import ModelSpec, model_names
-from pipeline.storage import Storage
+from pipeline.storage import Storage, is_name
 
 DEVICES = ("auto", "cpu", "cuda")
 OBJECTIVES = ("mse", "stab", "clf", "stab_mse", "decrop")
@@ -176,6 +176,11 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _require_name(value: Any, key: str, names: str) -> None:
+    _require(is_name(value), f"{key} must be letters, digits, '.', '_' or '-', starting with a letter or digit (it "
+                             f"names {names}), got {value!r}")
+
+
 def _is_count(value: Any, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
@@ -201,8 +206,7 @@ def validate(data: dict[str, Any]) -> RunConfig:
     config = RunConfig(**{**data, **{key: section(kind, key, data.get(key, {})) for key, kind in sections.items()}})
     check_dataset(config.dataset)
     check_model(config.model)
-    _require(isinstance(config.run_id, str) and bool(re.fullmatch(r"[A-Za-z0-9._-]+", config.run_id)),
-             f"run_id must be letters, digits, '.', '_' or '-', got {config.run_id!r}")
+    _require_name(config.run_id, "run_id", "the run's folder")
     _require(isinstance(config.output, str) and bool(config.output), "output: give a directory or s3:// URI")
     _require(_is_count(config.batch_size, 1), f"batch_size must be an integer >= 1, got {config.batch_size!r}")
     _require(_is_count(config.images_per_batch, 1),
@@ -353,6 +357,7 @@ class DenoiserConfig:
                      f"{key} must be a number > 0, got {value!r}")
         _require(_is_number(self.weight_decay) and self.weight_decay >= 0,
                  f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        _require_name(self.run_name, "run_name", "a folder under output")
         unknown = set(self.denoiser) - {"depth", "channels", "wide"}
         _require(not unknown, f"denoiser: unknown key(s) {sorted(unknown)}; known: depth, channels, wide")
         _require(_is_count(self.denoiser.get("depth", 17), 3),
@@ -415,6 +420,8 @@ class NightlySuite:
         _require(isinstance(models, list) and bool(models) and all(
             isinstance(entry, dict) and set(entry) == {"label", "model"} for entry in models),
             "models: give a non-empty list of {label, model} entries")
+        for position, entry in enumerate(models):
+            _require_name(entry["label"], f"models[{position}].label", "a run of the night")
         suite = cls(**{**data, "storage": section(Storage, "storage", data.get("storage", {}))})
         for position, entry in enumerate(suite.models):
             try:
@@ -473,6 +480,7 @@ class SweepConfig:
         return sweep
 
     def check(self) -> None:
+        _require_name(self.name, "name", "the sweep's folder")
         _require(bool(self.search), "search: the search space is empty; name at least one hyperparameter, e.g. "
                                     "{lr: {loguniform: [1e-4, 1e-2]}}")
         for key, spec in self.search.items():

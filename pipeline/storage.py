@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -17,7 +18,15 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-__all__ = ["DEFAULT_STORAGE", "Location", "Storage", "StorageError", "check_writable", "open_location"]
+__all__ = ["DEFAULT_STORAGE", "Location", "Storage", "StorageError", "check_writable", "is_name", "open_location"]
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def is_name(value) -> bool:
+    """True for a name that may become one path segment (a run id, a sweep or training name): letters, digits,
+    '.', '_' and '-', starting with a letter or digit, so never '.', '..', hidden, or a path."""
+    return isinstance(value, str) and NAME.fullmatch(value) is not None
 
 
 class StorageError(OSError):
@@ -33,6 +42,11 @@ class Location:
     uri: str
 
     def join(self, *parts: str) -> Location:
+        """The location below this one; every part is one path segment (StorageError for '', '.', '..' or a
+        part holding a separator), so no join leaves its root."""
+        for part in parts:
+            if part in ("", ".", "..") or "/" in part or "\\" in part:
+                raise StorageError(f"{part!r} is not one path segment (below {self.uri})")
         path = "/".join([self.path.rstrip("/"), *parts]) if self.path else "/".join(parts)
         uri = "/".join([self.uri.rstrip("/"), *parts])
         return Location(self.fs, path, uri)

@@ -214,3 +214,32 @@ def test_bad_configs_and_files_get_one_line_messages(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({**sweep, "train": str(ROOT / "jobs" / "configs" / "denoiser_demo.yaml")}))
     assert load_sweep(path, ["train.epochs=3"]).train["epochs"] == 3  # overrides reach a train config by path
+
+
+def test_names_that_become_paths_cannot_leave_their_roots(tmp_path, capsys):
+    """A run id, a training run name, a sweep name, a nightly label or date is one path segment: '..', a
+    separator or a hidden name is refused before anything is written, and no join leaves its root."""
+    import sys
+
+    from pipeline import cli
+    from pipeline.storage import Storage, StorageError
+
+    output = tmp_path / "runs"
+    for run_id in ("..", "../escape", "a/b", ".hidden", ""):
+        assert cli.main(["certify", "--config", str(ROOT / "jobs" / "configs" / "demo.yaml"), "--output", str(output),
+                         "--run-id", run_id]) == 2
+        assert "run_id must be letters, digits" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match="run_name must be letters"):
+        DenoiserConfig.from_dict({"classifier": {"name": "demo_cnn"}, "run_name": "../den-esc"})
+    with pytest.raises(ConfigError, match="name must be letters"):
+        SweepConfig.from_dict({"name": "../sweep-esc", "train": {"classifier": {"name": "demo_cnn"}},
+                               "search": {"lr": {"choice": [0.1]}}, "objective": {"metric": "acr"}})
+    with pytest.raises(StorageError, match="is not one path segment"):
+        Storage().open(str(tmp_path)).join("..", "escape")
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from nightly import main as nightly
+
+    with pytest.raises(SystemExit) as exit_code:
+        nightly(["--config", str(ROOT / "jobs" / "configs" / "nightly_demo.yaml"), "--date", "../../esc-night"])
+    assert exit_code.value.code == 2 and "expected a date YYYY-MM-DD" in capsys.readouterr().err
