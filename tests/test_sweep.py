@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import ray
 import yaml
 
 from pipeline import cli
@@ -53,6 +54,12 @@ def test_tiny_asha_sweep_writes_trials_and_a_best_config_that_trains_and_certifi
     # rung does not depend on which concurrent trial reports first
     sweep = sweep_config(tmp_path, clean_classifier, max_concurrent=1)
     uri = run_sweep(SweepConfig.from_dict(sweep))
+    # Ray Tune copies the driver's AWS credentials into every trial's runtime env, which Ray logs in plain text
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    leaked = [path.name for path in logs.rglob("*") if path.is_file() and (
+        b"AWS_SECRET_ACCESS_KEY" in path.read_bytes() or b'"' + secret + b'"' in path.read_bytes())]
+    assert not leaked, f"credentials in Ray's logs: {leaked}"
     trials = pd.read_parquet(Path(uri) / "trials.parquet")
     assert len(trials) == 4 and set(trials["status"]) == {"finished"}
     assert trials["stopped_early"].any(), trials[["config.lr", "acr", "epochs_run"]]

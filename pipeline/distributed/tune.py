@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import yaml
 from matplotlib.figure import Figure
 from ray import tune
+from ray.tune.execution import class_cache
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 import pipeline
@@ -41,9 +42,19 @@ from pipeline.distributed.certify import run
 from pipeline.models.denoisers import Denoised
 from pipeline.report import accuracy_at, acr
 
+CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
 log = logging.getLogger(__name__)
 
 __all__ = ["run_sweep", "sweep_metrics", "trial_config"]
+
+
+def keep_credentials_out_of_runtime_envs() -> None:
+    """Ray Tune copies the driver's AWS credential variables into every trial's runtime env, and Ray's
+    runtime-env agent writes runtime envs to its log in plain text (which the dashboard serves). Trials get
+    credentials by the standard chain of the node they run on instead (its environment, profile or instance
+    role), as every other Ray worker of the project does."""
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(CREDENTIALS)
 
 
 def _space(search: dict, algorithm: str) -> dict:
@@ -119,6 +130,7 @@ def run_sweep(sweep: SweepConfig) -> str:
     """Runs (or resumes) the sweep; writes the trial table, the plot and the best configs; returns the sweep's
     URI."""
     init_ray()
+    keep_credentials_out_of_runtime_envs()
     name, metric = sweep.name, sweep.metric
     root = sweep.storage.open(sweep.output)
     location = root.join(name)
