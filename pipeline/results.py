@@ -75,7 +75,9 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("abstain_reason", pa.string(), True, "Why the certifier abstained, where it says (center: the check failed)."),
     ("run_id", pa.string(), True, "The run that wrote the row (null outside a run)."),
     ("model", pa.string(), True, "The classifier certified, as named in the run's config."),
-    ("node", pa.string(), True, "Host name of the machine that certified the image."),
+    ("node", pa.string(), True,
+     "Where the image was certified: the host name and the first 12 hex digits of the Ray node id, as 'host/id' "
+     "(two Ray nodes on one host differ)."),
     ("code_version", pa.string(), True, "Version of this package (and git commit, where known) that wrote the row."),
 ]
 

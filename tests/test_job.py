@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -175,8 +176,11 @@ def test_bad_images_become_error_rows(ray_cluster, imagenet, tmp_path):
     (root / WNIDS[1] / "bomb.png").write_bytes(png_header(15000, 15000))  # above PIL's decompression-bomb limit
     (root / WNIDS[2] / "text.JPEG").write_bytes(b"not an image")
     (root / WNIDS[2]).joinpath(os.fsdecode(b"bad\xff\xfename.JPEG")).write_bytes(b"never listed")
-    table = rows(run(config(tmp_path, {"layout": "imagenet_folder", "root": str(root), "mode": None})))
+    uri = run(config(tmp_path, {"layout": "imagenet_folder", "root": str(root), "mode": None}))
+    table = rows(uri)
     assert len(table) == 2 * 13  # the file whose name is not UTF-8 is skipped with a warning
+    nodes = set(read_results(open_location(uri).join("results"))["node"].to_pylist())
+    assert len(nodes) == 1 and re.fullmatch(r".+/[0-9a-f]{12}", nodes.pop())  # host name and Ray node id
     errors = {row["image_id"]: row["error"] for row in table if row["status"] == "error"}
     assert set(errors) == {"ILSVRC2012_val_00000010.JPEG", "ILSVRC2012_val_00000011.JPEG", "bomb.png", "text.JPEG"}
     assert "cannot decode image" in errors["ILSVRC2012_val_00000010.JPEG"]

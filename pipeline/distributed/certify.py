@@ -44,7 +44,8 @@ class CertifyActor:
         self.engine = Engine(load_model(config.model, config.storage), device=device, batch_size=config.batch_size,
                              precision=config.precision, channels_last=config.channels_last, compile=config.compile)
         self.certifiers, self.results, self.seed = certifiers, results, config.seed
-        self.run_info = {**run_info, "node": socket.gethostname()}
+        node_id = ray.get_runtime_context().get_node_id()[:12]  # two Ray nodes on one host share its name
+        self.run_info = {**run_info, "node": f"{socket.gethostname()}/{node_id}"}
         log.info("certifier actor on %s (%s) ready", self.run_info["node"], device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
