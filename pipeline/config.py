@@ -1,6 +1,13 @@
-"""Run configuration: YAML in, a validated `RunConfig` out, with errors that name the bad key.
+"""Configurations: YAML in, validated typed configs out, with one error type (ConfigError) naming the bad key.
 
-See `jobs/configs/demo.yaml` (annotated) and `jobs/configs/imagenet.yaml` (the papers' setting).
+- `RunConfig`: a certification run (`jobs/configs/demo.yaml`, annotated; `jobs/configs/imagenet.yaml`, the
+  papers' setting), with its `DatasetSpec`, `ModelSpec`, `Actors` and `Storage` sections;
+- `DenoiserConfig`: a denoiser training (`jobs/configs/denoiser_demo.yaml`), with `Subset`, `LossWeights` and
+  DE-CROP's `GenerationSettings`;
+- `SweepConfig`: a Ray Tune sweep over a training config (`jobs/configs/sweep_demo.yaml`);
+- `NightlySuite`: the nightly benchmark (`jobs/configs/nightly_demo.yaml`).
+
+Every default is stated once, on its dataclass field.
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ OBJECTIVES = ("mse", "stab", "clf", "stab_mse", "decrop")
 SWEEP_METRICS = ("certified_accuracy", "acr")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 
-__all__ = ["OBJECTIVES", "Actors", "ConfigError", "DenoiserConfig", "NightlySuite", "RunConfig", "SweepConfig",
-           "load_config", "load_sweep", "read_yaml", "section", "set_dotted", "validate"]
+__all__ = ["OBJECTIVES", "Actors", "ConfigError", "DenoiserConfig", "LossWeights", "NightlySuite", "RunConfig",
+           "Subset", "SweepConfig", "apply_overrides", "check_dataset", "check_model", "load_config", "load_sweep",
+           "parse_yaml", "read_yaml", "section", "set_dotted", "validate"]
 
 
 class ConfigError(ValueError):

@@ -6,7 +6,8 @@ of it (`search`: {key: {grid | choice: [...]} or {uniform | loguniform: [low, hi
 (`objective`: certified accuracy at a radius, or ACR, measured every epoch by a cheap Cohen certification
 of the held-out validation split with `certification` n0 / n / alpha), the scheduler (ASHA over epochs by
 default, or FIFO), the search algorithm (grid and random built in, Optuna when installed), resources per
-trial (fractional GPUs allowed) and the storage path (local or s3://).
+trial (fractional GPUs allowed) and where the sweep is written (`output`, local or s3://, with `storage`).
+The sweep config is `pipeline.config.SweepConfig`; this module only wires it to Ray Tune.
 
 Every trial reports its metrics and a checkpoint (the denoiser artifact) every epoch, so ASHA can stop
 weak trials and an interrupted sweep resumes with `Tuner.restore` (finished trials are not re-run;
