@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import uuid
+from pathlib import Path
 
 import boto3
 import pytest
@@ -157,6 +158,7 @@ def test_decrop_on_ray_train_writes_checkpoints_to_s3_that_certify(ray_cluster, 
         "run_name": "tiny", "storage": storage, "workers": 2})
     uri = train_denoiser(config)
     assert uri.startswith(f"s3://{bucket}/train/tiny/checkpoint_")
+    assert train_denoiser(config) == uri  # a rerun resumes after the checkpoint Ray Train hands it: nothing to train
     _, metadata = load_denoiser(uri, Storage(**storage))
     assert metadata["objective"] == "decrop" and metadata["architecture"]["depth"] == 3
     assert (metadata["stage"], metadata["phase"]) == (2, "decrop2")
@@ -195,3 +197,46 @@ def test_training_images_use_the_certification_transform():
                                   "dataset": {"layout": "imagenet_folder", "root": "/data/imagenet/train"}})
     config = DenoiserConfig.from_dict({"classifier": {"name": "demo_cnn"}})
     assert config.dataset.transform.shape == (3, 32, 32) and config.dataset.split == "train"
+
+
+class Killed(Exception):
+    """Stands in for a kill of the training process."""
+
+
+def test_in_process_training_resumes_after_a_kill_and_best_never_gets_worse(tmp_path, monkeypatch, caplog):
+    """A training killed after epoch 2 of 5 resumes after epoch 2 (not from epoch 1), `best/` is replaced
+    only by better artifacts, one epoch's artifact is kept for the next resume, and a folder holding another
+    config is refused."""
+    import logging
+
+    from pipeline.denoise import train
+
+    config = DenoiserConfig.from_dict({
+        "classifier": {"name": "demo_cnn"}, "objective": "stab", "denoiser": {"depth": 3, "channels": 8},
+        "subset": {"per_class": 3, "seed": 3, "validation": 0.34}, "epochs": 5, "batch_size": 5,
+        "output": str(tmp_path), "run_name": "r"})
+    validate, seen = train.validate, []
+
+    def killed_in_epoch_3(run):
+        if len(seen) == 2:
+            raise Killed
+        seen.append(1)
+        return validate(run)
+
+    monkeypatch.setattr(train, "validate", killed_in_epoch_3)
+    with pytest.raises(Killed):
+        train.fit_local(config)
+    folder = tmp_path / "r"
+    assert json.loads((folder / "last.json").read_text()) == {"epoch": 2}
+    before = json.loads((folder / "best" / "artifact.json").read_text())["metrics"]
+
+    monkeypatch.setattr(train, "validate", validate)
+    with caplog.at_level(logging.INFO, logger="pipeline.denoise.train"):
+        uri = train.fit_local(config)
+    trained = [int(line.split()[1]) for line in caplog.messages if line.startswith("epoch ")]
+    assert "resuming r after epoch 2" in caplog.messages and trained == [3, 4, 5]
+    after = json.loads((Path(uri) / "artifact.json").read_text())["metrics"]
+    assert (after["selection_score"], after["val_accuracy"]) >= (before["selection_score"], before["val_accuracy"])
+    assert [path.name for path in (folder / "epochs").iterdir()] == ["5"]
+    with pytest.raises(ValueError, match="comes from a training with another config"):
+        train.fit_local(dataclasses.replace(config, lr=0.5))

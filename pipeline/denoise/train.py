@@ -382,17 +382,63 @@ def fit(config: DenoiserConfig, report: Callable[[dict, Path | None], None], ran
 
 
 def fit_local(config: DenoiserConfig) -> str:
-    """Trains in this process; every reported artifact overwrites `<output>/<run_name>/best`, which ends as
-    the best of the last stage. Returns its URI."""
-    output = config.storage.open(config.output)
-    best_uri = output.join(config.run_name, "best")
+    """Trains in this process, resumably. Under `<output>/<run_name>/`: `epochs/<n>/` holds the artifact of
+    the last finished epoch and `last.json` points to it (written after it, so it never points to a partial
+    one); `best/` is replaced only by a better artifact (`selection_score`, then validation accuracy), so it
+    ends as the best of the last stage and never gets worse. A rerun resumes after the last finished epoch;
+    a folder that holds a training with another config is refused. Returns the URI of `best/`."""
+    folder = config.storage.open(config.output).join(config.run_name)
+    best = folder.join("best")
+    earlier_best = _earlier(config, best)
+    best_key = [None if earlier_best is None else _selection_key(earlier_best["metrics"])]
 
     def report(metrics: dict, directory: Path | None) -> None:
         log.info("epoch %d (%s): loss %.4f, validation accuracy %.3f", metrics["epoch"], metrics["phase"],
                  metrics["train_loss"], metrics["val_accuracy"])
-        if directory is not None:
-            for file in directory.iterdir():
-                best_uri.write_bytes(file.name, file.read_bytes())
+        if directory is None:
+            return
+        _copy(directory, folder.join("epochs", str(metrics["epoch"])))
+        previous = folder.read_json("last.json")["epoch"] if folder.join("last.json").exists() else None
+        folder.write_json("last.json", {"epoch": metrics["epoch"]})
+        if previous is not None and previous != metrics["epoch"]:
+            folder.fs.delete_dir(folder.join("epochs", str(previous)).path)
+        if best_key[0] is None or _selection_key(metrics) > best_key[0]:
+            _copy(directory, best)
+            best_key[0] = _selection_key(metrics)
 
-    fit(config, report)
-    return best_uri.uri
+    with tempfile.TemporaryDirectory() as scratch:
+        fit(config, report, every_epoch=True, resume_from=_last_epoch(config, folder, Path(scratch)))
+    return best.uri
+
+
+def _earlier(config: DenoiserConfig, artifact) -> dict | None:
+    """An earlier attempt's artifact.json at `artifact`, checked to come from this very config; None if none."""
+    if not artifact.join("artifact.json").exists():
+        return None
+    metadata = artifact.read_json("artifact.json")
+    if metadata.get("config") != json.loads(json.dumps(config.to_dict(), default=str)):
+        raise ValueError(f"{artifact.uri} comes from a training with another config; choose another run_name or "
+                         f"remove that folder")
+    return metadata
+
+
+def _selection_key(metrics: dict) -> tuple[float, float]:
+    return (metrics["selection_score"], metrics["val_accuracy"])
+
+
+def _copy(directory: Path, target) -> None:
+    for file in sorted(directory.iterdir(), key=lambda path: path.name != "denoiser.pt"):  # the weights first
+        target.write_bytes(file.name, file.read_bytes())
+
+
+def _last_epoch(config: DenoiserConfig, folder, scratch: Path) -> Path | None:
+    """The artifact of the last finished epoch of an earlier attempt, copied to `scratch`; None if none."""
+    if not folder.join("last.json").exists():
+        return None
+    epoch = folder.read_json("last.json")["epoch"]
+    source = folder.join("epochs", str(epoch))
+    _earlier(config, source)
+    for name in ("denoiser.pt", "artifact.json"):
+        (scratch / name).write_bytes(source.read_bytes(name))
+    log.info("resuming %s after epoch %d", config.run_name, epoch)
+    return scratch

@@ -36,8 +36,14 @@ def _train_loop(config_dict: dict) -> None:
         checkpoint = Checkpoint.from_directory(str(directory)) if directory is not None else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    fit(config, report, rank=context.get_world_rank(), world_size=context.get_world_size(),
-        prepare=ray.train.torch.prepare_model, device=str(ray.train.torch.get_device()))
+    options = {"rank": context.get_world_rank(), "world_size": context.get_world_size(),
+               "prepare": ray.train.torch.prepare_model, "device": str(ray.train.torch.get_device())}
+    checkpoint = ray.train.get_checkpoint()  # an earlier attempt's latest: resume after its epoch
+    if checkpoint is None:
+        fit(config, report, **options)
+        return
+    with checkpoint.as_directory() as directory:
+        fit(config, report, resume_from=Path(directory), **options)
 
 
 def train_denoiser(config: DenoiserConfig) -> str:
