@@ -103,6 +103,8 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
     images = _check_images(images)
     image_ids = content_ids(images) if image_ids is None else _check_ids(image_ids, len(images))
     labels = _check_inputs(engine, images, image_ids, labels, certifiers)
+    for image_id in image_ids:  # counted afresh for this call
+        engine.nonfinite.pop(image_id, None)
     verdicts = {**_counted(engine, images, image_ids, labels, seed, certifiers),
                 **_sampled(engine, images, image_ids, labels, seed, certifiers)}
     _fail_nonfinite(engine, image_ids, verdicts)
