@@ -16,6 +16,7 @@ import sys
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data.sources import DatasetError
+from pipeline.lease import RunBusy
 from pipeline.run import IncompleteRun
 from pipeline.storage import StorageError
 
@@ -46,7 +47,7 @@ def certify_main(args: argparse.Namespace) -> int:
         from pipeline.distributed.certify import run
 
         uri = run(config)
-    except IncompleteRun as error:
+    except (IncompleteRun, RunBusy) as error:
         print(f"pipeline: {error}", file=sys.stderr)
         return 1
     except (ConfigError, StorageError, DatasetError, ValueError) as error:

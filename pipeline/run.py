@@ -14,6 +14,7 @@ Whoever runs the batches (`pipeline.distributed.certify` over Ray Data) only mov
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -32,13 +33,15 @@ from pipeline.config import RunConfig
 from pipeline.data.preprocess import NO_LABEL
 from pipeline.data.sources import list_images
 from pipeline.engine import Engine
+from pipeline.lease import Lease, acquire
 from pipeline.models import load_model
 from pipeline.results import RowContext, environment, manifest_matches, read_results, result_row, to_table
 from pipeline.storage import Location, check_writable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IncompleteRun", "Run", "batch_file", "certify_batch", "check_model", "done_image_ids", "finish", "prepare"]
+__all__ = ["IncompleteRun", "Run", "batch_file", "certify_batch", "check_model", "done_image_ids", "fail", "finish",
+           "prepare"]
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Run:
     listing: pa.Table
     pending: pa.Table
     manifest: dict
+    lease: Lease
 
     @property
     def results(self) -> Location:
@@ -71,13 +75,18 @@ def prepare(config: RunConfig) -> Run:
     num_classes = check_model(load_model(config.model, config.storage), config.dataset.transform.shape, certifiers)
     listing = list_images(config.dataset, config.storage)
     _warn_of_labels(listing, num_classes)
-    manifest = _start_manifest(location, config)
+    lease = acquire(location, config.run_id)
+    try:
+        manifest = _start_manifest(location, config)
+    except Exception:
+        lease.release()
+        raise
     done = done_image_ids(read_results(location.join("results"), ["image_id", "setting"]),
                           [certifier.setting for certifier in certifiers])
     pending = listing.filter(pc.invert(pc.is_in(listing["image_id"], pa.array(sorted(done), pa.string()))))
     log.info("%d images listed, %d already certified by earlier attempts, %d to certify", listing.num_rows,
              listing.num_rows - pending.num_rows, pending.num_rows)
-    return Run(config, certifiers, location, listing, pending, manifest)
+    return Run(config, certifiers, location, listing, pending, manifest, lease)
 
 
 def check_model(model: torch.nn.Module, shape: tuple[int, int, int], certifiers: Sequence[Certifier]) -> int:
@@ -173,6 +182,14 @@ def batch_file(image_ids: Sequence[str]) -> str:
     return f"part-{digest}.parquet"
 
 
+def fail(run: Run, error: BaseException) -> None:
+    """Marks the manifest `failed` with the reason (when the storage still takes it) and releases the lease."""
+    run.manifest.update(status="failed", failed=_now(), reason=f"{type(error).__name__}: {error}"[:1000])
+    with contextlib.suppress(OSError):
+        run.location.write_json("manifest.json", run.manifest)
+    run.lease.release()
+
+
 class IncompleteRun(RuntimeError):
     """A run that ended without a row for every listed image and setting; a rerun certifies the missing ones."""
 
@@ -191,6 +208,7 @@ def finish(run: Run, counts: dict[str, int]) -> str:
     if missing:
         run.manifest.update(status="incomplete", counts={**counts, "missing": len(missing)})
         run.location.write_json("manifest.json", run.manifest)
+        run.lease.release()
         raise IncompleteRun(f"run {run.config.run_id}: {len(missing)} of {run.listing.num_rows} listed images have "
                             f"no rows for every setting (e.g. {', '.join(missing[:5])}); results may have been "
                             f"lost from {run.results.uri}. Rerun the same command to certify them.")
@@ -199,6 +217,7 @@ def finish(run: Run, counts: dict[str, int]) -> str:
         "error_rows": int(pc.sum(pc.equal(results["status"], "error")).as_py() or 0)})
     run.location.write_json("manifest.json", run.manifest)
     summary = report.write_report(results, run.location.join("report"), run.config.report_radii)
+    run.lease.release()
     log.info("run %s finished: %d images, %d rows; results in %s", run.config.run_id,
              run.manifest["counts"]["images"], results.num_rows, run.results.uri)
     return summary

@@ -1,6 +1,7 @@
 """The distributed certification job on a local Ray instance: layouts, object storage, resume, bad input."""
 
 import io
+import json
 import os
 import re
 import signal
@@ -240,3 +241,29 @@ def test_report_reproduces_the_papers_table2_row(reference):
     table = read_certify_log(reference / "cohen" / "imagenet_resnet50_sigma0.50.tsv", sigma=0.5)
     accuracy = report.certified_accuracy(table, [0.0, 0.5, 1.0, 1.5]).iloc[0]
     assert [round(value, 2) for value in accuracy] == [0.57, 0.46, 0.37, 0.29]
+
+
+def test_a_second_run_of_a_run_id_in_progress_is_refused(ray_cluster, tmp_path):
+    """While one job certifies a run id (its lease renewed), a second start of the same id refuses, naming
+    the holder; after the first ends, the id is free again and the manifest says `finished`."""
+    from pipeline import run as lifecycle
+    from pipeline.lease import RunBusy
+
+    cfg = config(tmp_path, {"layout": "demo", "max": 24}, run_id="busy", images_per_batch=2,
+                 certifiers=[{"name": "cohen", "sigma": 0.25, "n0": 100, "n": 3000}])
+    path = tmp_path / "busy.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "certify.py"), "--config", str(path)],
+                           env={**os.environ, "RAY_ADDRESS": ray_cluster}, cwd=ROOT, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lease = tmp_path / "busy" / "lease.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not lease.exists():
+        assert job.poll() is None, "the first job ended before it took its lease"
+        time.sleep(0.2)
+    with pytest.raises(RunBusy, match=rf"run busy is in progress: process {job.pid} on .* holds"):
+        lifecycle.prepare(cfg)
+    assert job.wait(timeout=300) == 0
+    assert not lease.exists()
+    manifest = json.loads((tmp_path / "busy" / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["attempts"] == 1

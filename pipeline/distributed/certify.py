@@ -115,5 +115,11 @@ def run(config: RunConfig) -> str:
     """The whole certification run over Ray (`pipeline.run`: prepare, certify the pending images, finish);
     returns the run's URI."""
     prepared = lifecycle.prepare(config)
-    lifecycle.finish(prepared, certify_pending(prepared))
+    with prepared.lease.kept():  # renewed while the run works; a second run of the id refuses meanwhile
+        try:
+            counts = certify_pending(prepared)
+        except Exception as error:
+            lifecycle.fail(prepared, error)
+            raise
+        lifecycle.finish(prepared, counts)
     return prepared.location.uri
