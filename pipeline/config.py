@@ -109,10 +109,7 @@ def section(kind: type, where: str, value: Any):
         return value
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: must be a mapping")
-    known = {f.name for f in dataclasses.fields(kind)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    _require_known(kind, value, f"{where}: unknown key(s)")
     return kind(**value)
 
 
@@ -184,6 +181,13 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _require_known(kind: type, data: dict, unknown_message: str) -> None:
+    """ConfigError `unknown_message` with the keys of `data` that are no field of `kind`, and the known ones."""
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - known)
+    _require(not unknown, f"{unknown_message} {unknown}; known: {sorted(known)}")
+
+
 def _require_name(value: Any, key: str, names: str) -> None:
     _require(is_name(value), f"{key} must be letters, digits, '.', '_' or '-', starting with a letter or digit (it "
                              f"names {names}), got {value!r}")
@@ -203,9 +207,7 @@ def _is_positive(value: Any) -> bool:
 
 def validate(data: dict[str, Any]) -> RunConfig:
     """A RunConfig from a mapping, or ConfigError naming the first bad key."""
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(data) - known)
-    _require(not unknown, f"unknown config key(s) {unknown}; known: {sorted(known)}")
+    _require_known(RunConfig, data, "unknown config key(s)")
     _require(isinstance(data.get("certifiers"), list) and bool(data["certifiers"]),
              "certifiers: give a non-empty list, e.g. [{name: cohen, sigma: 0.25}]")
     _require(all(isinstance(entry, dict) for entry in data["certifiers"]),
@@ -379,9 +381,7 @@ class DenoiserConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DenoiserConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        _require(not unknown, f"unknown denoiser config key(s) {unknown}; known: {sorted(known)}")
+        _require_known(cls, data, "unknown denoiser config key(s)")
         _require("classifier" in data, "classifier: name the frozen classifier the denoiser is trained for")
         sections = {"classifier": section(ModelSpec, "classifier", data["classifier"]),
                     "dataset": section(DatasetSpec, "dataset", data.get("dataset", {"split": "train"})),
@@ -420,9 +420,7 @@ class NightlySuite:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NightlySuite:
         """The suite, with every model's run config validated up front (ConfigError naming the entry)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        _require(not unknown, f"unknown nightly suite key(s) {unknown}; known: {sorted(known)}")
+        _require_known(cls, data, "unknown nightly suite key(s)")
         _require(isinstance(data.get("run"), dict), "run: give the certification settings shared by every model")
         models = data.get("models")
         _require(isinstance(models, list) and bool(models) and all(
@@ -475,9 +473,7 @@ class SweepConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepConfig:
         """The sweep from YAML data; ConfigError naming the first bad key."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        _require(not unknown, f"unknown sweep key(s) {unknown}; known: {sorted(known)}")
+        _require_known(cls, data, "unknown sweep key(s)")
         _require(not isinstance(data.get("storage"), str),
                  "storage: the sweep's folder is `output`; `storage` holds the object storage options, "
                  "e.g. {endpoint_url: ...}")

@@ -140,7 +140,7 @@ class Engine:
             slots_per_image += len(ends)
 
         votes = _Votes(self, images, head)
-        votes.grow(torch.arange(len(images)).repeat_interleave(slots_per_image).tolist())
+        votes.grow(torch.arange(len(images)).repeat_interleave(slots_per_image))
         if slots_per_image:
             packer = self._packer(images, image_ids, seed, votes.add, batch_size,
                                   len(images) * sum(ends[-1] for ends in cuts.values()))
@@ -285,7 +285,7 @@ class _Votes:
         self.nonfinite = torch.zeros(0, dtype=torch.int64, device=engine.device)  # per slot
         self.image_of = torch.zeros(0, dtype=torch.long, device=engine.device)
 
-    def grow(self, images: list[int]) -> None:
+    def grow(self, images) -> None:
         """New slots, one for each image listed, after the existing ones."""
         device = self.counts.device
         self.counts = torch.cat([self.counts, torch.zeros((len(images), self.num_classes), dtype=torch.int64,

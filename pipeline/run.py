@@ -109,8 +109,7 @@ def check_model(model: torch.nn.Module, shape: tuple[int, int, int], certifiers:
 
 
 def _warn_of_labels(listing: pa.Table, num_classes: int) -> None:
-    labels = listing["label"]
-    outside = pc.sum(pc.or_(pc.less(labels, 0), pc.greater_equal(labels, num_classes))).as_py() or 0
+    outside = pc.sum(pc.greater_equal(listing["label"], num_classes)).as_py() or 0  # negative: unlabelled
     if outside:
         log.warning("%d images have labels outside the model's classes 0..%d; they will be error rows", outside,
                     num_classes - 1)

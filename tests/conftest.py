@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,15 @@ class LinearBinary(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         score = self.margin(x)
         return torch.stack([-score, score], dim=1)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height 8-bit RGB pixels and holds none: enough for a decoder to see its size."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 @pytest.fixture

@@ -5,12 +5,10 @@ import json
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import time
 import uuid
-import zlib
 from pathlib import Path
 
 import boto3
@@ -20,6 +18,7 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import png_header
 from PIL import Image
 from scipy.io import savemat
 
@@ -71,15 +70,6 @@ def imagenet(tmp_path_factory):
     pq.write_table(table.slice(0, 5), root / "shards" / "part-0.parquet")
     pq.write_table(table.slice(5), root / "shards" / "part-1.parquet")
     return root
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares width x height 8-bit RGB pixels and holds none: enough for a decoder to see its size."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def config(output, dataset, run_id="run", **overrides):

@@ -6,14 +6,13 @@ import json
 import logging
 import os
 import pickle
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import png_header
 from PIL import Image
 from torch import nn
 
@@ -47,15 +46,6 @@ def png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares width x height 8-bit RGB pixels and holds none."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def test_non_finite_outputs_never_vote():
