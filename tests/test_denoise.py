@@ -227,16 +227,22 @@ def test_in_process_training_resumes_after_a_kill_and_best_never_gets_worse(tmp_
     with pytest.raises(Killed):
         train.fit_local(config)
     folder = tmp_path / "r"
-    assert json.loads((folder / "last.json").read_text()) == {"epoch": 2}
+    last = json.loads((folder / "last.json").read_text())
+    assert last["epoch"] == 2 and [epoch["epoch"] for epoch in last["history"]] == [1, 2]
+    assert set(last["sha256"]) == {"denoiser.pt", "artifact.json"}
     before = json.loads((folder / "best" / "artifact.json").read_text())["metrics"]
 
     monkeypatch.setattr(train, "validate", validate)
     with caplog.at_level(logging.INFO, logger="pipeline.denoise.train"):
         uri = train.fit_local(config)
     trained = [int(line.split()[1]) for line in caplog.messages if line.startswith("epoch ")]
-    assert "resuming r after epoch 2" in caplog.messages and trained == [3, 4, 5]
+    assert f"resuming {folder} after epoch 2" in caplog.messages and trained == [3, 4, 5]
     after = json.loads((Path(uri) / "artifact.json").read_text())["metrics"]
     assert (after["selection_score"], after["val_accuracy"]) >= (before["selection_score"], before["val_accuracy"])
     assert [path.name for path in (folder / "epochs").iterdir()] == ["5"]
     with pytest.raises(ValueError, match="comes from a training with another config"):
         train.fit_local(dataclasses.replace(config, lr=0.5))
+    # a changed weights file is refused before anything loads it
+    (folder / "epochs" / "5" / "denoiser.pt").write_bytes(b"not the weights this training wrote")
+    with pytest.raises(ValueError, match=r"denoiser\.pt differs from the file this training wrote"):
+        train.fit_local(config)

@@ -1,8 +1,9 @@
-"""Sweeps on Ray Tune: a tiny ASHA sweep end to end, resuming an interrupted one, clear errors."""
+"""Sweeps on Ray Tune: a tiny ASHA sweep end to end, kills at every write resumed into the same experiment,
+folders this project did not write refused, clear errors."""
 
-import contextlib
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import yaml
 from pipeline import cli
 from pipeline.config import ConfigError, SweepConfig, load_sweep
 from pipeline.distributed.tune import run_sweep
+from pipeline.sweeps import SweepRecord, SweepRefused, plan_trials
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,40 +76,110 @@ def test_tiny_asha_sweep_writes_trials_and_a_best_config_that_trains_and_certifi
     assert len(rows) == 4 and set(rows["status"]) == {"ok"}
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, clean_classifier, tmp_path):
-    sweep = sweep_config(tmp_path, clean_classifier, max_concurrent=1, scheduler={"name": "fifo"})
+class Planted:
+    """A pickle that would leave a marker file if anything unpickled it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_a_sweep_killed_at_each_write_resumes_into_the_same_experiment(ray_cluster, clean_classifier, tmp_path):
+    sweep = sweep_config(tmp_path, clean_classifier, max_concurrent=1, scheduler={"name": "fifo"},
+                         search={"lr": {"grid": [1e-7, 3e-3, 1e-3]}}, num_samples=1)
+    sweep["train"]["epochs"] = 3
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump(sweep))
-    job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "sweep.py"), "--config", str(config)],
-                           env={**os.environ, "RAY_ADDRESS": ray_cluster, "TUNE_GLOBAL_CHECKPOINT_S": "0"},
-                           cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results = tmp_path / "sweeps" / "tiny"
+    folder = tmp_path / "sweeps" / "tiny"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
 
-    def epochs(path: Path) -> list[int]:
-        reported = []
-        for line in path.read_text().splitlines():  # a file being copied may end in a partial line
-            with contextlib.suppress(ValueError, KeyError):
-                reported.append(json.loads(line)["epoch"])
-        return reported
+    def start(kill_at: str = "") -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(ROOT / "tests" / "kill_at.py"), "sweep", "--config", str(config)],
+                                env={**env, "KILL_AT": kill_at}, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
 
-    def finished() -> dict[Path, list[int]]:
-        return {path: epochs(path) for path in results.glob("*/result.json") if epochs(path)[-1:] == [4]}
+    def epochs(key: str) -> list[int]:
+        last = folder / "trials" / key / "last.json"
+        return [epoch["epoch"] for epoch in json.loads(last.read_text())["history"]] if last.exists() else []
 
-    deadline, before = time.monotonic() + 400, {}
-    while time.monotonic() < deadline and not before:
-        assert job.poll() is None, "the sweep ended before it could be interrupted"
-        time.sleep(0.2)
-        before = finished()
-    assert before, "no trial finished within 400 s"
-    time.sleep(1.5)  # let the experiment state be written
-    os.killpg(job.pid, signal.SIGKILL)
+    def wait_for(condition, job: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 300
+        while not condition():
+            assert job.poll() is None and time.monotonic() < deadline, "the sweep ended before the kill point"
+            time.sleep(0.1)
+
+    # killed while writing the plan: nothing but a partial file, which a rerun ignores
+    assert start("sweep.json:1:during").wait() == -signal.SIGKILL
+    assert not (folder / "sweep.json").exists()
+    # killed right after the first trial's end is recorded
+    assert start("sweep.json:2:after").wait() == -signal.SIGKILL
+    record = json.loads((folder / "sweep.json").read_text())
+    assert [trial["status"] for trial in record["trials"].values()] == ["finished", "pending", "pending"]
+    first = (folder / "trials" / "t000" / "last.json").read_bytes()
+    # the second trial's worker killed mid-trial (Tune restarts it after its last epoch), then the driver
+    # killed while writing that trial's end
+    job = start("sweep.json:2:during")
+    wait_for(lambda: epochs("t001") == [1], job)
+    subprocess.run(["pkill", "-9", "-f", "ray::ImplicitFunc"], check=False)
+    assert job.wait() == -signal.SIGKILL
+    assert epochs("t001") == [1, 2, 3]
+    # the driver killed mid-trial, by a signal from outside
+    job = start()
+    wait_for(lambda: epochs("t002") == [1], job)
+    job.kill()
     job.wait()
-    assert len(before) < 4
+    # whatever state Ray Tune left is never read back: damaged, emptied, or replaced by a planted pickle
+    marker = tmp_path / "marker"
+    for path in (folder / "tune").rglob("*"):
+        if path.name.startswith("experiment_state"):
+            path.write_text(path.read_text()[:20])
+        elif path.suffix == ".pkl":
+            path.write_bytes(pickle.dumps(Planted(marker)))
 
     run_sweep(load_sweep(config))
-    trials = pd.read_parquet(results / "trials.parquet")
-    assert len(trials) == 4 and set(trials["status"]) == {"finished"}
-    assert {path: epochs(path) for path in before} == before  # no epoch of a finished trial ran again
+    assert not marker.exists()
+    record = json.loads((folder / "sweep.json").read_text())
+    assert record["attempts"] == 4 and record["trials"] == {
+        key: {"config": config, "status": "finished", "error": None}
+        for key, config in plan_trials(SweepConfig.from_dict(sweep)).items()}
+    assert (folder / "trials" / "t000" / "last.json").read_bytes() == first  # not trained again
+    assert [epochs(key) for key in record["trials"]] == [[1, 2, 3]] * 3  # every epoch exactly once
+    trials = pd.read_parquet(folder / "trials.parquet")
+    assert list(trials["trial_id"]) == ["t000", "t001", "t002"] and set(trials["status"]) == {"finished"}
+    assert list(trials["epochs_run"]) == [3, 3, 3]
+
+
+def test_a_sweep_folder_this_project_did_not_write_is_refused_before_anything_is_read(tmp_path):
+    sweep = SweepConfig.from_dict(sweep_config(tmp_path, "weights.pt"))
+    folder = tmp_path / "sweeps" / "tiny"
+    folder.mkdir(parents=True)
+    marker = tmp_path / "marker"
+    (folder / "tuner.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    location = sweep.storage.open(str(folder))
+    with pytest.raises(SweepRefused, match=r"holds files but no sweep\.json"):
+        SweepRecord.open(sweep, location)
+    (folder / "tuner.pkl").unlink()
+    record = SweepRecord.open(sweep, location)
+    assert list(record.trials) == ["t000", "t001", "t002", "t003"] and record.unfinished() == list(record.trials)
+    assert [trial["config"]["lr"] for trial in record.trials.values()] == [1e-7, 3e-3, 1e-7, 3e-3]
+    other = SweepConfig.from_dict({**sweep_config(tmp_path, "weights.pt"), "num_samples": 3})
+    with pytest.raises(SweepRefused, match="records another sweep"):
+        SweepRecord.open(other, location)
+    (folder / "sweep.json").write_text('{"format": "pipeline-sweep/1", "trials": ')
+    with pytest.raises(SweepRefused, match=r"sweep\.json is damaged"):
+        SweepRecord.open(sweep, location)
+    assert not marker.exists()
+
+
+def test_random_search_plans_are_seeded_and_cross_the_grid():
+    sweep = SweepConfig.from_dict({**sweep_config(Path("/tmp"), "weights.pt"), "num_samples": 3,
+                                   "search": {"lr": {"loguniform": [1e-4, 1e-2]}, "sigma": {"grid": [0.25, 0.5]}}})
+    plan = plan_trials(sweep)
+    assert plan == plan_trials(sweep) and len(plan) == 6
+    assert [trial["sigma"] for trial in plan.values()] == [0.25, 0.5] * 3
+    assert all(1e-4 <= trial["lr"] <= 1e-2 for trial in plan.values()) and len({t["lr"] for t in plan.values()}) == 6
 
 
 def test_bad_sweeps_give_clear_errors(tmp_path):

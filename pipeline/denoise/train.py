@@ -32,6 +32,7 @@ under `<output>/<run_name>/best`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import tempfile
@@ -53,8 +54,8 @@ from pipeline.models.denoisers import DnCNN, save_artifact
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LOSSES", "TrainingData", "TrainingRun", "decrop_views", "describe", "fit", "fit_local", "gradient_spec",
-           "prepare_training", "stages", "train_one_epoch", "unwrap", "validate"]
+__all__ = ["LOSSES", "TrainingData", "TrainingRun", "decrop_views", "describe", "fit", "fit_local", "fit_resumable",
+           "gradient_spec", "prepare_training", "stages", "train_one_epoch", "training_record", "unwrap", "validate"]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -382,15 +383,28 @@ def fit(config: DenoiserConfig, report: Callable[[dict, Path | None], None], ran
 
 
 def fit_local(config: DenoiserConfig) -> str:
-    """Trains in this process, resumably. Under `<output>/<run_name>/`: `epochs/<n>/` holds the artifact of
-    the last finished epoch and `last.json` points to it (written after it, so it never points to a partial
-    one); `best/` is replaced only by a better artifact (`selection_score`, then validation accuracy), so it
-    ends as the best of the last stage and never gets worse. A rerun resumes after the last finished epoch;
-    a folder that holds a training with another config is refused. Returns the URI of `best/`."""
-    folder = config.storage.open(config.output).join(config.run_name)
+    """Trains in this process, resumably, under `<output>/<run_name>/` (see `fit_resumable`); returns the URI
+    of `best/`."""
+    return fit_resumable(config, config.storage.open(config.output).join(config.run_name))
+
+
+def fit_resumable(config: DenoiserConfig, folder, evaluate: Callable[[nn.Module, TrainingData], dict] | None = None,
+                  on_epoch: Callable[[dict], None] | None = None,
+                  score: Callable[[dict], tuple] | None = None) -> str:
+    """Trains in this process into the Location `folder`, resumably. `epochs/<n>/` holds the artifact of the
+    last finished epoch and `last.json` (written after it, so it never names a partial one) names it with the
+    sha256 of its files and the metrics of every epoch so far; `best/` is replaced only by an artifact of a
+    higher `score` (default: `selection_score`, then validation accuracy), so it never gets worse. A rerun
+    resumes after the last finished epoch once the digests match (a changed file is refused before it is
+    loaded); a folder that holds a training with another config is refused. `on_epoch(metrics)` runs after
+    each epoch's files are written. Returns the URI of `best/`."""
+    score = score or _selection_key
     best = folder.join("best")
     earlier_best = _earlier(config, best)
-    best_key = [None if earlier_best is None else _selection_key(earlier_best["metrics"])]
+    best_key = [None if earlier_best is None else score(earlier_best["metrics"])]
+    last = training_record(folder)
+    history = list(last["history"]) if last else []
+    previous = [last["epoch"] if last else None]
 
     def report(metrics: dict, directory: Path | None) -> None:
         log.info("epoch %d (%s): loss %.4f, validation accuracy %.3f", metrics["epoch"], metrics["phase"],
@@ -398,17 +412,42 @@ def fit_local(config: DenoiserConfig) -> str:
         if directory is None:
             return
         _copy(directory, folder.join("epochs", str(metrics["epoch"])))
-        previous = folder.read_json("last.json")["epoch"] if folder.join("last.json").exists() else None
-        folder.write_json("last.json", {"epoch": metrics["epoch"]})
-        if previous is not None and previous != metrics["epoch"]:
-            folder.fs.delete_dir(folder.join("epochs", str(previous)).path)
-        if best_key[0] is None or _selection_key(metrics) > best_key[0]:
+        history.append(metrics)
+        folder.write_json("last.json", {"epoch": metrics["epoch"], "sha256": _digests(directory),
+                                        "history": history})
+        if previous[0] is not None and previous[0] != metrics["epoch"]:
+            folder.fs.delete_dir(folder.join("epochs", str(previous[0])).path)
+        previous[0] = metrics["epoch"]
+        if best_key[0] is None or score(metrics) > best_key[0]:
             _copy(directory, best)
-            best_key[0] = _selection_key(metrics)
+            best_key[0] = score(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics)
 
     with tempfile.TemporaryDirectory() as scratch:
-        fit(config, report, every_epoch=True, resume_from=_last_epoch(config, folder, Path(scratch)))
+        resume_from = _last_epoch(config, folder, last, Path(scratch))
+        fit(config, report, evaluate=evaluate, every_epoch=True, resume_from=resume_from)
     return best.uri
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    return {file.name: hashlib.sha256(file.read_bytes()).hexdigest() for file in sorted(directory.iterdir())}
+
+
+def training_record(folder) -> dict | None:
+    """The last.json of a training in `folder` (its last epoch, that epoch's file digests, every epoch's metrics),
+    or None if there is none; ValueError when it is not one this project wrote."""
+    if not folder.join("last.json").exists():
+        return None
+    try:
+        last = folder.read_json("last.json")
+        if not (isinstance(last.get("epoch"), int) and isinstance(last.get("sha256"), dict)
+                and isinstance(last.get("history"), list)):
+            raise ValueError("it lacks the epoch, the digests or the history")
+    except ValueError as error:
+        raise ValueError(f"{folder.join('last.json').uri} is not a training record this project wrote ({error}); "
+                         f"remove {folder.uri} to start over") from error
+    return last
 
 
 def _earlier(config: DenoiserConfig, artifact) -> dict | None:
@@ -431,14 +470,18 @@ def _copy(directory: Path, target) -> None:
         target.write_bytes(file.name, file.read_bytes())
 
 
-def _last_epoch(config: DenoiserConfig, folder, scratch: Path) -> Path | None:
-    """The artifact of the last finished epoch of an earlier attempt, copied to `scratch`; None if none."""
-    if not folder.join("last.json").exists():
+def _last_epoch(config: DenoiserConfig, folder, last: dict | None, scratch: Path) -> Path | None:
+    """The artifact of the last finished epoch of an earlier attempt, checked against the digests in
+    last.json and copied to `scratch` before anything loads it; None if none."""
+    if last is None:
         return None
-    epoch = folder.read_json("last.json")["epoch"]
-    source = folder.join("epochs", str(epoch))
-    _earlier(config, source)
+    source = folder.join("epochs", str(last["epoch"]))
     for name in ("denoiser.pt", "artifact.json"):
-        (scratch / name).write_bytes(source.read_bytes(name))
-    log.info("resuming %s after epoch %d", config.run_name, epoch)
+        data = source.read_bytes(name)
+        if hashlib.sha256(data).hexdigest() != last["sha256"].get(name):
+            raise ValueError(f"{source.join(name).uri} differs from the file this training wrote (sha256); "
+                             f"refusing to load it. Remove {folder.uri} to start over")
+        (scratch / name).write_bytes(data)
+    _earlier(config, source)
+    log.info("resuming %s after epoch %d", folder.uri, last["epoch"])
     return scratch

@@ -9,9 +9,10 @@ default, or FIFO), the search algorithm (grid and random built in, Optuna when i
 trial (fractional GPUs allowed) and where the sweep is written (`output`, local or s3://, with `storage`).
 The sweep config is `pipeline.config.SweepConfig`; this module only wires it to Ray Tune.
 
-Every trial reports its metrics and a checkpoint (the denoiser artifact) every epoch, so ASHA can stop
-weak trials and an interrupted sweep resumes with `Tuner.restore` (finished trials are not re-run;
-unfinished ones continue from their last checkpoint). At the end the sweep writes `trials.parquet`
+Every trial reports its metrics every epoch (ASHA stops weak trials, counting epochs) and trains resumably
+into the sweep's own record (`pipeline.sweeps`), so an interrupted sweep resumes exactly: finished trials
+are not run again, unfinished ones continue after their last finished epoch, and nothing Tune pickled is
+ever read back (each attempt is a fresh Tune experiment). At the end the sweep writes `trials.parquet`
 (config, metrics, status of every trial), `objective.png` (the objective against each searched
 hyperparameter), and the best configuration as `best_train.yaml` (for jobs/train_denoiser.py) and
 `best_certify.yaml` (for jobs/certify.py, with the best trial's denoiser).
@@ -19,11 +20,8 @@ hyperparameter), and the best configuration as `best_train.yaml` (for jobs/train
 
 from __future__ import annotations
 
-import copy
 import io
 import logging
-import math
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -36,18 +34,18 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 import pipeline
 from pipeline.certifiers import Cohen
-from pipeline.config import ConfigError, DenoiserConfig, SweepConfig, set_dotted, validate
-from pipeline.denoise.train import fit
+from pipeline.config import ConfigError, DenoiserConfig, SweepConfig, validate
+from pipeline.denoise.train import fit_resumable
 from pipeline.distributed import init_ray
 from pipeline.distributed.certify import run
 from pipeline.models.denoisers import Denoised
-from pipeline.report import accuracy_at, acr
+from pipeline.sweeps import SweepFailed, SweepRecord, sweep_metrics, trial_config, trial_table
 
 CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_sweep", "sweep_metrics", "trial_config"]
+__all__ = ["run_sweep"]
 
 
 def keep_credentials_out_of_runtime_envs() -> None:
@@ -73,47 +71,48 @@ def _space(search: dict, algorithm: str) -> dict:
     return space
 
 
-def trial_config(sweep: SweepConfig, sampled: dict) -> dict:
-    """The training config of one trial: the base with the sampled values at their dotted keys."""
-    train = copy.deepcopy(sweep.train)
-    for key, value in sampled.items():
-        set_dotted(train, key, value)
-    return train
-
-
-def sweep_metrics(table: pa.Table, radius: float) -> dict[str, float]:
-    """Both objectives on a certification's rows: certified accuracy at `radius` and ACR."""
-    rows = table.to_pandas()
-    return {f"certified_accuracy@{radius:g}": accuracy_at(rows, [radius])[0], "acr": acr(rows)}
-
-
-def _trainable(sampled: dict, sweep: SweepConfig) -> None:
-    config = DenoiserConfig.from_dict({**trial_config(sweep, sampled), "workers": 0})
-    certification, radius = sweep.certification, sweep.objective.get("radius", 0.0)
+def _trainable(config: dict, sweep: SweepConfig, plan: dict[str, dict]) -> None:
+    """One trial: trains its denoiser resumably into the sweep's `trials/<key>/` and reports every epoch to
+    Tune; a restarted trial (a killed worker, a resumed sweep) goes on after its last finished epoch."""
+    key = config["trial"] if "trial" in config else tune.get_context().get_trial_id()
+    train = DenoiserConfig.from_dict({**trial_config(sweep, plan.get(key, config)), "workers": 0})
+    certification, radius, metric = sweep.certification, sweep.objective.get("radius", 0.0), sweep.metric
 
     def evaluate(denoiser, data) -> dict:
         denoiser.eval()
         table = pipeline.certify(Denoised(data.target, denoiser), data.x_val.cpu(), data.y_val.cpu(),
-                                 [Cohen(sigma=config.sigma, **certification)], seed=config.seed, batch_size=1000)
+                                 [Cohen(sigma=train.sigma, **certification)], seed=train.seed, batch_size=1000)
         return sweep_metrics(table, radius)
 
-    def report(metrics: dict, directory: Path | None) -> None:
-        checkpoint = tune.Checkpoint.from_directory(str(directory)) if directory is not None else None
-        tune.report(metrics, checkpoint=checkpoint)
+    fit_resumable(train, _location(sweep).join("trials", key), evaluate=evaluate,
+                  on_epoch=lambda metrics: tune.report({**metrics, "trial": key}),
+                  score=lambda metrics: (metrics[metric], metrics["val_accuracy"]))
 
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        fit(config, report, evaluate=evaluate, every_epoch=True)
-    else:
-        with checkpoint.as_directory() as directory:
-            fit(config, report, evaluate=evaluate, every_epoch=True, resume_from=Path(directory))
+
+class _Recorder(tune.Callback):
+    """Writes each trial's start (for Optuna, whose trials are not planned) and end into the sweep record."""
+
+    def __init__(self, record: SweepRecord):
+        self.record = record
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if "trial" not in trial.config:
+            self.record.add(trial.trial_id, trial.config)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.record.mark(trial.config.get("trial", trial.trial_id), "finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error = (trial.get_error() or "failed").strip().splitlines()[-1]
+        self.record.mark(trial.config.get("trial", trial.trial_id), "error", error)
 
 
 def _scheduler(sweep: SweepConfig, epochs: int):
     settings = sweep.scheduler
     if settings["name"] == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(max_t=settings.get("max_t", epochs), grace_period=settings.get("grace_period", 1),
+    return ASHAScheduler(time_attr="epoch", max_t=settings.get("max_t", epochs),
+                         grace_period=settings.get("grace_period", 1),
                          reduction_factor=settings.get("reduction_factor", 2))
 
 
@@ -127,74 +126,74 @@ def _search_algorithm(sweep: SweepConfig):
     return OptunaSearch()
 
 
+def _location(sweep: SweepConfig):
+    return sweep.storage.open(sweep.output).join(sweep.name)
+
+
 def run_sweep(sweep: SweepConfig) -> str:
-    """Runs (or resumes) the sweep; writes the trial table, the plot and the best configs; returns the sweep's
-    URI."""
+    """Runs the sweep, or resumes it from its record (finished trials are not run again, unfinished ones go on
+    after their last finished epoch; `pipeline.sweeps.SweepRecord.open` refuses a folder that is not this
+    sweep's); writes the trial table, the plot and the best configs; returns the sweep's URI."""
     init_ray()
     keep_credentials_out_of_runtime_envs()
-    name, metric = sweep.name, sweep.metric
-    root = sweep.storage.open(sweep.output)
-    location = root.join(name)
-    base = DenoiserConfig.from_dict(sweep.train)
-    epochs = base.epochs + base.second_epochs
-    algorithm = sweep.search_algorithm
-    trainable = tune.with_resources(tune.with_parameters(_trainable, sweep=sweep), sweep.resources)
-    if tune.Tuner.can_restore(location.path, storage_filesystem=location.fs):
-        log.info("resuming sweep %s from %s", name, location.uri)
-        tuner = tune.Tuner.restore(location.path, trainable, resume_unfinished=True, storage_filesystem=location.fs)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=_space(sweep.search, algorithm),
-            tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=_scheduler(sweep, epochs),
-                                        search_alg=_search_algorithm(sweep),
-                                        num_samples=1 if algorithm == "grid" else sweep.num_samples,
-                                        max_concurrent_trials=sweep.max_concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=root.path, storage_filesystem=root.fs,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
-    results = tuner.fit()
-    _write_outputs(sweep, results, location, metric, epochs)
+    location = _location(sweep)
+    record = SweepRecord.open(sweep, location)
+    todo = record.unfinished()
+    if record.data["attempts"] > 1:
+        log.info("resuming sweep %s from %s: %d of %d trials to run", sweep.name, location.uri, len(todo),
+                 len(record.trials))
+    if todo or not record.trials:
+        _run_trials(sweep, record, todo)
+    _write_outputs(sweep, record, location)
     return location.uri
 
 
-def _write_outputs(sweep, results, location, metric: str, epochs: int) -> None:
-    rows = []
-    for result in results:
-        history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
-        last = result.metrics or {}
-        iterations = int(last.get("training_iteration", 0))
-        rows.append({"trial_id": last.get("trial_id"), "config": yaml.safe_dump(result.config),
-                     **{f"config.{key}": result.config.get(key) for key in sweep.search},
-                     metric: float(history[metric].max()) if metric in history else math.nan,
-                     "val_accuracy": float(history["val_accuracy"].max()) if "val_accuracy" in history else math.nan,
-                     "epochs_run": iterations, "stopped_early": 0 < iterations < epochs,
-                     "status": "error" if result.error else "finished", "error": str(result.error or "") or None,
-                     "checkpoint": _uri(location, result.checkpoint.path) if result.checkpoint else None})
-    table = pd.DataFrame(rows)
+def _run_trials(sweep: SweepConfig, record: SweepRecord, todo: list[str]) -> None:
+    """One attempt on Ray Tune: the planned trials still to run as a grid over their keys (Optuna: its own
+    samples), in a fresh experiment folder `tune/attempt-<n>` that no later attempt reads."""
+    base = DenoiserConfig.from_dict(sweep.train)
+    optuna = sweep.search_algorithm == "optuna"
+    plan = {key: record.trials[key]["config"] for key in todo}
+    tune_storage = record.location.join("tune")
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_trainable, sweep=sweep, plan=plan), sweep.resources),
+        param_space=_space(sweep.search, "optuna") if optuna else {"trial": tune.grid_search(todo)},
+        tune_config=tune.TuneConfig(metric=sweep.metric, mode="max",
+                                    scheduler=_scheduler(sweep, base.epochs + base.second_epochs),
+                                    search_alg=_search_algorithm(sweep), num_samples=sweep.num_samples if optuna else 1,
+                                    max_concurrent_trials=sweep.max_concurrent),
+        run_config=tune.RunConfig(name=f"attempt-{record.data['attempts']}", storage_path=tune_storage.path,
+                                  storage_filesystem=tune_storage.fs, callbacks=[_Recorder(record)],
+                                  failure_config=tune.FailureConfig(max_failures=2)))
+    tuner.fit()
+
+
+def _write_outputs(sweep: SweepConfig, record: SweepRecord, location) -> None:
+    base = DenoiserConfig.from_dict(sweep.train)
+    table = trial_table(sweep, record, base.epochs + base.second_epochs)
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), buffer)
     location.write_bytes("trials.parquet", buffer.getvalue())
-    location.write_bytes("objective.png", _plot(table, sweep.search, metric))
-
-    best = results.get_best_result(metric=metric, mode="max", scope="all")
-    train = trial_config(sweep, best.config)
+    location.write_bytes("objective.png", _plot(table, sweep.search, sweep.metric))
+    reported = table[table[sweep.metric].notna()]
+    if reported.empty:
+        raise SweepFailed(f"no trial of sweep {sweep.name} finished an epoch; see {location.uri}/trials.parquet")
+    best = reported.loc[reported[sweep.metric].idxmax()]
+    train = trial_config(sweep, record.trials[best["trial_id"]]["config"])
     location.write_bytes("best_train.yaml", yaml.safe_dump(train, sort_keys=False).encode())
-    checkpoint = best.get_best_checkpoint(metric=metric, mode="max") or best.checkpoint
     best_config, final = DenoiserConfig.from_dict(train), sweep.final
     certify = {  # Cohen's own defaults, unless `final.certification` sets them
         "run_id": f"{sweep.name}-best", "output": str(final.get("output", "runs")),
         "dataset": final.get("dataset", {"layout": "demo", "split": "test"}),
-        "model": {**train["classifier"], "denoiser": _uri(location, checkpoint.path)},
+        "model": {**train["classifier"], "denoiser": best["checkpoint"]},
         "certifiers": [{"name": "cohen", "sigma": best_config.sigma, **final.get("certification", {})}],
         **({"storage": train["storage"]} if train.get("storage") else {}),
     }
     location.write_bytes("best_certify.yaml", yaml.safe_dump(certify, sort_keys=False).encode())
-    log.info("best trial: %s = %.4f with %s", metric, best.metrics.get(metric, math.nan), best.config)
+    log.info("best trial: %s %s = %.4f with %s", best["trial_id"], sweep.metric, best[sweep.metric],
+             record.trials[best["trial_id"]]["config"])
     if sweep.final_certify:
         run(validate(certify))
-
-
-def _uri(location, path: str) -> str:
-    return f"s3://{path}" if location.is_s3 else path
 
 
 def _plot(table: pd.DataFrame, search: dict, metric: str) -> bytes:

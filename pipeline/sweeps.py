@@ -1,0 +1,184 @@
+"""A sweep's own record, so an interrupted sweep resumes into exactly the experiment it started, or refuses.
+
+The trials of a grid or random search are drawn here, once, from the search space and the base config's seed
+(`plan_trials`), and written with a digest of the sweep's definition to `<output>/<name>/sweep.json` before
+any trial runs. Each trial trains resumably into `trials/<key>/` (`pipeline.denoise.train.fit_resumable`:
+the last epoch's artifact, `last.json` with the digests of its files and every epoch's metrics, `best/`),
+and the driver records each trial's end in sweep.json; every write is atomic. A resume reads only these
+JSON files and artifacts whose digests match (weights with `weights_only=True`), never a pickle of the
+sweep runner's: a folder this project did not write for this very sweep is refused before anything in it
+is loaded, naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import yaml
+
+from pipeline.config import DenoiserConfig, SweepConfig, set_dotted
+from pipeline.denoise.train import training_record
+from pipeline.report import accuracy_at, acr
+
+__all__ = ["FORMAT", "SweepFailed", "SweepRecord", "SweepRefused", "plan_trials", "sweep_digest", "sweep_metrics",
+           "trial_config", "trial_table"]
+
+FORMAT = "pipeline-sweep/1"
+IDENTITY = ("train", "search", "objective", "certification", "scheduler", "search_algorithm", "num_samples")
+
+
+class SweepRefused(ValueError):
+    """A sweep folder that cannot be resumed as this sweep; the message names the file and the way out."""
+
+
+class SweepFailed(RuntimeError):
+    """A sweep whose trials all failed before finishing an epoch."""
+
+
+def sweep_digest(sweep: SweepConfig) -> str:
+    """sha256 of what defines the experiment (not where or how wide it runs)."""
+    identity = {key: getattr(sweep, key) for key in IDENTITY}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _is_grid(kind: str, algorithm: str) -> bool:
+    return kind == "grid" or (algorithm == "grid" and kind == "choice")
+
+
+def _draw(kind: str, values: list, rng: np.random.Generator):
+    if kind == "choice":
+        return values[int(rng.integers(len(values)))]
+    if kind == "uniform":
+        return float(rng.uniform(*values))
+    return float(math.exp(rng.uniform(math.log(values[0]), math.log(values[1]))))
+
+
+def plan_trials(sweep: SweepConfig) -> dict[str, dict]:
+    """The trials of a grid or random search, in order: for each of `num_samples` (1 for `grid`) the cross
+    product of the grid keys, with the other keys drawn from their distributions by a generator seeded with the
+    base config's seed. Keys are `t000`, `t001`, ... The same sweep always gets the same plan."""
+    algorithm = sweep.search_algorithm
+    specs = {key: next(iter(spec.items())) for key, spec in sweep.search.items()}
+    grid = [key for key, (kind, _) in specs.items() if _is_grid(kind, algorithm)]
+    rng = np.random.default_rng(DenoiserConfig.from_dict(sweep.train).seed)
+    trials = []
+    for _ in range(1 if algorithm == "grid" else sweep.num_samples):
+        for point in itertools.product(*(list(specs[key][1]) for key in grid)):
+            fixed = dict(zip(grid, point, strict=True))
+            trials.append({key: fixed[key] if key in fixed else _draw(*specs[key], rng) for key in specs})
+    return {f"t{index:03d}": trial for index, trial in enumerate(trials)}
+
+
+class SweepRecord:
+    """sweep.json: the format, the sweep's digest, and every trial's sampled config, status (`pending`,
+    `finished` or `error`) and error; `attempts` counts the runs of the sweep."""
+
+    def __init__(self, location, data: dict):
+        self.location, self.data = location, data
+
+    @property
+    def trials(self) -> dict[str, dict]:
+        return self.data["trials"]
+
+    @classmethod
+    def open(cls, sweep: SweepConfig, location) -> SweepRecord:
+        """The record of this sweep at `location`: created (with its plan) in an empty or new folder, else read
+        and checked. SweepRefused when the folder holds files but no sweep.json, when sweep.json is not this
+        project's or is damaged, when it records another sweep, or for an unfinished Optuna sweep (its
+        sampler's state is not kept)."""
+        path = location.join("sweep.json")
+        if not path.exists():
+            entries = location.fs.get_file_info(pafs.FileSelector(location.path, allow_not_found=True))
+            if any(not entry.base_name.endswith(".partial") for entry in entries):  # not a torn write of ours
+                raise SweepRefused(f"{location.uri} holds files but no sweep.json, so this project did not write "
+                                   f"it as a sweep; nothing in it was read. Choose another sweep name or remove "
+                                   f"the folder")
+            plan = {} if sweep.search_algorithm == "optuna" else plan_trials(sweep)
+            record = cls(location, {"format": FORMAT, "digest": sweep_digest(sweep), "attempts": 1,
+                                    "trials": {key: {"config": config, "status": "pending", "error": None}
+                                               for key, config in plan.items()}})
+            record.save()
+            return record
+        record = cls(location, _read(location))
+        if record.data["digest"] != sweep_digest(sweep):
+            raise SweepRefused(f"{path.uri} records another sweep (its definition differs from this config's); "
+                               f"choose another sweep name, or remove {location.uri} to start over")
+        if sweep.search_algorithm == "optuna" and record.unfinished():
+            raise SweepRefused(f"{path.uri}: an interrupted Optuna sweep cannot be resumed exactly (the sampler's "
+                               f"state is not kept); its finished trials are under {location.uri}/trials. Start "
+                               f"it under another name")
+        record.data["attempts"] += 1
+        record.save()
+        return record
+
+    def unfinished(self) -> list[str]:
+        """Keys of the trials still to run: pending ones and those that failed (retried from their last
+        epoch)."""
+        return [key for key, trial in self.trials.items() if trial["status"] != "finished"]
+
+    def add(self, key: str, config: dict) -> None:
+        self.trials.setdefault(key, {"config": config, "status": "pending", "error": None})
+        self.save()
+
+    def mark(self, key: str, status: str, error: str | None = None) -> None:
+        self.trials[key].update(status=status, error=error)
+        self.save()
+
+    def save(self) -> None:
+        self.location.write_json("sweep.json", self.data)
+
+
+def _read(location) -> dict:
+    uri = location.join("sweep.json").uri
+    try:
+        data = location.read_json("sweep.json")
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"its format is not {FORMAT}")
+        if not isinstance(data.get("trials"), dict) or not isinstance(data.get("digest"), str):
+            raise ValueError("it lacks the trials or the digest")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SweepRefused(f"{uri} is damaged or not this project's sweep record ({error}); nothing else in the "
+                           f"folder was read. Remove {location.uri} to start over") from error
+    return data
+
+
+def trial_config(sweep: SweepConfig, sampled: dict) -> dict:
+    """The training config of one trial: the base with the sampled values at their dotted keys."""
+    train = copy.deepcopy(sweep.train)
+    for key, value in sampled.items():
+        set_dotted(train, key, value)
+    return train
+
+
+def sweep_metrics(table: pa.Table, radius: float) -> dict[str, float]:
+    """Both objectives on a certification's rows: certified accuracy at `radius` and ACR."""
+    rows = table.to_pandas()
+    return {f"certified_accuracy@{radius:g}": accuracy_at(rows, [radius])[0], "acr": acr(rows)}
+
+
+def trial_table(sweep: SweepConfig, record: SweepRecord, epochs: int) -> pd.DataFrame:
+    """One row per trial from the record and each trial's own last.json: its config, the best objective and
+    validation accuracy over its epochs, epochs run, whether the scheduler stopped it early, its status and
+    error, and its best artifact. The same on every resume of the same sweep."""
+    rows = []
+    for key, trial in record.trials.items():
+        folder = record.location.join("trials", key)
+        history = pd.DataFrame((training_record(folder) or {"history": []})["history"])
+        best = folder.join("best")
+        rows.append({"trial_id": key, "config": yaml.safe_dump(trial["config"]),
+                     **{f"config.{name}": trial["config"].get(name) for name in sweep.search},
+                     sweep.metric: float(history[sweep.metric].max()) if sweep.metric in history else math.nan,
+                     "val_accuracy": float(history["val_accuracy"].max()) if "val_accuracy" in history else math.nan,
+                     "epochs_run": len(history),
+                     "stopped_early": trial["status"] == "finished" and 0 < len(history) < epochs,
+                     "status": trial["status"], "error": trial["error"],
+                     "checkpoint": best.uri if best.join("artifact.json").exists() else None})
+    return pd.DataFrame(rows)
