@@ -18,7 +18,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.data.sources import DatasetError
 from pipeline.lease import RunBusy
 from pipeline.run import IncompleteRun
-from pipeline.storage import StorageError
+from pipeline.storage import StorageError, StorageOutage
 
 log = logging.getLogger("pipeline")
 
@@ -47,7 +47,7 @@ def certify_main(args: argparse.Namespace) -> int:
         from pipeline.distributed.certify import run
 
         uri = run(config)
-    except (IncompleteRun, RunBusy) as error:
+    except (IncompleteRun, RunBusy, StorageOutage) as error:
         print(f"pipeline: {error}", file=sys.stderr)
         return 1
     except (ConfigError, StorageError, DatasetError, ValueError) as error:

@@ -110,7 +110,11 @@ def section(kind: type, where: str, value: Any):
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: must be a mapping")
     _require_known(kind, value, f"{where}: unknown key(s)")
-    return kind(**value)
+    typed = kind(**value)
+    if kind is Storage:
+        _require(_is_number(typed.retry_seconds) and typed.retry_seconds >= 0,
+                 f"{where}.retry_seconds must be a number of seconds >= 0, got {typed.retry_seconds!r}")
+    return typed
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:

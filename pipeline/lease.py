@@ -9,6 +9,7 @@ it belongs to this very process (an earlier run that failed before releasing it)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import threading
@@ -41,10 +42,12 @@ class Lease:
                                          "expires": time.time() + LEASE_SECONDS})
 
     def release(self) -> None:
-        """Removes the lease, if it is still this one."""
+        """Removes the lease, if it is still this one (at once or not at all: an unreachable store is not
+        waited for, the lease then simply expires)."""
+        location = dataclasses.replace(self.location, retry_seconds=0.0)
         with contextlib.suppress(OSError, ValueError):
-            if self.location.read_json(LEASE).get("owner") == self.owner:
-                self.location.fs.delete_file(self.location.join(LEASE).path)
+            if location.read_json(LEASE).get("owner") == self.owner:
+                location.fs.delete_file(location.join(LEASE).path)
 
     @contextlib.contextmanager
     def kept(self):

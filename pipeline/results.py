@@ -151,8 +151,8 @@ def read_results(location: Location, columns: list[str] | None = None) -> pa.Tab
     files = location.list_files(".parquet")
     if not files:
         return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
-    dataset = pads.dataset(files, filesystem=location.fs, format="parquet", schema=SCHEMA)
-    return dataset.to_table(columns=columns)
+    return location.retrying(lambda: pads.dataset(files, filesystem=location.fs, format="parquet", schema=SCHEMA)
+                             .to_table(columns=columns), "reading the results in")
 
 
 def read_certify_log(path: str | Path, sigma: float, alpha: float = 0.001, n: int = 100_000,

@@ -14,7 +14,6 @@ Whoever runs the batches (`pipeline.distributed.certify` over Ray Data) only mov
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import time
@@ -182,10 +181,13 @@ def batch_file(image_ids: Sequence[str]) -> str:
 
 
 def fail(run: Run, error: BaseException) -> None:
-    """Marks the manifest `failed` with the reason (when the storage still takes it) and releases the lease."""
+    """Marks the manifest `failed` with the reason (retried as long as any write, should the storage be what
+    failed) and releases the lease."""
     run.manifest.update(status="failed", failed=_now(), reason=f"{type(error).__name__}: {error}"[:1000])
-    with contextlib.suppress(OSError):
+    try:
         run.location.write_json("manifest.json", run.manifest)
+    except OSError as unwritable:
+        log.warning("could not mark %s/manifest.json failed: %s", run.location.uri, unwritable)
     run.lease.release()
 
 

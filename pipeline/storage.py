@@ -2,25 +2,40 @@
 
 `s3://bucket/prefix` goes through `pyarrow.fs.S3FileSystem` with credentials and region from the standard
 AWS chain; `endpoint_url` (or the AWS_ENDPOINT_URL variable) points it at any S3-speaking server.
-Writes of whole files are atomic: a reader sees a file completely or not at all.
+Writes of whole files are atomic: a reader sees a file completely or not at all. An object store that
+cannot be reached (connection refused or reset, timeouts, 5xx, throttling) is retried with exponential
+backoff for `retry_seconds` (default 120 s) before the operation fails with one StorageOutage naming it;
+errors that retrying cannot cure (a missing key, access denied) fail at once.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-__all__ = ["DEFAULT_STORAGE", "Location", "Storage", "StorageError", "check_writable", "is_name", "open_location"]
+__all__ = ["DEFAULT_STORAGE", "RETRY_SECONDS", "Location", "Storage", "StorageError", "StorageOutage", "check_writable",
+           "is_name", "is_transient", "open_location", "retrying"]
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+RETRY_SECONDS = 120.0
+# what pyarrow's S3 layer says when the store is unreachable or overloaded, as opposed to a refusal
+TRANSIENT = ("NETWORK_CONNECTION", "curlCode", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "SLOW_DOWN",
+             "REQUEST_TIMEOUT", "THROTTLING", "Connection refused", "Connection reset", "timed out",
+             "Couldn't connect", "Could not connect", "Broken pipe")
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def is_name(value) -> bool:
@@ -33,6 +48,42 @@ class StorageError(OSError):
     """Output or input storage that cannot be used; the message names the bucket or path."""
 
 
+class StorageOutage(StorageError):
+    """Object storage that stayed unreachable for the whole retry time; a rerun goes on where this run
+    stopped."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for an OSError that says the store is unreachable or overloaded (worth retrying)."""
+    return (isinstance(error, OSError) and not isinstance(error, (FileNotFoundError, StorageError))
+            and any(marker.lower() in str(error).lower() for marker in TRANSIENT))
+
+
+def retrying(operation: Callable[[], T], what: str, seconds: float) -> T:
+    """operation(), retried with exponential backoff (0.5 s doubling to 10 s) while it fails transiently,
+    for at most `seconds`; then StorageOutage saying what could not be done, in one line."""
+    deadline, delay, warned = time.monotonic() + seconds, 0.5, False
+    while True:
+        try:
+            return operation()
+        except OSError as error:
+            if not is_transient(error):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise StorageOutage(f"{what}: object storage unreachable for {seconds:g} s "
+                                    f"(storage.retry_seconds); last error: {_first_line(error)}") from error
+            if not warned:
+                log.warning("%s: object storage unreachable (%s); retrying for up to %g s", what,
+                            _first_line(error), seconds)
+                warned = True
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
 @dataclass(frozen=True)
 class Location:
     """A directory on a filesystem: `fs` and the path inside it, plus the URI the user gave."""
@@ -40,6 +91,7 @@ class Location:
     fs: pafs.FileSystem
     path: str
     uri: str
+    retry_seconds: float = 0.0  # how long an unreachable object store is retried (local paths never are)
 
     def join(self, *parts: str) -> Location:
         """The location below this one; every part is one path segment (StorageError for '', '.', '..' or a
@@ -49,19 +101,27 @@ class Location:
                 raise StorageError(f"{part!r} is not one path segment (below {self.uri})")
         path = "/".join([self.path.rstrip("/"), *parts]) if self.path else "/".join(parts)
         uri = "/".join([self.uri.rstrip("/"), *parts])
-        return Location(self.fs, path, uri)
+        return Location(self.fs, path, uri, self.retry_seconds)
 
     @property
     def is_s3(self) -> bool:
         return self.uri.startswith("s3://")
 
+    def retrying(self, operation: Callable[[], T], what: str) -> T:
+        """operation() with this location's retries of an unreachable object store (`retrying`)."""
+        return retrying(operation, f"{what} {self.uri}", self.retry_seconds) if self.is_s3 else operation()
+
     def exists(self) -> bool:
-        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+        return self.retrying(lambda: self.fs.get_file_info(self.path).type != pafs.FileType.NotFound, "checking")
+
+    def entries(self) -> list[pafs.FileInfo]:
+        """What lies directly in this directory (nothing if it does not exist)."""
+        return self.retrying(lambda: self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True)),
+                             "listing")
 
     def list_files(self, suffix: str = "") -> list[str]:
         """Paths of the files directly in this directory whose names end with `suffix`, sorted."""
-        info = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        return sorted(i.path for i in info if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+        return sorted(i.path for i in self.entries() if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
 
     def write_bytes(self, name: str, data: bytes) -> None:
         self._atomic(name, lambda stream: stream.write(data))
@@ -70,8 +130,11 @@ class Location:
         self.write_bytes(name, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
 
     def read_bytes(self, name: str) -> bytes:
-        with self.fs.open_input_stream(self.join(name).path) as stream:
-            return stream.read()
+        def read() -> bytes:
+            with self.fs.open_input_stream(self.join(name).path) as stream:
+                return stream.read()
+
+        return self.retrying(read, f"reading {name} from")
 
     def read_json(self, name: str):
         return json.loads(self.read_bytes(name))
@@ -81,9 +144,13 @@ class Location:
 
     def _atomic(self, name: str, write) -> None:
         target = self.join(name).path
-        if self.is_s3:  # an S3 object appears only once its upload completes
-            with self.fs.open_output_stream(target) as stream:
-                write(stream)
+        if self.is_s3:  # an S3 object appears only once its upload completes; a retry uploads it anew
+
+            def upload() -> None:
+                with self.fs.open_output_stream(target) as stream:
+                    write(stream)
+
+            self.retrying(upload, f"writing {name} to")
             return
         self.fs.create_dir(self.path, recursive=True)
         partial = self.join(f".{name}.{uuid.uuid4().hex}.partial").path
@@ -102,14 +169,15 @@ def _s3_filesystem(endpoint_url: str | None, region: str | None) -> pafs.S3FileS
     return pafs.S3FileSystem(**{key: value for key, value in options.items() if value is not None})
 
 
-def open_location(uri: str, endpoint_url: str | None = None, region: str | None = None) -> Location:
+def open_location(uri: str, endpoint_url: str | None = None, region: str | None = None,
+                  retry_seconds: float = RETRY_SECONDS) -> Location:
     """The directory at a local path or `s3://bucket/prefix`."""
     if uri.startswith("s3://"):
         parsed = urlparse(uri)
         if not parsed.netloc:
             raise StorageError(f"{uri}: an s3 URI needs a bucket, as in s3://bucket/prefix")
         fs = _s3_filesystem(endpoint_url, region)
-        return Location(fs, f"{parsed.netloc}{parsed.path}".rstrip("/"), uri.rstrip("/"))
+        return Location(fs, f"{parsed.netloc}{parsed.path}".rstrip("/"), uri.rstrip("/"), retry_seconds)
     if "://" in uri and not uri.startswith("file://"):
         raise StorageError(f"{uri}: unsupported storage; use a local path or s3://bucket/prefix")
     path = os.path.abspath(uri.removeprefix("file://"))
@@ -119,15 +187,17 @@ def open_location(uri: str, endpoint_url: str | None = None, region: str | None 
 @dataclass(frozen=True)
 class Storage:
     """How to reach object storage: the `endpoint_url` of an S3-speaking server (default: AWS_ENDPOINT_URL,
-    else AWS) and the `region`; credentials always come from the standard AWS chain. Local paths need none
-    of it. Every URI a configuration names is opened through one of these."""
+    else AWS), the `region`, and how long an unreachable store is retried (`retry_seconds`); credentials
+    always come from the standard AWS chain. Local paths need none of it. Every URI a configuration names is
+    opened through one of these."""
 
     endpoint_url: str | None = None
     region: str | None = None
+    retry_seconds: float = RETRY_SECONDS
 
     def open(self, uri: str) -> Location:
         """The directory (or file) at a local path or `s3://bucket/prefix`."""
-        return open_location(uri, self.endpoint_url, self.region)
+        return open_location(uri, self.endpoint_url, self.region, self.retry_seconds)
 
 
 DEFAULT_STORAGE = Storage()  # endpoint and region from the environment
@@ -138,7 +208,7 @@ def check_writable(location: Location) -> None:
     if location.is_s3:
         bucket = location.path.split("/", 1)[0]
         try:
-            info = location.fs.get_file_info(bucket)
+            info = location.retrying(lambda: location.fs.get_file_info(bucket), "checking the bucket of")
         except OSError as error:
             raise StorageError(f"cannot reach bucket {bucket!r} for {location.uri}: {error}") from error
         if info.type == pafs.FileType.NotFound:

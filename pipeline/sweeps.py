@@ -21,7 +21,6 @@ import math
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.fs as pafs
 import yaml
 
 from pipeline.config import DenoiserConfig, SweepConfig, set_dotted
@@ -96,8 +95,7 @@ class SweepRecord:
         sampler's state is not kept)."""
         path = location.join("sweep.json")
         if not path.exists():
-            entries = location.fs.get_file_info(pafs.FileSelector(location.path, allow_not_found=True))
-            if any(not entry.base_name.endswith(".partial") for entry in entries):  # not a torn write of ours
+            if any(not entry.base_name.endswith(".partial") for entry in location.entries()):  # not a torn write
                 raise SweepRefused(f"{location.uri} holds files but no sweep.json, so this project did not write "
                                    f"it as a sweep; nothing in it was read. Choose another sweep name or remove "
                                    f"the folder")

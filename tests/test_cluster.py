@@ -209,3 +209,50 @@ def test_nightly_rerun_of_a_date_is_marked_reused_and_a_damaged_night_is_named(r
     assert "magic bytes" in printed
     report = (nights / "2026-11-21" / "report.md").read_text()
     assert "Not compared with 2026-11-20" in report and "2026-11-20/figures.parquet" in report
+
+
+LISTENING = """
+import os
+from pipeline.distributed import init_ray
+import ray
+
+init_ray()
+ray.get([ray.remote(lambda: os.getpid()).remote() for _ in range(4)])
+children = {}
+for entry in os.listdir("/proc"):
+    if entry.isdigit():
+        try:
+            parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        children.setdefault(parent, []).append(int(entry))
+tree, todo = set(), [os.getpid()]
+while todo:
+    pid = todo.pop()
+    tree.add(pid)
+    todo += children.get(pid, [])
+sockets = set()
+for pid in tree:
+    try:
+        sockets |= {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    except OSError:
+        continue
+for table in ("tcp", "tcp6"):
+    for line in open(f"/proc/net/{table}").read().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and f"socket:[{fields[9]}]" in sockets:  # a listening socket of this run
+            print(table, fields[1])
+"""
+
+
+def test_a_local_ray_instance_listens_on_loopback_only():
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    listed = subprocess.run([sys.executable, "-c", LISTENING], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, check=True).stdout.split("\n")
+    addresses = [line.split() for line in listed if line]
+    assert len(addresses) >= 5, listed  # GCS, raylet, agents, workers, dashboard
+    loopback = {"tcp": "0100007F", "tcp6": "0000000000000000FFFF00000100007F"}  # 127.0.0.1, ::ffff:127.0.0.1
+    exposed = [f"{table} {address}" for table, address in addresses
+               if address.split(":")[0] not in (loopback[table], "00000000000000000000000001000000")]
+    assert not exposed, f"listening beyond loopback: {exposed}"

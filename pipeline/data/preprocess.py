@@ -18,6 +18,8 @@ import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
+from pipeline.storage import StorageOutage, retrying
+
 NO_LABEL = -1  # the label of an image its dataset does not label, in decoded batches
 MAX_PIXELS = 50_000_000  # the default pixel cap: about 7 times ImageNet's largest image
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -95,11 +97,12 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def decode_batch(batch: dict[str, np.ndarray], transform: Transform, fs: pafs.FileSystem | None = None,
-                 keep: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+                 keep: dict[str, int] | None = None, retry_seconds: float = 0.0) -> dict[str, np.ndarray]:
     """Decodes a batch of listing rows (encoded `image` bytes, or a `path` read from `fs`) into uint8 pixels.
 
     An image that cannot be read or decoded keeps its row, with zeros for pixels and the reason in `error`
-    ("" for good images). Labels a dataset lacks (null, NaN or negative) become NO_LABEL. With `keep`
+    ("" for good images); a store that stays unreachable for `retry_seconds` is no image's fault and raises
+    StorageOutage instead. Labels a dataset lacks (null, NaN or negative) become NO_LABEL. With `keep`
     (image_id -> dataset index, for Parquet shards), rows whose image_id is not in it are dropped.
     """
     ids = [str(i) for i in batch["image_id"]]
@@ -113,15 +116,24 @@ def decode_batch(batch: dict[str, np.ndarray], transform: Transform, fs: pafs.Fi
             if data is None and (fs is None or "path" not in batch):
                 raise ImageError("the row holds no image bytes")
             if data is None:
-                with fs.open_input_stream(str(batch["path"][row])) as stream:
-                    data = stream.read()
+                data = _read(fs, str(batch["path"][row]), retry_seconds)
             pixels[out] = decode(bytes(data), transform)
             errors.append("")
+        except StorageOutage:
+            raise
         except (ImageError, OSError) as error:
             errors.append(f"{ids[row]}: {error}")
     return {"index": np.array(indices, dtype=np.int64), "image_id": np.array([ids[row] for row in rows], dtype=object),
             "label": np.array([_label(batch["label"][row]) for row in rows], dtype=np.int64),
             "pixels": pixels, "error": np.array(errors, dtype=object)}
+
+
+def _read(fs: pafs.FileSystem, path: str, retry_seconds: float) -> bytes:
+    def read() -> bytes:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    return retrying(read, f"reading {path}", retry_seconds) if retry_seconds else read()
 
 
 def _label(value) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import socket
 import time
 
@@ -28,7 +29,7 @@ from pipeline.data.sources import parquet_files
 from pipeline.distributed import init_ray
 from pipeline.engine import Engine
 from pipeline.models import load_model
-from pipeline.storage import Location
+from pipeline.storage import Location, StorageOutage
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ def _decoded(run: lifecycle.Run) -> ray.data.Dataset:
     else:
         blocks = max(1, min(math.ceil(todo.num_rows / config.images_per_batch), 1000))
         source = ray.data.from_arrow(todo).repartition(blocks)
-        where = {"fs": config.storage.open(config.dataset.root).fs if config.dataset.root else None}
+        where = {"fs": config.storage.open(config.dataset.root).fs if config.dataset.root else None,
+                 "retry_seconds": config.storage.retry_seconds}
     return source.map_batches(decode_batch, fn_kwargs={"transform": config.dataset.transform, **where},
                               batch_size=config.images_per_batch, batch_format="numpy")
 
@@ -119,7 +121,20 @@ def run(config: RunConfig) -> str:
         try:
             counts = certify_pending(prepared)
         except Exception as error:
-            lifecycle.fail(prepared, error)
+            outage = _outage(error)
+            lifecycle.fail(prepared, outage or error)
+            if outage is not None:  # one line, not the traceback of the Ray task it happened in
+                raise StorageOutage(f"run {config.run_id} stopped: {outage}; rerun the same command to go on "
+                                    f"where it stopped") from None
             raise
         lifecycle.finish(prepared, counts)
     return prepared.location.uri
+
+
+def _outage(error: BaseException) -> StorageOutage | None:
+    """The StorageOutage behind an error, also one raised in a Ray task (whose exception reaches the driver
+    as a wrapper carrying the task's traceback text), if one is."""
+    if isinstance(error, StorageOutage) and not hasattr(error, "cause"):
+        return error
+    found = re.search(r"StorageOutage: (.+)", str(error))
+    return StorageOutage(found.group(1).strip()) if found else None
