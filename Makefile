@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean
+.PHONY: test test-faults demo lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,11 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -m "not faults"
+
+# the fault matrix: driver, actor, node and sweep kills, storage outages, concurrent runs of one run id
+test-faults: $(STAMP)
+	$(VENV)/bin/python -m pytest -m faults
 
 demo: $(STAMP)
 	$(VENV)/bin/python jobs/certify.py --config jobs/configs/demo.yaml

@@ -13,6 +13,10 @@ from torch import nn
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "reference"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "faults: the fault matrix (kills, outages, concurrent runs); `make test-faults`")
+
+
 @pytest.fixture(scope="session")
 def reference() -> Path:
     if not REFERENCE.is_dir():

@@ -23,6 +23,7 @@ from test_job import config, rows
 from pipeline.distributed.certify import run
 from pipeline.storage import StorageOutage, open_location
 
+pytestmark = pytest.mark.faults
 ROOT = Path(__file__).resolve().parents[1]
 CERTIFIERS = [{"name": "cohen", "sigma": 0.25, "n0": 20, "n": 400}]
 

@@ -198,6 +198,7 @@ def test_reusing_a_run_id_with_other_settings_is_refused(ray_cluster, tmp_path):
         run(changed)
 
 
+@pytest.mark.faults
 def test_killed_run_resumes_with_every_image_exactly_once(ray_cluster, tmp_path):
     cfg = config(tmp_path, {"layout": "demo", "max": 48}, images_per_batch=2,
                  certifiers=[{"name": "cohen", "sigma": 0.25, "n0": 100, "n": 4000}])
@@ -233,6 +234,7 @@ def test_report_reproduces_the_papers_table2_row(reference):
     assert [round(value, 2) for value in accuracy] == [0.57, 0.46, 0.37, 0.29]
 
 
+@pytest.mark.faults
 def test_a_second_run_of_a_run_id_in_progress_is_refused(ray_cluster, tmp_path):
     """While one job certifies a run id (its lease renewed), a second start of the same id refuses, naming
     the holder; after the first ends, the id is free again and the manifest says `finished`."""
