@@ -42,10 +42,15 @@ class SweepFailed(RuntimeError):
     """A sweep whose trials all failed before finishing an epoch."""
 
 
+def definition(sweep: SweepConfig) -> dict:
+    """What defines the experiment (not where or how wide it runs): the base config, the search space, the
+    objective, its certification, the scheduler, the search algorithm and the number of samples."""
+    return json.loads(json.dumps({key: getattr(sweep, key) for key in IDENTITY}, sort_keys=True, default=str))
+
+
 def sweep_digest(sweep: SweepConfig) -> str:
-    """sha256 of what defines the experiment (not where or how wide it runs)."""
-    identity = {key: getattr(sweep, key) for key in IDENTITY}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    """sha256 of the sweep's `definition`."""
+    return hashlib.sha256(json.dumps(definition(sweep), sort_keys=True).encode()).hexdigest()
 
 
 def _is_grid(kind: str, algorithm: str) -> bool:
@@ -77,8 +82,8 @@ def plan_trials(sweep: SweepConfig) -> dict[str, dict]:
 
 
 class SweepRecord:
-    """sweep.json: the format, the sweep's digest, and every trial's sampled config, status (`pending`,
-    `finished` or `error`) and error; `attempts` counts the runs of the sweep."""
+    """sweep.json: the format, the sweep's definition and its digest, and every trial's sampled config,
+    status (`pending`, `finished` or `error`) and error; `attempts` counts the runs of the sweep."""
 
     def __init__(self, location, data: dict):
         self.location, self.data = location, data
@@ -100,7 +105,8 @@ class SweepRecord:
                                    f"it as a sweep; nothing in it was read. Choose another sweep name or remove "
                                    f"the folder")
             plan = {} if sweep.search_algorithm == "optuna" else plan_trials(sweep)
-            record = cls(location, {"format": FORMAT, "digest": sweep_digest(sweep), "attempts": 1,
+            record = cls(location, {"format": FORMAT, "digest": sweep_digest(sweep), "definition": definition(sweep),
+                                    "attempts": 1,
                                     "trials": {key: {"config": config, "status": "pending", "error": None}
                                                for key, config in plan.items()}})
             record.save()
