@@ -111,13 +111,21 @@ def sweep_main(args: argparse.Namespace) -> int:
     _logging(args.verbose)
     from pipeline.config import ConfigError, load_sweep
     from pipeline.distributed.tune import run_sweep
+    from pipeline.sweeps import SweepFailed, SweepRefused
 
     try:
         sweep = load_sweep(args.config, args.set)
     except ConfigError as error:
         print(f"pipeline: invalid sweep: {error}", file=sys.stderr)
         return 2
-    uri = run_sweep(sweep)
+    try:
+        uri = run_sweep(sweep)
+    except (SweepRefused, StorageError) as error:
+        print(f"pipeline: {error}", file=sys.stderr)
+        return 2
+    except SweepFailed as error:
+        print(f"pipeline: {error}", file=sys.stderr)
+        return 1
     print(f"sweep: {uri}\ntrials: {uri}/trials.parquet  best: {uri}/best_train.yaml, {uri}/best_certify.yaml")
     return 0
 

@@ -152,7 +152,7 @@ def test_a_sweep_killed_at_each_write_resumes_into_the_same_experiment(ray_clust
     assert list(trials["epochs_run"]) == [3, 3, 3]
 
 
-def test_a_sweep_folder_this_project_did_not_write_is_refused_before_anything_is_read(tmp_path):
+def test_a_sweep_folder_this_project_did_not_write_is_refused_before_anything_is_read(tmp_path, capsys):
     sweep = SweepConfig.from_dict(sweep_config(tmp_path, "weights.pt"))
     folder = tmp_path / "sweeps" / "tiny"
     folder.mkdir(parents=True)
@@ -161,6 +161,10 @@ def test_a_sweep_folder_this_project_did_not_write_is_refused_before_anything_is
     location = sweep.storage.open(str(folder))
     with pytest.raises(SweepRefused, match=r"holds files but no sweep\.json"):
         SweepRecord.open(sweep, location)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(sweep_config(tmp_path, "weights.pt")))
+    assert cli.main(["sweep", "--config", str(config)]) == 2
+    assert "no sweep.json, so this project did not write it" in capsys.readouterr().err
     (folder / "tuner.pkl").unlink()
     record = SweepRecord.open(sweep, location)
     assert list(record.trials) == ["t000", "t001", "t002", "t003"] and record.unfinished() == list(record.trials)

@@ -134,10 +134,8 @@ def run_sweep(sweep: SweepConfig) -> str:
     """Runs the sweep, or resumes it from its record (finished trials are not run again, unfinished ones go on
     after their last finished epoch; `pipeline.sweeps.SweepRecord.open` refuses a folder that is not this
     sweep's); writes the trial table, the plot and the best configs; returns the sweep's URI."""
-    init_ray()
-    keep_credentials_out_of_runtime_envs()
     location = _location(sweep)
-    record = SweepRecord.open(sweep, location)
+    record = SweepRecord.open(sweep, location)  # before Ray starts: a refused folder fails fast
     todo = record.unfinished()
     if record.data["attempts"] > 1:
         log.info("resuming sweep %s from %s: %d of %d trials to run", sweep.name, location.uri, len(todo),
@@ -151,6 +149,8 @@ def run_sweep(sweep: SweepConfig) -> str:
 def _run_trials(sweep: SweepConfig, record: SweepRecord, todo: list[str]) -> None:
     """One attempt on Ray Tune: the planned trials still to run as a grid over their keys (Optuna: its own
     samples), in a fresh experiment folder `tune/attempt-<n>` that no later attempt reads."""
+    init_ray()
+    keep_credentials_out_of_runtime_envs()
     base = DenoiserConfig.from_dict(sweep.train)
     optuna = sweep.search_algorithm == "optuna"
     plan = {key: record.trials[key]["config"] for key in todo}
