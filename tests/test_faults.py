@@ -26,6 +26,13 @@ from pipeline.storage import StorageOutage, open_location
 pytestmark = pytest.mark.faults
 ROOT = Path(__file__).resolve().parents[1]
 CERTIFIERS = [{"name": "cohen", "sigma": 0.25, "n0": 20, "n": 400}]
+DATASET = {"layout": "demo", "max": 24}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tmp_path_factory):
+    """The rows of an uninterrupted local run of DATASET, which every faulted run must equal."""
+    return rows(run(config(tmp_path_factory.mktemp("uninterrupted"), DATASET, certifiers=CERTIFIERS)))
 
 
 class Proxy:
@@ -104,10 +111,9 @@ def wait_until(condition, timeout: float = 240) -> None:
         time.sleep(0.1)
 
 
-def test_a_storage_outage_shorter_than_the_retry_time_is_ridden_out(ray_cluster, outage, tmp_path):
+def test_a_storage_outage_shorter_than_the_retry_time_is_ridden_out(outage, uninterrupted):
     proxy, bucket, storage, client = outage
-    dataset = {"layout": "demo", "max": 24}
-    cfg = config(f"s3://{bucket}/runs", dataset, images_per_batch=2, certifiers=CERTIFIERS,
+    cfg = config(f"s3://{bucket}/runs", DATASET, images_per_batch=2, certifiers=CERTIFIERS,
                  storage={**storage, "retry_seconds": 120})
     thread, outcome = in_background(lambda: run(cfg))
     wait_until(lambda: result_files(client, bucket) >= 2)
@@ -118,13 +124,12 @@ def test_a_storage_outage_shorter_than_the_retry_time_is_ridden_out(ray_cluster,
     assert "error" not in outcome, outcome
     manifest = open_location(outcome["value"], **storage).read_json("manifest.json")
     assert manifest["status"] == "finished" and manifest["attempts"] == 1
-    assert rows(outcome["value"], storage) == rows(run(config(tmp_path, dataset, certifiers=CERTIFIERS)))
+    assert rows(outcome["value"], storage) == uninterrupted
 
 
-def test_a_longer_outage_fails_in_one_line_marks_the_manifest_and_the_rerun_completes(ray_cluster, outage, tmp_path):
+def test_a_longer_outage_fails_in_one_line_marks_the_manifest_and_the_rerun_completes(outage, uninterrupted):
     proxy, bucket, storage, client = outage
-    dataset = {"layout": "demo", "max": 24}
-    cfg = config(f"s3://{bucket}/runs", dataset, images_per_batch=2, certifiers=CERTIFIERS,
+    cfg = config(f"s3://{bucket}/runs", DATASET, images_per_batch=2, certifiers=CERTIFIERS,
                  storage={**storage, "retry_seconds": 3})
 
     class StoreBackWhenTheDriverRetries(logging.Handler):
@@ -153,7 +158,7 @@ def test_a_longer_outage_fails_in_one_line_marks_the_manifest_and_the_rerun_comp
     uri = run(cfg)  # the rerun goes on where the run stopped
     manifest = location.read_json("manifest.json")
     assert manifest["status"] == "finished" and manifest["attempts"] == 2 and manifest["counts"]["already_done"] > 0
-    assert rows(uri, storage) == rows(run(config(tmp_path, dataset, certifiers=CERTIFIERS)))
+    assert rows(uri, storage) == uninterrupted
 
 
 def _job(cfg, tmp_path: Path, address: str) -> subprocess.Popen:
@@ -164,20 +169,18 @@ def _job(cfg, tmp_path: Path, address: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def test_a_killed_actor_worker_is_replaced_and_every_image_is_certified_once(ray_cluster, tmp_path):
-    dataset = {"layout": "demo", "max": 24}
-    cfg = config(tmp_path / "killed", dataset, images_per_batch=2, certifiers=CERTIFIERS)
+def test_a_killed_actor_worker_is_replaced_and_every_image_is_certified_once(ray_cluster, uninterrupted, tmp_path):
+    cfg = config(tmp_path / "killed", DATASET, images_per_batch=2, certifiers=CERTIFIERS)
     job = _job(cfg, tmp_path, ray_cluster)
     results = tmp_path / "killed" / "run" / "results"
     wait_until(lambda: len(list(results.glob("part-*.parquet"))) >= 2 or job.poll() is not None)
     assert job.poll() is None, "the job ended before its actor could be killed"
     subprocess.run(["pkill", "-9", "-f", r"ray::MapWorker.*CertifyActor"], check=True)
     assert job.wait(timeout=300) == 0
-    assert rows(str(tmp_path / "killed" / "run")) == rows(run(config(tmp_path / "reference", dataset,
-                                                                      certifiers=CERTIFIERS)))
+    assert rows(str(tmp_path / "killed" / "run")) == uninterrupted
 
 
-def test_a_killed_second_node_loses_nothing(ray_cluster, tmp_path):
+def test_a_killed_second_node_loses_nothing(uninterrupted, tmp_path):
     """A head node and a worker node on this host (Ray's own multi-node test cluster); the worker node is
     killed mid-run and the job ends with every image exactly once, equal to an uninterrupted run."""
     from ray.cluster_utils import Cluster
@@ -186,12 +189,11 @@ def test_a_killed_second_node_loses_nothing(ray_cluster, tmp_path):
     try:
         worker = cluster.add_node(num_cpus=2, resources={"second": 1})
         cluster.wait_for_nodes()
-        dataset = {"layout": "demo", "max": 30}
-        cfg = config(tmp_path / "nodes", dataset, images_per_batch=2, certifiers=CERTIFIERS,
+        cfg = config(tmp_path / "nodes", DATASET, images_per_batch=2, certifiers=CERTIFIERS,
                      actors={"count": 2, "cpus": 1})
         job = _job(cfg, tmp_path, cluster.address)
         results = tmp_path / "nodes" / "run" / "results"
-        wait_until(lambda: len(list(results.glob("part-*.parquet"))) >= 3 or job.poll() is not None)
+        wait_until(lambda: len(list(results.glob("part-*.parquet"))) >= 2 or job.poll() is not None)
         assert job.poll() is None, "the job ended before the node could be killed"
         cluster.remove_node(worker, allow_graceful=False)
         assert job.wait(timeout=300) == 0
@@ -199,5 +201,4 @@ def test_a_killed_second_node_loses_nothing(ray_cluster, tmp_path):
         with contextlib.suppress(Exception):
             os.killpg(job.pid, signal.SIGKILL)
         cluster.shutdown()
-    assert rows(str(tmp_path / "nodes" / "run")) == rows(run(config(tmp_path / "reference", dataset,
-                                                                     certifiers=CERTIFIERS)))
+    assert rows(str(tmp_path / "nodes" / "run")) == uninterrupted
