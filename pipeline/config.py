@@ -24,6 +24,8 @@ import yaml
 
 from pipeline.certifiers import REGISTRY, Certifier
 from pipeline.certifiers.cohen import max_radius
+from pipeline.data.cifar import LAYOUTS as CIFAR_LAYOUTS
+from pipeline.data.cifar import SPLITS as CIFAR_SPLITS
 from pipeline.data.sources import LAYOUTS, DatasetSpec
 from pipeline.denoise.generate import GenerationSettings
 from pipeline.engine import PRECISIONS
@@ -244,7 +246,16 @@ def check_dataset(dataset: DatasetSpec, where: str = "dataset") -> None:
              f"{where}.root: the {dataset.layout} layout needs a root path or s3:// URI")
     _require(dataset.id in ("name", "relative_path"),
              f"{where}.id must be 'name' or 'relative_path', got {dataset.id!r}")
-    _require(_is_count(dataset.skip, 1), f"{where}.skip must be an integer >= 1, got {dataset.skip!r}")
+    _require(_is_count(dataset.skip, 1), f"{where}.skip must be an integer >= 1 (every skip-th image), got "
+                                         f"{dataset.skip!r}")
+    _require(dataset.layout not in CIFAR_LAYOUTS or dataset.split in CIFAR_SPLITS,
+             f"{where}.split: {dataset.layout} has the splits {list(CIFAR_SPLITS)}, got {dataset.split!r}")
+    _require(isinstance(dataset.split, str) and bool(dataset.split), f"{where}.split must name a split, got "
+                                                                     f"{dataset.split!r}")
+    for key in ("image_column", "label_column"):
+        value = getattr(dataset, key)
+        _require(value is None or (isinstance(value, str) and bool(value)),
+                 f"{where}.{key} must name a column (or be null), got {value!r}")
     _require(dataset.max is None or _is_count(dataset.max, 1),
              f"{where}.max must be an integer >= 1 or null, got {dataset.max!r}")
     transform = dataset.transform
