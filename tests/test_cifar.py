@@ -2,8 +2,11 @@
 over Ray on a CIFAR folder with the published ResNet-20 layout."""
 
 import io
+import json
 import pickle
+import sys
 import uuid
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -15,11 +18,14 @@ from PIL import Image
 
 import pipeline
 from pipeline.certifiers import Cohen
-from pipeline.config import ConfigError, validate
+from pipeline.config import ConfigError, load_config, read_yaml, validate
 from pipeline.data.preprocess import decode, decode_batch
 from pipeline.data.sources import DatasetError, DatasetSpec, list_images, read_encoded
 from pipeline.models import load_model
 from pipeline.storage import DEFAULT_STORAGE, Storage
+from pipeline.train_classifier import ClassifierTraining, build
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TEST_IMAGES, TRAIN_PER_BATCH = 7, 2
 
@@ -214,3 +220,61 @@ def test_certifies_a_cifar_folder_over_ray_with_the_published_resnet20(ray_clust
                              [Cohen(sigma=0.25, n0=20, n=100)], image_ids=[row["image_id"] for row in rows])
     keys = ("image_id", "prediction", "radius", "count", "correct")
     assert [{k: row[k] for k in keys} for row in rows] == [{k: row[k] for k in keys} for row in local.to_pylist()]
+
+
+def test_trains_a_noise_trained_cifar_classifier_that_loads_as_published(cifar_root, tmp_path):
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from train_classifier import main
+
+    root, arrays = cifar_root
+    output = tmp_path / "mine"
+    assert main(["--config", str(ROOT / "jobs" / "configs" / "train_cifar10.yaml"), "--output", str(output),
+                 "--set", "arch=cifar_resnet20", "--set", f"dataset.root={root}", "--set", f"test.root={root}",
+                 "--set", "test.skip=1", "--set", "noise=[gaussian:0.25, dssn:0.5]", "--set", "epochs=1",
+                 "--set", "batch_size=4"]) == 0
+    checkpoint = torch.load(output / "checkpoint.pth.tar", weights_only=True)
+    assert checkpoint["arch"] == "cifar_resnet20" and checkpoint["epoch"] == 1
+    assert checkpoint["noise"] == ["gaussian:0.25", "dssn:0.5"]
+    assert all(key.startswith("1.") for key in checkpoint["state_dict"])  # Sequential(normalize, model), as Cohen's
+    history = json.loads((output / "training.json").read_text())["epochs"]
+    assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
+    assert set(history[0]) >= {"test_accuracy[gaussian:0.25]", "test_accuracy[dssn:0.5]"}
+    model = load_model(validate({"certifiers": [{"name": "cohen", "sigma": 0.25}],
+                                 "model": {"weights": str(output / "checkpoint.pth.tar")}}).model)
+    torch.manual_seed(0)  # the seed's initial weights: training moved them
+    initial = build(ClassifierTraining.from_dict({"arch": "cifar_resnet20", "dataset": {"layout": "demo"}}))
+    assert not torch.equal(model[1].conv1.weight, initial[1].conv1.weight)
+    images = torch.from_numpy(arrays["test"][0].reshape(-1, 3, 32, 32)).float() / 255
+    with torch.inference_mode():
+        assert torch.isfinite(model(images)).all()
+
+
+def test_training_configs_name_the_bad_key():
+    base = {"arch": "cifar_resnet20", "dataset": {"layout": "demo"}}
+    for key, value, message in [("noise", ["gauss:0.25"], "noise 'gauss:0.25': give 'none' or KIND:SIGMA"),
+                                ("noise", ["gaussian:-1"], "SIGMA > 0"), ("arch", "dncnn", "dncnn is a denoiser"),
+                                ("arch", "resnet9000", "unknown architecture 'resnet9000'"),
+                                ("lr", 0, "lr must be a number > 0"), ("colour", 1, "unknown classifier training key")]:
+        with pytest.raises(ConfigError, match=message):
+            ClassifierTraining.from_dict({**base, key: value})
+
+
+def test_cifar10_configs_are_the_papers_settings():
+    configs = ROOT / "jobs" / "configs"
+    paths = ["dataset.root=s3://bucket/cifar10", "model.weights=models/cifar10/resnet110/noise_0.50/checkpoint.pth.tar"]
+    cohen = load_config(configs / "cifar10.yaml", paths)
+    assert [c.sigma for c in cohen.build_certifiers()] == [0.12, 0.25, 0.5, 1.0]
+    assert {(c.name, c.n0, c.n, c.alpha) for c in cohen.build_certifiers()} == {("cohen", 100, 100_000, 0.001)}
+    assert (cohen.dataset.layout, cohen.dataset.split, cohen.dataset.skip) == ("cifar10", "test", 20)
+    assert cohen.dataset.transform.shape == (3, 32, 32) and cohen.model.name == "cifar_resnet110"
+    assert cohen.dataset.root == "s3://bucket/cifar10" and cohen.model.mean == (0.4914, 0.4822, 0.4465)
+    salman = load_config(configs / "cifar10_denoised.yaml", paths[:1])
+    assert {(c.n0, c.n, c.alpha) for c in salman.build_certifiers()} == {(100, 10_000, 0.001)}
+    assert salman.model.name is None and salman.model.weights.endswith("noise_0.00/checkpoint.pth.tar")
+    assert "dncnn" in salman.model.denoiser and salman.dataset.skip == 20
+    dssn = load_config(configs / "cifar10_dssn.yaml", paths[:1])
+    assert [(c.name, c.sigma, c.q) for c in dssn.build_certifiers()] == [("dssn", 0.5, 255), ("dssn", 3.5, 255)]
+    assert dssn.dataset.skip == 1 and dssn.model.name == "cifar_wrn40_10"
+    training = ClassifierTraining.from_dict(read_yaml(configs / "train_cifar10.yaml"))
+    assert (training.arch, training.epochs, training.lr, training.noise) == ("cifar_resnet110", 90, 0.1,
+                                                                              ("gaussian:0.25",))
