@@ -105,8 +105,9 @@ def model_names() -> list[str]:
 
 
 def load_state_dict(uri: str, storage: Storage = DEFAULT_STORAGE) -> dict[str, torch.Tensor]:
-    """The state dict of a checkpoint at a local path or s3:// URI, as saved (wrapper prefixes included)."""
-    return read_checkpoint(uri, storage).state
+    """The state dict of a checkpoint at a local path or s3:// URI, the longest wrapper prefix all its keys
+    carry removed; ValueError naming the file when it cannot be read."""
+    return strip_wrappers(read_checkpoint(uri, storage).state, set())[0]
 
 
 def load_model(spec: ModelSpec, storage: Storage = DEFAULT_STORAGE) -> nn.Module:
