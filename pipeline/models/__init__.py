@@ -181,7 +181,10 @@ def load_any_denoiser(uri: str, storage: Storage = DEFAULT_STORAGE) -> tuple[nn.
     checkpoint = read_checkpoint(uri, storage)
     if checkpoint.arch is None:
         plain, _ = strip_wrappers(checkpoint.state, {"dncnn.0.weight", "feature_extractor.conv.weight"})
-        network = build_to_load(lambda: infer_denoiser(plain))
+        try:
+            network = build_to_load(lambda: infer_denoiser(plain))
+        except ValueError as error:
+            raise ValueError(f"model.denoiser: {uri}: {error}") from error
     else:
         try:
             arch = architecture(checkpoint.arch)
