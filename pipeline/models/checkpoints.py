@@ -4,7 +4,8 @@ state dicts into a network with an error that names every key that does not fit,
 The layouts read:
 - `{'arch', 'state_dict', ...}` (locuslab/smoothing's and denoised-smoothing's `checkpoint.pth.tar`; any
   other entries but the optimizer state, such as `epoch`, are kept as metadata);
-- a plain state dict (torchvision's weights, off-the-shelf denoisers, the project's demo weights).
+- a plain state dict (torchvision's weights, off-the-shelf denoisers, the project's demo weights);
+in either serialisation of `torch.save` (the zip format, or the legacy one of PyTorch before 1.6).
 
 State dict keys carry the wrappers the network was trained in: `1.` for Sequential(normalize, model) (the
 CIFAR classifiers), `1.module.` when the model was also DataParallel (ImageNet), `module.` for
@@ -16,9 +17,11 @@ from __future__ import annotations
 
 import io
 import pickle
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pyarrow.fs as pafs
 import torch
 from torch import nn
 
@@ -47,8 +50,12 @@ def read_checkpoint(uri: str, storage: Storage = DEFAULT_STORAGE) -> Checkpoint:
     holds no state dict."""
     try:
         location = storage.open(uri)
-        with location.fs.open_input_stream(location.path) as stream:
-            loaded = torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
+        if isinstance(location.fs, pafs.LocalFileSystem) and zipfile.is_zipfile(location.path):
+            # memory-mapped: the tensors are read once, when they are copied into the network
+            loaded = torch.load(location.path, map_location="cpu", weights_only=True, mmap=True)
+        else:  # object storage, or the legacy (pre-1.6, not zip) format of older published checkpoints
+            with location.fs.open_input_stream(location.path) as stream:
+                loaded = torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
     except (OSError, StorageError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
         reason = "the file is empty" if isinstance(error, EOFError) else str(error) or type(error).__name__
         raise ValueError(f"cannot load model weights from {uri}: {reason}") from error
