@@ -6,6 +6,7 @@ Training on the noise the classifier will be smoothed with is what makes the smo
 accurate. The demo model serves both threat models: each batch is split between Gaussian noise
 (sigma 0.25, for the l2 certifiers) and DSSN splitting noise (sigma 0.5, the reference template, for the
 l1 certifiers), as `--noise` says. The run is seeded; it prints test accuracy under each noise.
+The published CIFAR architectures train with `jobs/train_classifier.py`.
 """
 
 from __future__ import annotations
@@ -19,20 +20,9 @@ import torch.nn.functional as F
 
 from pipeline.data.demo import load_demo
 from pipeline.models.demo import WEIGHTS, DemoCNN
-from pipeline.noise import SplittingAugment
+from pipeline.train_classifier import training_noise
 
 log = logging.getLogger("train_demo_model")
-
-
-def make_noise(spec: str):
-    """'gaussian:SIGMA', 'ssn:SIGMA', 'dssn:SIGMA' or 'none' -> a function from a clean batch to a noisy one."""
-    if spec == "none":
-        return lambda images: images
-    kind, _, sigma = spec.partition(":")
-    sigma = float(sigma)
-    if kind == "gaussian":
-        return lambda images: images + sigma * torch.randn_like(images)
-    return SplittingAugment(kind, sigma)
 
 
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, noise) -> float:
@@ -55,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     torch.manual_seed(args.seed)
-    noises = {spec: make_noise(spec) for spec in args.noise}
+    noises = {spec: training_noise(spec) for spec in args.noise}
     images, labels, _ = load_demo("train")
     images = images.float() / 255
     test_images, test_labels, _ = load_demo("test")

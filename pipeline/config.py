@@ -24,6 +24,8 @@ import yaml
 
 from pipeline.certifiers import REGISTRY, Certifier
 from pipeline.certifiers.cohen import max_radius
+from pipeline.data.cifar import LAYOUTS as CIFAR_LAYOUTS
+from pipeline.data.cifar import SPLITS as CIFAR_SPLITS
 from pipeline.data.sources import LAYOUTS, DatasetSpec
 from pipeline.denoise.generate import GenerationSettings
 from pipeline.engine import PRECISIONS
@@ -248,7 +250,16 @@ def check_dataset(dataset: DatasetSpec, where: str = "dataset") -> None:
              f"{where}.root: the {dataset.layout} layout needs a root path or s3:// URI")
     _require(dataset.id in ("name", "relative_path"),
              f"{where}.id must be 'name' or 'relative_path', got {dataset.id!r}")
-    _require(_is_count(dataset.skip, 1), f"{where}.skip must be an integer >= 1, got {dataset.skip!r}")
+    _require(_is_count(dataset.skip, 1), f"{where}.skip must be an integer >= 1 (every skip-th image), got "
+                                         f"{dataset.skip!r}")
+    _require(dataset.layout not in CIFAR_LAYOUTS or dataset.split in CIFAR_SPLITS,
+             f"{where}.split: {dataset.layout} has the splits {list(CIFAR_SPLITS)}, got {dataset.split!r}")
+    _require(isinstance(dataset.split, str) and bool(dataset.split), f"{where}.split must name a split, got "
+                                                                     f"{dataset.split!r}")
+    for key in ("image_column", "label_column"):
+        value = getattr(dataset, key)
+        _require(value is None or (isinstance(value, str) and bool(value)),
+                 f"{where}.{key} must name a column (or be null), got {value!r}")
     _require(dataset.max is None or _is_count(dataset.max, 1),
              f"{where}.max must be an integer >= 1 or null, got {dataset.max!r}")
     transform = dataset.transform
@@ -268,13 +279,31 @@ def check_dataset(dataset: DatasetSpec, where: str = "dataset") -> None:
 
 
 def check_model(model: ModelSpec, where: str = "model") -> None:
-    """ConfigError naming the first bad key of a model entry."""
-    _require(model.name in model_names(),
-             f"{where}.name: unknown model {model.name!r}; use demo_cnn or a torchvision classifier name")
-    _require(all(isinstance(value, int | float) and math.isfinite(value) and value > 0 for value in model.std),
-             f"{where}.std must hold finite numbers > 0 (the input is divided by it), got {list(model.std)}")
-    _require(all(isinstance(value, int | float) and math.isfinite(value) for value in model.mean),
-             f"{where}.mean must hold finite numbers, got {list(model.mean)}")
+    """ConfigError naming the first bad key of a model entry (its weights are read when the model is loaded:
+    without a name, their `arch` names the architecture)."""
+    _require(model.name is not None or (isinstance(model.weights, str) and bool(model.weights)),
+             f"{where}: give a name, or weights whose checkpoint names its architecture ('arch')")
+    _require(model.name is None or model.name in model_names(),
+             f"{where}.name: unknown model {model.name!r}; use demo_cnn, a CIFAR architecture "
+             f"(cifar_resnet20, cifar_resnet110, cifar_wrn28_10, cifar_wrn40_10) or a torchvision classifier name")
+    _require(model.num_classes is None or _is_count(model.num_classes, 1),
+             f"{where}.num_classes must be an integer >= 1, got {model.num_classes!r}")
+    _require(model.denoiser is None or (isinstance(model.denoiser, str) and bool(model.denoiser)),
+             f"{where}.denoiser must be a path or URI (an artifact directory or a denoiser checkpoint), got "
+             f"{model.denoiser!r}")
+    if model.name == "demo_cnn":
+        _require(model.mean is None and model.std is None,
+                 f"{where}: demo_cnn normalises inside itself; remove {where}.mean and {where}.std")
+    _require((model.mean is None) == (model.std is None), f"{where}: give both mean and std, or neither")
+    if model.std is not None:
+        _require(isinstance(model.mean, tuple) and isinstance(model.std, tuple),
+                 f"{where}.mean and {where}.std must be lists of numbers, one per channel")
+        _require(all(isinstance(value, int | float) and math.isfinite(value) and value > 0 for value in model.std),
+                 f"{where}.std must hold finite numbers > 0 (the input is divided by it), got {list(model.std)}")
+        _require(all(isinstance(value, int | float) and math.isfinite(value) for value in model.mean),
+                 f"{where}.mean must hold finite numbers, got {list(model.mean)}")
+        _require(len(model.mean) == len(model.std), f"{where}: mean and std must have one value per channel, got "
+                                                    f"{len(model.mean)} and {len(model.std)}")
 
 
 def check_actors(actors: Actors) -> None:

@@ -74,7 +74,8 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("output", pa.string(), True, "center: what was smoothed (logits, probs, features, denoised)."),
     ("abstain_reason", pa.string(), True, "Why the certifier abstained, where it says (center: the check failed)."),
     ("run_id", pa.string(), True, "The run that wrote the row (null outside a run)."),
-    ("model", pa.string(), True, "The classifier certified, as named in the run's config."),
+    ("model", pa.string(), True, "The classifier certified, as named in the run's config (its weights where the config "
+                                   "names none)."),
     ("node", pa.string(), True,
      "Where the image was certified: the host name and the first 12 hex digits of the Ray node id, as 'host/id' "
      "(two Ray nodes on one host differ)."),

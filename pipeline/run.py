@@ -62,7 +62,7 @@ class Run:
     @property
     def info(self) -> dict:
         """The run columns of its rows (the node is added where a batch is certified)."""
-        return {"run_id": self.config.run_id, "model": self.config.model.name,
+        return {"run_id": self.config.run_id, "model": self.config.model.name or self.config.model.weights,
                 "code_version": self.manifest["code_version"]}
 
 

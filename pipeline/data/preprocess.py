@@ -113,7 +113,7 @@ def decode_batch(batch: dict[str, np.ndarray], transform: Transform, fs: pafs.Fi
     for out, row in enumerate(rows):
         data = batch["image"][row] if "image" in batch else None
         try:
-            if data is None and (fs is None or "path" not in batch):
+            if data is None and (fs is None or "path" not in batch or batch["path"][row] is None):
                 raise ImageError("the row holds no image bytes")
             if data is None:
                 data = _read(fs, str(batch["path"][row]), retry_seconds)

@@ -8,12 +8,17 @@ Layouts:
   `LOC_val_solution.csv` (wnids) or the devkit's `ILSVRC2012_validation_ground_truth.txt`
   (ILSVRC2012_IDs, mapped to wnids through the devkit's `meta.mat`).
 - `parquet`: shards with columns `image` (encoded bytes), `label` and `image_id`.
+- `cifar10`, `cifar100`: the published python batches or binary version (`pipeline.data.cifar`); ids
+  `cifar10/<split>/<index>`; each image travels as PPM bytes (uncompressed, lossless).
+- `hf_parquet`: Parquet as dataset hubs publish it, an image struct column {bytes, path} and a label column
+  (`pipeline.data.hub`); ids are the image paths, or `<split>/<index>`.
 
 Image ids are the file names (ImageNet's are unique across the dataset, so an image keeps its id, and
 therefore its noise, in every layout), or the paths relative to the root with `id: relative_path`.
 The synset list comes from `synsets` (a text file, one wnid first on each line, as in
 `LOC_synset_mapping.txt`), or the devkit's `meta.mat`, or else the sorted folder names. Dataset order
-(sorted paths, or shard order) is what the papers' subsample (`skip`, `max`) counts in.
+(sorted paths, batch order, or shard order) is what the papers' subsample (`skip`, `max`: every skip-th
+image below index max, e.g. `skip: 20` for every 20th CIFAR-10 test image) counts in.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import io
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,20 +38,23 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from PIL import Image
 
+from pipeline.data import cifar
 from pipeline.data.demo import load_demo
+from pipeline.data.hub import HubError, open_shards
 from pipeline.data.preprocess import MAX_PIXELS, Transform
 from pipeline.storage import DEFAULT_STORAGE, Location, Storage, StorageError
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("demo", "imagenet_folder", "imagenet_val", "parquet")
+LAYOUTS = ("demo", "imagenet_folder", "imagenet_val", "parquet", *cifar.LAYOUTS, "hf_parquet")
+CARRIES_BYTES = ("demo", *cifar.LAYOUTS, "hf_parquet")  # layouts whose listings hold the encoded images
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 LISTING_SCHEMA = pa.schema([("index", pa.int64()), ("image_id", pa.string()), ("label", pa.int64()),
                             ("path", pa.string()), ("image", pa.binary())])
 
 __all__ = ["LAYOUTS", "LISTING_SCHEMA", "DatasetError", "DatasetSpec", "list_images", "parquet_files", "read_encoded",
            "subsample"]
-DEMO_SIZE = 32  # the demo digits' side
+DEMO_SIZE = 32  # the demo digits' side, and CIFAR's
 
 
 class DatasetError(ValueError):
@@ -55,8 +64,9 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class DatasetSpec:
     """A dataset entry of a config: where the images are (`layout`, `root` and the layout's files), which of
-    them (`skip`, `max`, the papers' subsample; `split` of the demo digits) and how they become model
-    inputs (`transform`)."""
+    them (`skip`, `max`, the papers' subsample; `split` of the demo digits, of CIFAR and of hub shards) and how
+    they become model inputs (`transform`); `image_column` and `label_column` name the columns of
+    `hf_parquet` shards."""
 
     layout: str = "demo"
     root: str | None = None
@@ -72,6 +82,8 @@ class DatasetSpec:
     meta: str | None = None
     synsets: str | None = None
     id: str = "name"
+    image_column: str | None = None
+    label_column: str | None = "label"
 
     @classmethod
     def keys(cls) -> set[str]:
@@ -80,7 +92,7 @@ class DatasetSpec:
     @property
     def transform(self) -> Transform:
         """The one place a dataset's transform is derived (certification and denoiser training alike)."""
-        size = self.size if self.size is not None or self.layout != "demo" else DEMO_SIZE
+        size = self.size if self.size is not None or self.layout not in ("demo", *cifar.LAYOUTS) else DEMO_SIZE
         return Transform(size=size, resize=self.resize, channels=self.channels, mode=self.mode,
                          max_pixels=self.max_pixels)
 
@@ -254,6 +266,17 @@ def _parquet(spec: DatasetSpec, storage: Storage) -> pa.Table:
     return _listing(ids["image_id"].cast(pa.string()).to_pylist(), ids["label"].cast(pa.int64()).to_pylist())
 
 
+def _cifar(spec: DatasetSpec, storage: Storage) -> tuple[pa.Table, Callable]:
+    images, labels, ids = cifar.read_cifar(storage.open(spec.root), spec.layout, spec.split)
+    return _listing(ids, labels.tolist()), lambda indices: [cifar.as_ppm(images[i]) for i in indices]
+
+
+def _hub(spec: DatasetSpec, storage: Storage) -> tuple[pa.Table, Callable]:
+    shards = open_shards(storage.open(spec.root), spec.split, spec.image_column, spec.label_column)
+    labels, ids = shards.labels_and_ids(spec.split)
+    return _listing(ids, labels), shards.read_images
+
+
 def _demo(spec: DatasetSpec) -> pa.Table:
     images, labels, ids = load_demo(spec.split)
     encoded = []
@@ -269,18 +292,24 @@ def list_images(spec: DatasetSpec, storage: Storage = DEFAULT_STORAGE) -> pa.Tab
     (`index` counts in the whole dataset, before the subsample).
 
     Rows of `parquet` datasets carry neither path nor bytes here: the shards are read by the job itself.
+    Rows of the CIFAR and `hf_parquet` layouts carry the bytes of the subsample's images only.
     """
-    readers = {"demo": lambda: _demo(spec), "imagenet_folder": lambda: _imagenet_folder(spec, storage),
-               "imagenet_val": lambda: _imagenet_val(spec, storage), "parquet": lambda: _parquet(spec, storage)}
+    readers = {"demo": lambda: (_demo(spec), None), "imagenet_folder": lambda: (_imagenet_folder(spec, storage), None),
+               "imagenet_val": lambda: (_imagenet_val(spec, storage), None),
+               "parquet": lambda: (_parquet(spec, storage), None), "hf_parquet": lambda: _hub(spec, storage),
+               **{layout: lambda: _cifar(spec, storage) for layout in cifar.LAYOUTS}}
     if spec.layout not in readers:
         raise DatasetError(f"dataset.layout: unknown layout {spec.layout!r}; known: {list(LAYOUTS)}")
     if spec.layout != "demo" and not spec.root:
         raise DatasetError(f"dataset.root: the {spec.layout} layout needs a root path or s3:// URI")
     try:
-        listing = readers[spec.layout]()
-    except StorageError as error:
+        listing, read_images = readers[spec.layout]()
+        listing = listing.take(subsample(listing.num_rows, int(spec.skip), spec.max))
+        if read_images is not None:
+            images = pa.array(read_images(listing["index"].to_pylist()), pa.binary())
+            listing = listing.set_column(listing.schema.get_field_index("image"), "image", images)
+    except (StorageError, cifar.CifarError, HubError) as error:
         raise DatasetError(str(error)) from error
-    listing = listing.take(subsample(listing.num_rows, int(spec.skip), spec.max))
     duplicates = listing.num_rows - len(set(listing["image_id"].to_pylist()))
     if duplicates:
         raise DatasetError(f"dataset has {duplicates} repeated image_id(s); ids must be unique (for folder layouts "
@@ -296,7 +325,7 @@ def read_encoded(spec: DatasetSpec, listing: pa.Table, storage: Storage = DEFAUL
         shards = pads.dataset(files, filesystem=root.fs, format="parquet").to_table(columns=["image_id", "image"])
         by_id = dict(zip(shards["image_id"].to_pylist(), shards["image"].to_pylist(), strict=True))
         return [by_id[image_id] for image_id in ids]
-    if spec.layout == "demo":
+    if spec.layout in CARRIES_BYTES:
         return listing["image"].to_pylist()
     fs = storage.open(spec.root).fs
     encoded = []

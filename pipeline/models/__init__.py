@@ -1,47 +1,55 @@
-"""Model registry: the demo CNN and torchvision's classifiers, normalisation first inside each model.
+"""Model registry: the demo CNN, the published CIFAR classifiers, torchvision's classifiers and the
+denoisers (`pipeline.models.architectures`), each with its normalisation first inside the model.
 
-Weights load from a path or URI the user gives (`torch.load(weights_only=True)`): a plain state dict, or
-a checkpoint holding one under `state_dict` (the published smoothing checkpoints), with the `module.`
-and `1.module.` prefixes of DataParallel / Sequential(normalize, model) wrappers removed.
+Weights load from a path or URI the user gives, always with `torch.load(weights_only=True)`
+(`pipeline.models.checkpoints`): a plain state dict, or a published `{'arch', 'state_dict', ...}`
+checkpoint, with the `1.`, `module.` and `1.module.` prefixes of Sequential(normalize, model) and
+DataParallel wrappers removed. `model: {weights: PATH}` alone builds the checkpoint's `arch`; with a
+`name` as well, the two must agree.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
-import pickle
 from dataclasses import dataclass
 
+import pyarrow.fs as pafs
 import torch
-import torchvision
 from torch import nn
 
-from pipeline.models.demo import DemoCNN, Normalize, load_demo_model
+from pipeline.models.architectures import (
+    CLASSIFIER,
+    DENOISER,
+    Architecture,
+    architecture,
+    classifier_names,
+    infer_denoiser,
+)
+from pipeline.models.checkpoints import Checkpoint, build_to_load, fit_state, read_checkpoint, strip_wrappers
+from pipeline.models.demo import WEIGHTS, DemoCNN, Normalize, load_demo_model
 from pipeline.models.denoisers import Denoised, classifier_digest, load_denoiser
 from pipeline.storage import DEFAULT_STORAGE, Storage
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 log = logging.getLogger(__name__)
 
-__all__ = ["DemoCNN", "ModelSpec", "Normalize", "WithFeatures", "load_demo_model", "load_model", "load_state_dict",
-           "model_names"]
+__all__ = ["DemoCNN", "ModelSpec", "Normalize", "WithFeatures", "load_any_denoiser",
+           "load_demo_model", "load_model", "load_state_dict", "model_names"]
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model entry of a config: a registry `name` (demo_cnn or a torchvision classifier), `weights` (a path
-    or URI; none: the demo's shipped weights, or a random torchvision network), the normalisation put in
-    front (`mean`, `std`; ImageNet's by default), `num_classes`, and a `denoiser` artifact to put in front of
-    the classifier."""
+    """A model entry of a config: a registry `name` (`model_names()`; none with `weights`: the checkpoint's
+    `arch`; neither: the demo CNN), `weights` (a path or URI; none: the demo's shipped weights, or a random
+    network), the normalisation put in front (`mean`, `std`; default: the architecture's, CIFAR-10's or
+    ImageNet's), `num_classes` (default: the architecture's), and a `denoiser` in front of the classifier (a
+    project artifact or a published denoiser checkpoint)."""
 
-    name: str = "demo_cnn"
+    name: str | None = None
     weights: str | None = None
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    num_classes: int = 1000
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    num_classes: int | None = None
     denoiser: str | None = None
 
     def __post_init__(self) -> None:
@@ -49,6 +57,21 @@ class ModelSpec:
             value = getattr(self, key)
             if isinstance(value, list | tuple):
                 object.__setattr__(self, key, tuple(value))
+        if self.name is None and self.weights is None:
+            object.__setattr__(self, "name", "demo_cnn")
+        if self.name is not None:
+            self._fill_defaults()
+
+    def _fill_defaults(self) -> None:
+        """The architecture's normalisation and class count where the entry gives none (an unknown name is
+        left for the config check to report)."""
+        try:
+            arch = architecture(self.name)
+        except ValueError:
+            return
+        for key in ("mean", "std", "num_classes"):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, getattr(arch, key))
 
     @classmethod
     def keys(cls) -> set[str]:
@@ -77,51 +100,98 @@ class WithFeatures(nn.Module):
 
 
 def model_names() -> list[str]:
-    return ["demo_cnn", *torchvision.models.list_models(module=torchvision.models)]
+    """The classifier names a config can give (project names, published `arch` names, torchvision's)."""
+    return classifier_names()
 
 
 def load_state_dict(uri: str, storage: Storage = DEFAULT_STORAGE) -> dict[str, torch.Tensor]:
-    """A state dict from a local path or s3:// URI; ValueError naming the file when it cannot be read."""
-    location = storage.open(uri)
-    try:
-        with location.fs.open_input_stream(location.path) as stream:
-            checkpoint = torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
-        reason = "the file is empty" if isinstance(error, EOFError) else str(error) or type(error).__name__
-        raise ValueError(f"cannot load model weights from {uri}: {reason}") from error
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{uri} holds no state dict (found {type(checkpoint).__name__})")
-    for prefix in ("1.module.", "module."):
-        if state and all(key.startswith(prefix) for key in state):
-            state = {key[len(prefix):]: value for key, value in state.items()}
-    return state
+    """The state dict of a checkpoint at a local path or s3:// URI, the longest wrapper prefix all its keys
+    carry removed; ValueError naming the file when it cannot be read."""
+    return strip_wrappers(read_checkpoint(uri, storage).state, set())[0]
 
 
 def load_model(spec: ModelSpec, storage: Storage = DEFAULT_STORAGE) -> nn.Module:
     """The classifier a model spec names, in eval mode; with a `denoiser`, the composition
-    classifier(denoiser(x)) (a trained denoiser artifact, `pipeline.models.denoisers`)."""
+    classifier(denoiser(x))."""
     classifier = _load_classifier(spec, storage)
     if not spec.denoiser:
         return classifier
-    denoiser, metadata = load_denoiser(spec.denoiser, storage)
-    if metadata.get("classifier", {}).get("sha256") != classifier_digest(classifier):
+    denoiser, metadata = load_any_denoiser(spec.denoiser, storage)
+    trained_for = metadata.get("classifier")
+    if trained_for is not None and trained_for.get("sha256") != classifier_digest(classifier):
         log.warning("denoiser %s was trained for another classifier (%s); certifying it in front of %s",
-                    spec.denoiser, metadata.get("classifier", {}).get("spec"), spec.name)
+                    spec.denoiser, trained_for.get("spec"), spec.name or spec.weights)
     return Denoised(classifier, denoiser).eval()
 
 
-def _load_classifier(spec: ModelSpec, storage: Storage) -> nn.Module:
-    if spec.name == "demo_cnn":
-        return load_demo_model(spec.weights) if spec.weights else load_demo_model()
-    if spec.name not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"model.name: unknown model {spec.name!r}; use demo_cnn or a torchvision classifier name")
-    network = torchvision.models.get_model(spec.name, weights=None, num_classes=int(spec.num_classes))
-    if spec.weights:
+def _resolve(spec: ModelSpec, checkpoint: Checkpoint | None) -> Architecture:
+    """The architecture to build: `model.name`, else the checkpoint's `arch`; both given, they must agree."""
+    arch = checkpoint.arch if checkpoint is not None else None
+    if spec.name is None and arch is None:
+        raise ValueError(f"model.weights: {spec.weights} is a plain state dict with no 'arch'; name its "
+                         f"architecture with model.name")
+    try:
+        chosen = architecture(spec.name if spec.name is not None else arch)
+    except ValueError as error:
+        where = "model.name" if spec.name is not None else f"model.weights: {spec.weights} ('arch')"
+        raise ValueError(f"{where}: {error}") from error
+    if spec.name is not None and arch is not None:
         try:
-            network.load_state_dict(load_state_dict(spec.weights, storage))
-        except RuntimeError as error:
-            raise ValueError(f"model.weights: {spec.weights} does not fit {spec.name}: {error}") from error
+            saved = architecture(arch).name
+        except ValueError:
+            saved = arch
+        if saved != chosen.name:
+            raise ValueError(f"model.name is {spec.name!r}, but {spec.weights} holds a {arch!r} checkpoint; "
+                             f"drop model.name to build the checkpoint's architecture, or give its weights")
+    if chosen.kind != CLASSIFIER:
+        raise ValueError(f"{chosen.name} is a denoiser; give it as model.denoiser, in front of a classifier")
+    return chosen
+
+
+def _load_classifier(spec: ModelSpec, storage: Storage) -> nn.Module:
+    if spec.weights is None and spec.name == "demo_cnn":
+        return load_demo_model(WEIGHTS)
+    checkpoint = read_checkpoint(spec.weights, storage) if spec.weights else None
+    arch = _resolve(spec, checkpoint)
+    num_classes = spec.num_classes if spec.num_classes is not None else arch.num_classes
+    if checkpoint is not None:
+        network = build_to_load(lambda: arch.build(int(num_classes)))
+        fit_state(network, checkpoint.state, f"model.weights: {spec.weights}", arch.name)
     else:
-        log.warning("model %s has no weights: certifying a randomly initialised network", spec.name)
-    return nn.Sequential(Normalize(spec.mean, spec.std), network).eval()
+        network = arch.build(int(num_classes))
+        log.warning("model %s has no weights: certifying a randomly initialised network", arch.name)
+    mean = spec.mean if spec.mean is not None else arch.mean
+    std = spec.std if spec.std is not None else arch.std
+    if mean is None:
+        return network.eval()
+    return nn.Sequential(Normalize(mean, std), network).eval()
+
+
+def load_any_denoiser(uri: str, storage: Storage = DEFAULT_STORAGE) -> tuple[nn.Module, dict]:
+    """(denoiser in eval mode, what is known of it): a project artifact (a directory or prefix with
+    artifact.json, `pipeline.models.denoisers`) or a published denoiser checkpoint (a file: Salman et al.'s
+    {'arch', 'state_dict'}, or a plain DnCNN / MemNet state dict, sized by its shapes)."""
+    location = storage.open(uri)
+    try:
+        is_file = location.fs.get_file_info(location.path).type == pafs.FileType.File
+    except OSError as error:
+        raise ValueError(f"model.denoiser: cannot reach {uri}: {error}") from error
+    if not is_file:
+        return load_denoiser(uri, storage)
+    checkpoint = read_checkpoint(uri, storage)
+    if checkpoint.arch is None:
+        plain, _ = strip_wrappers(checkpoint.state, {"dncnn.0.weight", "feature_extractor.conv.weight"})
+        try:
+            network = build_to_load(lambda: infer_denoiser(plain))
+        except ValueError as error:
+            raise ValueError(f"model.denoiser: {uri}: {error}") from error
+    else:
+        try:
+            arch = architecture(checkpoint.arch)
+        except ValueError as error:
+            raise ValueError(f"model.denoiser: {uri} ('arch'): {error}") from error
+        if arch.kind != DENOISER:
+            raise ValueError(f"model.denoiser: {uri} holds a {checkpoint.arch!r} classifier, not a denoiser")
+        network = build_to_load(lambda: arch.build(0))
+    fit_state(network, checkpoint.state, f"model.denoiser: {uri}", checkpoint.arch or type(network).__name__)
+    return network.eval(), {"arch": checkpoint.arch, **checkpoint.metadata}

@@ -3,7 +3,9 @@ and the denoiser artifact (weights + a description, with the digest of the class
 
 DnCNN predicts the noise and subtracts it: D(z) = z - dncnn(z). Its last convolution starts at zero, so
 a fresh denoiser is the identity. The defaults are the papers' (17 layers, 64 channels; the wide variant
-has 128); `depth` and `channels` scale it down for small inputs.
+has 128); `depth` and `channels` scale it down for small inputs. It is the network of Salman et al.'s
+`cifar_dncnn` / `imagenet_dncnn` checkpoints, module for module (`dncnn.<i>` keys, BatchNorm eps 1e-4), so
+their checkpoints and the artifacts made here load into the same class (`pipeline.models.architectures`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.models.checkpoints import build_to_load, fit_state
 from pipeline.storage import DEFAULT_STORAGE, Storage
 
 ARTIFACT_VERSION = 1
@@ -93,9 +96,6 @@ def load_denoiser(uri: str, storage: Storage = DEFAULT_STORAGE) -> tuple[DnCNN, 
         reason = "denoiser.pt is empty" if isinstance(error, EOFError) else str(error) or type(error).__name__
         raise ValueError(f"cannot load a denoiser artifact from {uri}: {reason}") from error
     architecture = {key: value for key, value in metadata.get("architecture", {}).items() if key != "name"}
-    denoiser = DnCNN(**architecture)
-    try:
-        denoiser.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(f"denoiser checkpoint {uri} does not fit DnCNN({architecture}): {error}") from error
+    denoiser = build_to_load(lambda: DnCNN(**architecture))
+    fit_state(denoiser, state, f"denoiser checkpoint {uri}", f"DnCNN({architecture})")
     return denoiser.eval(), metadata
