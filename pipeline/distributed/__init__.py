@@ -1,21 +1,70 @@
 """The Ray layer: certification over Ray Data, denoiser training over Ray Train, sweeps over Ray Tune.
-It wires the library to Ray and adds no math and no run bookkeeping."""
+It wires the library to Ray and adds no math and no run bookkeeping.
+
+Ray's own output is quiet by default: no Ray Data progress bars or progress dumps, no execution plans,
+and Ray's INFO logs stay in the session's log files (`/tmp/ray/session_*/logs`); Ray's warnings and
+errors still show. `set_verbose(True)` (the command line's `-v`) brings all of it back."""
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 import ray
 
-__all__ = ["init_ray"]
+__all__ = ["init_ray", "is_verbose", "set_verbose"]
+
+_VERBOSE = [False]
+RAY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air")
+
+
+def set_verbose(verbose: bool) -> None:
+    """Shows (True) or hides (False, the default) Ray's progress output and INFO logs in this process."""
+    _VERBOSE[0] = bool(verbose)
+    _quiet_ray_data(verbose)
+    level = logging.INFO if verbose else logging.WARNING
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    if not verbose:  # Ray's Python warnings (deprecations, concurrency hints) are for -v
+        warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+
+
+def is_verbose() -> bool:
+    return _VERBOSE[0]
+
+
+def _quiet_ray_data(verbose: bool) -> None:
+    """Ray Data's progress bars (and, off a terminal, its periodic progress dumps), the execution plan
+    printed at start and its INFO lines on the console; its log file keeps everything."""
+    context = ray.data.DataContext.get_current()
+    for option in ("enable_progress_bars", "enable_operator_progress_bars", "print_on_execution_start"):
+        if hasattr(context, option):
+            setattr(context, option, verbose)
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler":  # the console; the file handler keeps DEBUG
+            handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger = logging.getLogger("ray.data._internal.progress")
+    if not verbose and not any(isinstance(f, _NoticeFilter) for f in logger.filters):
+        logger.addFilter(_NoticeFilter())
+
+
+class _NoticeFilter(logging.Filter):
+    """Drops Ray Data's one-line notice that its progress bars are off (they are off on purpose)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Progress bars disabled", "Progress bars for operators disabled"))
 
 
 def init_ray() -> None:
     """Joins the cluster named by RAY_ADDRESS (as under `ray job submit`), or starts a local instance with at
-    least 4 logical CPUs, so that read and write tasks keep running beside the actors."""
+    least 4 logical CPUs, so that read and write tasks keep running beside the actors. Applies the verbosity
+    of `set_verbose` (quiet by default); workers' output still reaches the driver."""
+    set_verbose(is_verbose())
     if ray.is_initialized():
         return
+    level = logging.INFO if is_verbose() else logging.WARNING
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, logging_level=level)
     else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1))
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), logging_level=level)

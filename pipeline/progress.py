@@ -1,0 +1,134 @@
+"""One progress display for a long task: a tqdm bar on a terminal, compact log lines elsewhere.
+
+`Progress(total, unit, description)` counts work done (and failures) towards `total` and shows the count,
+the rate, the ETA and any fields the task adds (a loss, the best trial so far). On a terminal it is one
+tqdm bar on stderr, redrawn every second even while no work finishes, so the elapsed time moves. Anywhere
+else (a log file, `ray job logs`, a pipe) it writes a log line when the work crosses another tenth of the
+total, and otherwise at most once a minute (`heartbeat`), with never two lines within `min_interval`
+seconds, so a long task writes a few dozen lines, not thousands.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+
+__all__ = ["Progress", "format_duration"]
+
+log = logging.getLogger("pipeline.progress")
+
+
+def format_duration(seconds: float) -> str:
+    """'42 s', '3 min 05 s', '2 h 07 min'; '?' when not finite."""
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return "?"
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class Progress:
+    """Work done of `total` (`update`), shown as a tqdm bar on a terminal (`tty`, default: whether stderr is
+    one) or as log lines on `logger`; `close` (or leaving the `with` block) shows the final state."""
+
+    def __init__(self, total: int, unit: str = "images", description: str = "certifying",
+                 logger: logging.Logger | None = None, tty: bool | None = None, min_interval: float = 10.0,
+                 heartbeat: float = 60.0, clock=time.monotonic):
+        self.total, self.unit, self.description = int(total), unit, description
+        self.logger = logger or log
+        self.done = self.failed = 0
+        self.fields: dict[str, str] = {}
+        self.min_interval, self.heartbeat, self.clock = min_interval, heartbeat, clock
+        self.started = self.clock()
+        self._last_line, self._logged_tenths, self._shown = self.started, 0, None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._bar = None
+        if sys.stderr.isatty() if tty is None else tty:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total, unit=f" {unit}", desc=description, dynamic_ncols=True,
+                             smoothing=0.1, file=sys.stderr)
+        self._thread = threading.Thread(target=self._tick, name="progress", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def update(self, done: int = 1, failed: int = 0, **fields) -> None:
+        """`done` more units finished, `failed` of them failed; `fields` (name -> value) are shown beside."""
+        with self._lock:
+            self.done += int(done)
+            self.failed += int(failed)
+            self.fields.update({key: _text(value) for key, value in fields.items()})
+            if self._bar is not None:
+                self._bar.set_postfix_str(self._postfix(), refresh=False)
+                self._bar.update(int(done))
+            elif self._tenths() > self._logged_tenths and self.clock() - self._last_line >= self.min_interval:
+                self._log_line()
+
+    def line(self) -> str:
+        """The state as one line: description, done/total, percent, rate, ETA, failures and the fields."""
+        elapsed = max(self.clock() - self.started, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        percent = 100 * self.done / self.total if self.total else 100.0
+        text = (f"{self.description}: {self.done}/{self.total} {self.unit} ({percent:.0f}%), {_rate(rate, self.unit)}, "
+                f"elapsed {format_duration(elapsed)}, ETA {format_duration(eta) if self.done < self.total else '0 s'}")
+        return f"{text}, {self._postfix()}" if self._postfix() else text
+
+    def close(self) -> None:
+        """Stops the display; the last state is shown once more (as a final log line off a terminal)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._thread.join(timeout=2)
+        with self._lock:
+            if self._bar is not None:
+                self._bar.set_postfix_str(self._postfix(), refresh=False)
+                self._bar.close()
+            elif self._shown != (self.done, self.failed) or self._last_line == self.started:
+                self._log_line()
+
+    def _postfix(self) -> str:
+        parts = [f"{self.failed} failed"] if self.unit == "images" or self.failed else []
+        return ", ".join(parts + [f"{key} {value}" for key, value in self.fields.items()])
+
+    def _tenths(self) -> int:
+        return 10 * self.done // self.total if self.total else 10
+
+    def _log_line(self) -> None:
+        self.logger.info(self.line())
+        self._last_line, self._logged_tenths, self._shown = self.clock(), self._tenths(), (self.done, self.failed)
+
+    def _tick(self) -> None:
+        """Redraws the bar every second; off a terminal, writes the heartbeat line when one is due."""
+        while not self._closed.wait(1.0):
+            with self._lock:
+                if self._bar is not None:
+                    self._bar.refresh()
+                elif self.clock() - self._last_line >= self._first_or_heartbeat():
+                    self._log_line()
+
+    def _first_or_heartbeat(self) -> float:
+        """The first line comes after `min_interval` seconds (so a slow start still shows life), then the
+        heartbeat."""
+        return self.min_interval if self._last_line == self.started else self.heartbeat
+
+
+def _rate(rate: float, unit: str) -> str:
+    if rate >= 1 or rate == 0:
+        return f"{rate:.2f} {unit}/s"
+    return f"{1 / rate:.1f} s per {unit.rstrip('s')}"
+
+
+def _text(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
