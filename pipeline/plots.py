@@ -22,7 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["Curve", "accuracy_figure", "histogram_figure", "to_png"]
+__all__ = ["Curve", "accuracy_figure", "accuracy_panels", "histogram_figure", "to_png"]
 
 STYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "D", "^")
@@ -31,9 +31,9 @@ WIDTH = 7.5
 
 @dataclass(frozen=True)
 class Curve:
-    """One setting's certified accuracy `y` at radii `x`: a line, or markers only (`points`); `lower` the
-    Theorem 6 lower bound at x; `limit` its largest certifiable radius; `color` a key (same key, same
-    colour); `source` 0 for the run itself, 1, 2, ... for compared sources."""
+    """One setting's certified accuracy `y` at radii `x`: a line (with `marker` at each x, if given), or
+    markers only (`points`); `lower` the Theorem 6 lower bound at x; `limit` its largest certifiable radius;
+    `color` a key (same key, same colour); `source` 0 for the run itself, 1, 2, ... for compared sources."""
 
     label: str
     x: Sequence[float]
@@ -43,6 +43,7 @@ class Curve:
     limit: float | None = None
     color: str | None = None
     source: int = 0
+    marker: str | None = None
 
 
 def _colors(curves: Sequence[Curve]) -> dict[str, str]:
@@ -68,7 +69,8 @@ def _draw(axes, curve: Curve, color: str) -> None:
             x, y = x[:zero[0] + 1], y[:zero[0] + 1]
             lower = None if curve.lower is None else np.asarray(curve.lower, float)[:zero[0] + 1]
             curve = dataclasses.replace(curve, lower=lower)
-        axes.plot(x, y, linestyle=style, color=color, label=curve.label, linewidth=1.6)
+        axes.plot(x, y, linestyle=style, color=color, label=curve.label, linewidth=1.6, marker=curve.marker,
+                  clip_on=curve.marker is None)
         if curve.lower is not None:
             axes.fill_between(x, np.asarray(curve.lower, float), y, color=color, alpha=0.1, linewidth=0)
     if curve.limit is not None and math.isfinite(curve.limit):
@@ -79,25 +81,37 @@ def _draw(axes, curve: Curve, color: str) -> None:
 def accuracy_figure(curves: Sequence[Curve], xlabel: str, title: str, rho: float | None = None) -> Figure:
     """Certified accuracy against radius, one entry per curve in a legend below the axes; `rho`: the
     confidence 1 - rho of the lower-bound bands, named in the legend when any curve has one."""
-    handles = _notes(curves, rho)
-    entries = len(curves) + len(handles)
-    columns = 1 if max([len(curve.label) for curve in curves] + [0]) > 40 else 2
-    figure = Figure(figsize=(WIDTH, 4.2 + _legend_height(entries, columns)), layout="constrained")
-    axes = figure.subplots()
-    colors = _colors(curves)
-    for curve in curves:
-        _draw(axes, curve, colors[curve.color or curve.label])
-    right = [float(np.max(curve.x)) for curve in curves if len(curve.x) and not curve.points]
-    right += [float(np.max(curve.x)) * 1.1 for curve in curves if len(curve.x) and curve.points]
-    right += [curve.limit * 1.05 for curve in curves if curve.limit is not None and math.isfinite(curve.limit)]
-    axes.set(xlim=(0, max([*right, 1e-3])), ylim=(0, 1.02), xlabel=xlabel, ylabel="certified accuracy", title=title,
-             yticks=np.linspace(0, 1, 6))
-    axes.grid(alpha=0.3)
-    lines, labels = axes.get_legend_handles_labels()
-    if lines:
-        figure.legend(lines + handles, labels + [h.get_label() for h in handles], loc="outside lower center",
-                      ncols=columns, fontsize=8, frameon=False)
+    return accuracy_panels([(curves, xlabel, title)], rho)
+
+
+def accuracy_panels(panels: Sequence[tuple[Sequence[Curve], str, str]], rho: float | None = None) -> Figure:
+    """One panel per (curves, xlabel, title), stacked, each at the figure's full width with its legend below
+    it (see `accuracy_figure`)."""
+    heights = [4.2 + _legend_height(len(curves) + len(_notes(curves, rho)), _columns(curves))
+               for curves, _, _ in panels]
+    figure = Figure(figsize=(WIDTH, sum(heights)), layout="constrained")
+    parts = [figure] if len(panels) == 1 else figure.subfigures(len(panels), 1, height_ratios=heights)
+    colors = _colors([curve for curves, _, _ in panels for curve in curves])
+    for part, (curves, xlabel, title) in zip(parts, panels, strict=True):
+        axes = part.subplots()
+        for curve in curves:
+            _draw(axes, curve, colors[curve.color or curve.label])
+        right = [float(np.max(curve.x)) * (1.1 if curve.points or curve.marker else 1.0)
+                 for curve in curves if len(curve.x)]
+        right += [curve.limit * 1.05 for curve in curves if curve.limit is not None and math.isfinite(curve.limit)]
+        axes.set(xlim=(0, max([*right, 1e-3])), ylim=(0, 1.02), xlabel=xlabel, ylabel="certified accuracy",
+                 title=title, yticks=np.linspace(0, 1, 6))
+        axes.grid(alpha=0.3)
+        lines, labels = axes.get_legend_handles_labels()
+        handles = _notes(curves, rho)
+        if lines:
+            part.legend(lines + handles, labels + [h.get_label() for h in handles], loc="outside lower center",
+                        ncols=_columns(curves), fontsize=8, frameon=False)
     return figure
+
+
+def _columns(curves: Sequence[Curve]) -> int:
+    return 1 if max([len(curve.label) for curve in curves] + [0]) > 40 else 2
 
 
 def _notes(curves: Sequence[Curve], rho: float | None) -> list:

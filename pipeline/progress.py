@@ -33,27 +33,33 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Work done of `total` (`update`), shown as a tqdm bar on a terminal (`tty`, default: whether stderr is
-    one) or as log lines on `logger`; `close` (or leaving the `with` block) shows the final state."""
+    """Work done of `total` (`update`; `initial` units were done before), shown as a tqdm bar on a terminal
+    (`tty`, default: whether stderr is one) or as lines on `logger` (or through `emit(line)`); `close` (or
+    leaving the `with` block) shows the final state."""
 
     def __init__(self, total: int, unit: str = "images", description: str = "certifying",
                  logger: logging.Logger | None = None, tty: bool | None = None, min_interval: float = 10.0,
-                 heartbeat: float = 60.0, clock=time.monotonic):
+                 heartbeat: float = 60.0, initial: int = 0, emit=None, clock=time.monotonic):
         self.total, self.unit, self.description = int(total), unit, description
-        self.logger = logger or log
-        self.done = self.failed = 0
+        self.emit = emit or (logger or log).info
+        self.initial = self.done = int(initial)
+        self.failed = 0
         self.fields: dict[str, str] = {}
         self.min_interval, self.heartbeat, self.clock = min_interval, heartbeat, clock
         self.started = self.clock()
-        self._last_line, self._logged_tenths, self._shown = self.started, 0, None
+        self._last_line, self._shown = self.started, None
+        self._logged_tenths = self._tenths()
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._bar = None
+        self._bar = self._redirect = None
         if sys.stderr.isatty() if tty is None else tty:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self._bar = tqdm(total=self.total, unit=f" {unit}", desc=description, dynamic_ncols=True,
-                             smoothing=0.1, file=sys.stderr)
+            self._redirect = logging_redirect_tqdm()  # log lines print above the bar, not through it
+            self._redirect.__enter__()
+            self._bar = tqdm(total=self.total, initial=self.done, unit=f" {unit}", desc=description,
+                             dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
         self._thread = threading.Thread(target=self._tick, name="progress", daemon=True)
         self._thread.start()
 
@@ -78,11 +84,14 @@ class Progress:
     def line(self) -> str:
         """The state as one line: description, done/total, percent, rate, ETA, failures and the fields."""
         elapsed = max(self.clock() - self.started, 1e-9)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        rate = (self.done - self.initial) / elapsed
         percent = 100 * self.done / self.total if self.total else 100.0
-        text = (f"{self.description}: {self.done}/{self.total} {self.unit} ({percent:.0f}%), {_rate(rate, self.unit)}, "
-                f"elapsed {format_duration(elapsed)}, ETA {format_duration(eta) if self.done < self.total else '0 s'}")
+        text = f"{self.description}: {self.done}/{self.total} {self.unit} ({percent:.0f}%), "
+        if self.done == self.initial:
+            text += f"elapsed {format_duration(elapsed)}, none finished yet"
+        else:
+            eta = (self.total - self.done) / rate if self.done < self.total else 0.0
+            text += f"{_rate(rate, self.unit)}, elapsed {format_duration(elapsed)}, ETA {format_duration(eta)}"
         return f"{text}, {self._postfix()}" if self._postfix() else text
 
     def close(self) -> None:
@@ -95,6 +104,7 @@ class Progress:
             if self._bar is not None:
                 self._bar.set_postfix_str(self._postfix(), refresh=False)
                 self._bar.close()
+                self._redirect.__exit__(None, None, None)
             elif self._shown != (self.done, self.failed) or self._last_line == self.started:
                 self._log_line()
 
@@ -106,7 +116,7 @@ class Progress:
         return 10 * self.done // self.total if self.total else 10
 
     def _log_line(self) -> None:
-        self.logger.info(self.line())
+        self.emit(self.line())
         self._last_line, self._logged_tenths, self._shown = self.clock(), self._tenths(), (self.done, self.failed)
 
     def _tick(self) -> None:

@@ -42,8 +42,8 @@ DEFAULT_RADII = {"l2": (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0), "l1": (0.0, 0
 RHO = 0.001
 
 __all__ = ["Source", "accuracy_at", "accuracy_table", "acr", "brief", "certifiable_max", "certified_accuracy",
-           "certified_correct", "certified_counts", "certified_radius", "curves_figure", "legend_table", "plot_curves",
-           "summary", "table_radii", "write_report"]
+           "certified_correct", "certified_counts", "certified_radius", "combined_rows", "curves_figure",
+           "legend_table", "plot_curves", "summary", "table_radii", "write_report"]
 
 
 def certified_correct(rows: pd.DataFrame) -> pd.Series:
@@ -124,7 +124,7 @@ def certifiable_max(params: dict, num_classes: int = 10) -> float | None:
         return None
 
 
-def _rows(sources: Sequence[Source]) -> pd.DataFrame:
+def combined_rows(sources: Sequence[Source]) -> pd.DataFrame:
     """Every source's rows in one frame, with `source`, its position `order` and the setting's short `name`
     (named over all sources together, so one setting has one name everywhere)."""
     frames = []
@@ -293,7 +293,7 @@ def _image_counts(rows: pd.DataFrame) -> list[str]:
 
 def plot_curves(table: pa.Table, norm: str) -> bytes:
     """PNG of certified accuracy against radius for the settings of `norm` in `table`."""
-    return plots.to_png(curves_figure(_rows([Source("run", table)]), norm))
+    return plots.to_png(curves_figure(combined_rows([Source("run", table)]), norm))
 
 
 def _norms(rows: pd.DataFrame) -> list[str]:
@@ -310,7 +310,7 @@ def summary(table: pa.Table, radii: Sequence[float] | None = None, compared: Seq
             label: str = "this run") -> str:
     """Markdown: the cost and abstentions per setting, center smoothing's eps_out, certified accuracy at the
     radii and its Theorem 6 lower bound per norm, the error rows, and the legend of setting names."""
-    rows = _rows([Source(label, table), *compared])
+    rows = combined_rows([Source(label, table), *compared])
     parts = ["## Cost, errors and abstentions per setting", "", _markdown(_overview(rows))]
     if len(_center(rows)):
         parts += ["", "## Center smoothing: eps_out over the images not abstained on", "", _markdown(_center(rows))]
@@ -329,7 +329,7 @@ def brief(table: pa.Table, radii: Sequence[float] | None = None, compared: Seque
           label: str = "this run") -> str:
     """A few lines for the terminal: certified accuracy per norm with ACR, and center smoothing's median
     eps_out; the report holds the rest."""
-    rows = _rows([Source(label, table), *compared])
+    rows = combined_rows([Source(label, table), *compared])
     parts = []
     for norm in _norms(rows):
         classified = _classified_rows(rows, norm)
@@ -351,7 +351,7 @@ def write_report(table: pa.Table, location: Location, radii: Sequence[float] | N
     """Writes the report folder: index.html (everything, self-contained), summary.md, certified_accuracy.csv,
     curves_<norm>.png per norm and eps_out.png for center smoothing; returns the Markdown summary."""
     label = (manifest or {}).get("run_id") or "this run"
-    rows = _rows([Source(label, table), *compared])
+    rows = combined_rows([Source(label, table), *compared])
     text = summary(table, radii, compared, label)
     location.write_bytes("summary.md", (text + "\n").encode())
     images = {}

@@ -50,6 +50,7 @@ from pipeline.denoise.data import few_sample_subset, load_training_images
 from pipeline.denoise.generate import generate_cached
 from pipeline.models import ModelSpec, WithFeatures, load_model
 from pipeline.models.denoisers import DnCNN, save_artifact
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -393,8 +394,10 @@ def fit_local(config: DenoiserConfig) -> str:
     best_key = [None if earlier_best is None else _selection_key(earlier_best["metrics"])]
 
     def report(metrics: dict, directory: Path | None) -> None:
-        log.info("epoch %d (%s): loss %.4f, validation accuracy %.3f", metrics["epoch"], metrics["phase"],
-                 metrics["train_loss"], metrics["val_accuracy"])
+        log.debug("epoch %d (%s): loss %.4f, validation accuracy %.3f", metrics["epoch"], metrics["phase"],
+                  metrics["train_loss"], metrics["val_accuracy"])
+        progress.update(metrics["epoch"] - progress.done, loss=metrics["train_loss"],
+                        val_accuracy=metrics["val_accuracy"], phase=metrics["phase"])
         if directory is None:
             return
         _copy(directory, folder.join("epochs", str(metrics["epoch"])))
@@ -406,7 +409,10 @@ def fit_local(config: DenoiserConfig) -> str:
             _copy(directory, best)
             best_key[0] = _selection_key(metrics)
 
-    with tempfile.TemporaryDirectory() as scratch:
+    done = folder.read_json("last.json")["epoch"] if folder.join("last.json").exists() else 0
+    total = sum(stage.epochs for stage in stages(config))
+    with tempfile.TemporaryDirectory() as scratch, Progress(total, "epochs", f"training {config.run_name}",
+                                                             logger=log, initial=done) as progress:
         fit(config, report, every_epoch=True, resume_from=_last_epoch(config, folder, Path(scratch)))
     return best.uri
 

@@ -44,16 +44,30 @@ def _quiet_ray_data(verbose: bool) -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ == "PlainRayHandler":  # the console; the file handler keeps DEBUG
             handler.setLevel(logging.INFO if verbose else logging.WARNING)
-    logger = logging.getLogger("ray.data._internal.progress")
-    if not verbose and not any(isinstance(f, _NoticeFilter) for f in logger.filters):
-        logger.addFilter(_NoticeFilter())
+    for name, notices in NOTICES.items():
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, _NoticeFilter)]:
+            logger.removeFilter(old)
+        if not verbose:
+            logger.addFilter(_NoticeFilter(notices))
+
+
+# Notices Ray logs as warnings that say nothing is wrong: the progress bars are off on purpose, and a
+# local instance has token authentication on (the default). The warning that it is off still shows.
+NOTICES = {"ray.data._internal.progress": ("Progress bars disabled", "Progress bars for operators disabled"),
+           "ray._private.authentication.authentication_token_setup": (
+               "Token authentication is enabled for this Ray cluster",)}
 
 
 class _NoticeFilter(logging.Filter):
-    """Drops Ray Data's one-line notice that its progress bars are off (they are off on purpose)."""
+    """Drops the records whose message starts with one of `notices`."""
+
+    def __init__(self, notices: tuple[str, ...]):
+        super().__init__()
+        self.notices = notices
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("Progress bars disabled", "Progress bars for operators disabled"))
+        return not str(record.msg).startswith(self.notices)
 
 
 def init_ray() -> None:

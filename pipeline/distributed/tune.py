@@ -38,8 +38,9 @@ import pipeline
 from pipeline.certifiers import Cohen
 from pipeline.config import ConfigError, DenoiserConfig, SweepConfig, set_dotted, validate
 from pipeline.denoise.train import fit
-from pipeline.distributed import init_ray
+from pipeline.distributed import init_ray, is_verbose
 from pipeline.distributed.certify import run
+from pipeline.distributed.progress import SweepProgress
 from pipeline.models.denoisers import Denoised
 from pipeline.report import accuracy_at, acr
 
@@ -150,7 +151,9 @@ def run_sweep(sweep: SweepConfig) -> str:
                                         num_samples=1 if algorithm == "grid" else sweep.num_samples,
                                         max_concurrent_trials=sweep.max_concurrent),
             run_config=tune.RunConfig(name=name, storage_path=root.path, storage_filesystem=root.fs,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                      verbose=2 if is_verbose() else 0,  # Tune's tables only with -v
+                                      callbacks=[SweepProgress.of(sweep)]))
     results = tuner.fit()
     _write_outputs(sweep, results, location, metric, epochs)
     return location.uri
