@@ -162,10 +162,11 @@ def format_differences(frame: pd.DataFrame, a: Source, b: Source, confidence: fl
              f"(accuracy: Newcombe hybrid score; ACR: normal) and two-sided p-values (accuracy: Fisher exact)"]
     for norm, group in frame.groupby("norm", sort=True):
         shown = pd.DataFrame({
-            "setting": group["setting"], "radius": group["figure"], a.label: group["a"], b.label: group["b"],
+            "setting": group["setting"], "radius": group["figure"], a.label: group["a"].map(lambda v: f"{v:.3f}"),
+            b.label: group["b"].map(lambda v: f"{v:.3f}"),
             "difference": group["difference"].map(lambda v: f"{v:+.3f}"),
             "interval": [f"[{low:+.3f}, {high:+.3f}]" for low, high in zip(group["low"], group["high"], strict=True)],
             "p": group["p_value"].map(lambda v: f"{v:.2g}")})
         lines += ["", f"{norm} ({int(group['images_a'].max())} vs {int(group['images_b'].max())} images):",
-                  shown.to_markdown(index=False, floatfmt=".3f")]
+                  shown.to_markdown(index=False, disable_numparse=True)]
     return "\n".join(lines)

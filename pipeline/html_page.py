@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import html
+import numbers
 
+import numpy as np
 import pandas as pd
 
 __all__ = ["document", "escape", "image", "preformatted", "table"]
@@ -17,8 +19,8 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; margin-to
 h3 { font-size: 1.05em; margin-top: 1.4em; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; vertical-align: top; }
-th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
-td.text, th.text { text-align: left; } tr:nth-child(even) td { background: #fafafa; }
+th { background: #f4f4f4; text-align: left; }
+td.text { text-align: left; } tr:nth-child(even) td { background: #fafafa; }
 img { max-width: 100%; height: auto; display: block; margin: 0.8em 0; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 .note { color: #555; font-size: 0.9em; }
@@ -30,19 +32,22 @@ def escape(text) -> str:
 
 
 def table(frame: pd.DataFrame, floatfmt: str = "{:.3g}", index: bool = True) -> str:
-    """The frame as an HTML table; NaN shows as '–' (not applicable), text cells are left-aligned."""
+    """The frame as an HTML table: numbers right-aligned (floats in `floatfmt`), text left-aligned, NaN and
+    None as '–' (not applicable)."""
     shown = frame.reset_index() if index and (frame.index.name or any(frame.index.names)) else frame
     head = "".join(f"<th>{escape(column)}</th>" for column in shown.columns)
     body = []
     for row in shown.itertuples(index=False):
         cells = []
         for value in row:
-            if isinstance(value, float):
-                cells.append(f"<td>{'–' if value != value else escape(floatfmt.format(value))}</td>")
-            elif value is None:
-                cells.append("<td>–</td>")
-            else:
+            if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Number | type(None)):
                 cells.append(f'<td class="text">{escape(value)}</td>')
+            elif value is None or value != value:
+                cells.append("<td>–</td>")
+            elif isinstance(value, numbers.Integral):
+                cells.append(f"<td>{int(value)}</td>")
+            else:
+                cells.append(f"<td>{escape(floatfmt.format(value))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 

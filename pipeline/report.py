@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -153,8 +154,13 @@ def _index(frame: pd.DataFrame, several: bool) -> pd.DataFrame:
 
 
 def _limit(group: pd.DataFrame) -> float | None:
+    """The setting's largest certifiable radius; None for rows read from a published log, whose settings are
+    as stated, not recorded (the largest radii in Cohen et al.'s logs exceed the stated n and alpha's)."""
+    params = json.loads(group["params"].iloc[0])
+    if "source" in params:
+        return None
     labels = group["label"].dropna()
-    return certifiable_max(json.loads(group["params"].iloc[0]), int(labels.max()) + 1 if len(labels) else 10)
+    return certifiable_max(params, int(labels.max()) + 1 if len(labels) else 10)
 
 
 def _classified_rows(rows: pd.DataFrame, norm: str) -> pd.DataFrame:
@@ -211,13 +217,14 @@ def _overview(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _abstentions(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per setting that abstained: how often, and why where the certifier says."""
+    """Per setting that abstained: how often, and why where the certifier says (the reason's words before
+    any ':' and figures)."""
     several = rows["source"].nunique() > 1
     out = {}
     for source, name, group in _groups(rows):
         abstained = group[group["abstained"] & (group["status"] == "ok")]
         if len(abstained):
-            reasons = abstained["abstain_reason"].fillna("no certificate").value_counts()
+            reasons = abstained["abstain_reason"].fillna("no certificate").str.split(":").str[0].value_counts()
             out[_key(source, name, several)] = {
                 "abstained": len(abstained), "of": len(group),
                 "reasons": ", ".join(f"{reason} {count}" for reason, count in reasons.items())}
@@ -247,8 +254,8 @@ def _center(rows: pd.DataFrame) -> pd.DataFrame:
         out[_key(source, name, several)] = {
             "output": group["output"].iloc[0], "metric": group["metric"].iloc[0], "eps_in": group["eps_in"].iloc[0],
             "images": group["image_id"].nunique(), "abstention_rate": float(group["abstained"].mean()),
-            **dict(zip(["eps_out_min", "eps_out_q25", "median_eps_out", "eps_out_q75", "eps_out_max"], quantiles,
-                       strict=True)),
+            "median_eps_out": quantiles[2],
+            "eps_out min / q25 / q75 / max": " / ".join(f"{quantiles[i]:.3g}" for i in (0, 1, 3, 4)),
             "median_smoothing_error": float(certified["smoothing_error"].median()) if len(certified) else math.nan}
     return _index(pd.DataFrame.from_dict(out, orient="index"), several)
 
@@ -279,7 +286,7 @@ def curves_figure(rows: pd.DataFrame, norm: str):
             label=f"{source}: {name}" if several else name, x=x, y=[count / len(group) for count in counts],
             lower=[stats.certified_accuracy_lower_bound(count, len(group), alpha, RHO) for count in counts],
             points=targets is not None, limit=limits[name], color=name, source=int(group["order"].iloc[0])))
-    title = f"Certified accuracy, {norm} ({', '.join(_image_counts(classified))})"
+    title = textwrap.fill(f"Certified accuracy, {norm} ({', '.join(_image_counts(classified))})", 80)
     return plots.accuracy_figure(curves, f"{norm} radius (pixel units, inputs in [0, 1])", title, rho=RHO)
 
 
@@ -311,7 +318,7 @@ def summary(table: pa.Table, radii: Sequence[float] | None = None, compared: Seq
     """Markdown: the cost and abstentions per setting, center smoothing's eps_out, certified accuracy at the
     radii and its Theorem 6 lower bound per norm, the error rows, and the legend of setting names."""
     rows = combined_rows([Source(label, table), *compared])
-    parts = ["## Cost, errors and abstentions per setting", "", _markdown(_overview(rows))]
+    parts = ["## Cost, errors and abstentions per setting", "", _markdown(_overview(rows), ".4g")]
     if len(_center(rows)):
         parts += ["", "## Center smoothing: eps_out over the images not abstained on", "", _markdown(_center(rows))]
     for norm in _norms(rows):
@@ -398,11 +405,11 @@ def _page(rows: pd.DataFrame, radii, images: dict[str, bytes], manifest: dict | 
             'its target radii). Names of settings: see Settings.</p>')
     sections = [("Certified accuracy", note + "".join(accuracy) if accuracy else "<p>No labeled rows.</p>")]
     if len(_center(rows)):
-        sections.append(("Center smoothing", table(_center(rows)) + (
+        sections.append(("Center smoothing", table(_center(rows), "{:.4g}") + (
             html_page.image(images["eps_out.png"], "distribution of eps_out") if "eps_out.png" in images else "")))
     abstentions, errors = _abstentions(rows), _errors(rows)
     sections.append(("Cost, abstentions and errors", "".join([
-        "<h3>Cost per image</h3>", table(_overview(rows)),
+        "<h3>Cost per image</h3>", table(_overview(rows), "{:.4g}"),
         "<h3>Abstentions</h3>", table(abstentions) if len(abstentions) else "<p>None.</p>",
         "<h3>Error rows</h3>", table(errors, index=False) if len(errors) else "<p>None.</p>"])))
     sections.append(("Settings", table(legend_table(rows), index=False)))
