@@ -22,7 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["Curve", "accuracy_figure", "accuracy_panels", "histogram_figure", "to_png"]
+__all__ = ["Curve", "accuracy_figure", "accuracy_panels", "histogram_figure", "objective_figure", "to_png"]
 
 STYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "D", "^")
@@ -144,6 +144,32 @@ def histogram_figure(samples: dict[str, Sequence[float]], xlabel: str, title: st
     axes.grid(alpha=0.3)
     if axes.get_legend_handles_labels()[0]:
         figure.legend(loc="outside lower center", ncols=columns, fontsize=8, frameon=False)
+    return figure
+
+
+def objective_figure(values: dict[str, Sequence[float]], objective: Sequence[float], stopped: Sequence[bool],
+                     metric: str, log_scale: Sequence[str] = ()) -> Figure:
+    """A sweep's objective against each searched value (one panel per key, side by side, the legend below):
+    trials that ran every epoch in blue, those the scheduler stopped early in red, the best one starred.
+    Keys in `log_scale`, and keys whose positive values span more than two decades, get a log axis."""
+    keys = list(values)
+    figure = Figure(figsize=(max(WIDTH, 4.0 * len(keys)), 4.2), layout="constrained")
+    objective, stopped = np.asarray(objective, float), np.asarray(stopped, bool)
+    best = int(np.nanargmax(objective)) if np.isfinite(objective).any() else None
+    for axes, key in zip(figure.subplots(1, len(keys), squeeze=False)[0], keys, strict=True):
+        x = np.asarray(values[key], float)
+        for mask, color, label in ((~stopped, "C0", "ran every epoch"), (stopped, "C3", "stopped early")):
+            axes.scatter(x[mask], objective[mask], color=color, label=label, zorder=3)
+        if best is not None:
+            axes.scatter([x[best]], [objective[best]], marker="*", s=220, facecolor="none", edgecolor="k",
+                         label="best", zorder=4)
+        positive = x[np.isfinite(x) & (x > 0)]
+        if key in log_scale or (positive.size == np.isfinite(x).sum() > 1 and positive.max() / positive.min() > 100):
+            axes.set_xscale("log")
+        axes.set(xlabel=key, ylabel=metric, title=f"{metric} vs {key}")
+        axes.grid(alpha=0.3)
+    handles, labels = figure.axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     return figure
 
 

@@ -178,7 +178,8 @@ def test_compare_prints_differences_with_intervals_and_report_overlays_a_publish
     assert re.search(r"\| cohen sigma=0\.25 n=2000\s+\| r=0\.25 .*\[[-+]\d\.\d{3}, [-+]\d\.\d{3}\]", printed)
     differences = compare.differences(compare.load_source(str(tmp_path / "a")),
                                       compare.load_source(str(tmp_path / "b")))
-    assert ((differences["low"] <= differences["difference"]) & (differences["difference"] <= differences["high"])).all()
+    assert (differences["low"] <= differences["difference"]).all()
+    assert (differences["difference"] <= differences["high"]).all()
 
     log = reference / "cohen" / "imagenet_resnet50_sigma0.50.tsv"
     assert cli.main(["report", str(tmp_path / "a"), "--compare", f"{log},label=cohen2019"]) == 0

@@ -29,12 +29,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from matplotlib.figure import Figure
 from ray import tune
 from ray.tune.execution import class_cache
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 import pipeline
+from pipeline import plots
 from pipeline.certifiers import Cohen
 from pipeline.config import ConfigError, DenoiserConfig, SweepConfig, set_dotted, validate
 from pipeline.denoise.train import fit
@@ -201,18 +201,7 @@ def _uri(location, path: str) -> str:
 
 
 def _plot(table: pd.DataFrame, search: dict, metric: str) -> bytes:
-    keys = list(search)
-    figure = Figure(figsize=(4 * len(keys), 3.5))
-    axes = figure.subplots(1, len(keys), squeeze=False)[0]
-    for axis, key in zip(axes, keys, strict=True):
-        values = pd.to_numeric(table[f"config.{key}"], errors="coerce")
-        axis.scatter(values, table[metric], c=["tab:red" if s else "tab:blue" for s in table["stopped_early"]])
-        if search[key] and next(iter(search[key])) == "loguniform":
-            axis.set_xscale("log")
-        axis.set(xlabel=key, ylabel=metric, title=f"{metric} vs {key} (red: stopped early)")
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
-
+    values = {key: pd.to_numeric(table[f"config.{key}"], errors="coerce") for key in search}
+    log_scale = [key for key in search if search[key] and next(iter(search[key])) == "loguniform"]
+    return plots.to_png(plots.objective_figure(values, table[metric], table["stopped_early"], metric, log_scale),
+                        dpi=110)
