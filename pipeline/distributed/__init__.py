@@ -28,6 +28,8 @@ def set_verbose(verbose: bool) -> None:
         logging.getLogger(name).setLevel(level)
     if not verbose:  # Ray's Python warnings (deprecations, concurrency hints) are for -v
         warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+        # Tune's output engine prints its experiment box whatever the verbosity; the legacy one is silent at 0
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 def is_verbose() -> bool:
@@ -52,11 +54,13 @@ def _quiet_ray_data(verbose: bool) -> None:
             logger.addFilter(_NoticeFilter(notices))
 
 
-# Notices Ray logs as warnings that say nothing is wrong: the progress bars are off on purpose, and a
-# local instance has token authentication on (the default). The warning that it is off still shows.
+# Notices Ray logs as warnings that ask nothing of the user: the progress bars are off on purpose; a local
+# instance has token authentication on (the default; the warning that it is off still shows); Tune's
+# experiment state is saved at every checkpoint because the sweep keeps only the last two.
 NOTICES = {"ray.data._internal.progress": ("Progress bars disabled", "Progress bars for operators disabled"),
            "ray._private.authentication.authentication_token_setup": (
-               "Token authentication is enabled for this Ray cluster",)}
+               "Token authentication is enabled for this Ray cluster",),
+           "ray.tune.execution.experiment_state": ("Experiment state snapshotting has been triggered",)}
 
 
 class _NoticeFilter(logging.Filter):

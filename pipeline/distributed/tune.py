@@ -38,7 +38,7 @@ from pipeline import plots
 from pipeline.certifiers import Cohen
 from pipeline.config import ConfigError, DenoiserConfig, SweepConfig, set_dotted, validate
 from pipeline.denoise.train import fit
-from pipeline.distributed import init_ray, is_verbose
+from pipeline.distributed import init_ray, is_verbose, set_verbose
 from pipeline.distributed.certify import run
 from pipeline.distributed.progress import SweepProgress
 from pipeline.models.denoisers import Denoised
@@ -88,7 +88,8 @@ def sweep_metrics(table: pa.Table, radius: float) -> dict[str, float]:
     return {f"certified_accuracy@{radius:g}": accuracy_at(rows, [radius])[0], "acr": acr(rows)}
 
 
-def _trainable(sampled: dict, sweep: SweepConfig) -> None:
+def _trainable(sampled: dict, sweep: SweepConfig, verbose: bool = False) -> None:
+    set_verbose(verbose)  # the trial's own process: Ray's INFO lines (each checkpoint saved) only with -v
     config = DenoiserConfig.from_dict({**trial_config(sweep, sampled), "workers": 0})
     certification, radius = sweep.certification, sweep.objective.get("radius", 0.0)
 
@@ -139,7 +140,8 @@ def run_sweep(sweep: SweepConfig) -> str:
     base = DenoiserConfig.from_dict(sweep.train)
     epochs = base.epochs + base.second_epochs
     algorithm = sweep.search_algorithm
-    trainable = tune.with_resources(tune.with_parameters(_trainable, sweep=sweep), sweep.resources)
+    trainable = tune.with_resources(tune.with_parameters(_trainable, sweep=sweep, verbose=is_verbose()),
+                                    sweep.resources)
     if tune.Tuner.can_restore(location.path, storage_filesystem=location.fs):
         log.info("resuming sweep %s from %s", name, location.uri)
         tuner = tune.Tuner.restore(location.path, trainable, resume_unfinished=True, storage_filesystem=location.fs)
