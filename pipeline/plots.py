@@ -166,7 +166,7 @@ def objective_figure(values: dict[str, Sequence[float]], objective: Sequence[flo
         positive = x[np.isfinite(x) & (x > 0)]
         if key in log_scale or (positive.size == np.isfinite(x).sum() > 1 and positive.max() / positive.min() > 100):
             axes.set_xscale("log")
-        axes.set(xlabel=key, ylabel=metric, title=f"{metric} vs {key}")
+        axes.set(xlabel=key, ylabel=metric, title=f"{metric} vs {key} ({len(objective)} trials)")
         axes.grid(alpha=0.3)
     handles, labels = figure.axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8, frameon=False)

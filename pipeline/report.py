@@ -396,10 +396,10 @@ def _page(rows: pd.DataFrame, radii, images: dict[str, bytes], manifest: dict | 
     accuracy = []
     for norm in _norms(rows):
         norm_radii = table_radii(rows, norm, radii)
-        accuracy += [f"<h3>{norm} radius</h3>", table(accuracy_table(rows, norm, norm_radii)),
+        accuracy += [f"<h3>{norm} radius</h3>", table(accuracy_table(rows, norm, norm_radii), "{:.3f}"),
                      html_page.image(images[f"curves_{norm}.png"], f"certified accuracy against {norm} radius"),
                      f"<h3>{norm}: lower bound on the true certified accuracy (Cohen et al. Theorem 6, confidence "
-                     f"{1 - RHO:g})</h3>", table(accuracy_table(rows, norm, norm_radii, bound=True))]
+                     f"{1 - RHO:g})</h3>", table(accuracy_table(rows, norm, norm_radii, bound=True), "{:.3f}")]
     note = ('<p class="note">Certified accuracy: the fraction of all images certified correct at radius r or more '
             '(abstentions and errors count as failures). – : not applicable (a sequential setting decides only '
             'its target radii). Names of settings: see Settings.</p>')

@@ -81,8 +81,8 @@ class SweepProgress(tune.Callback):
         self._progress.total = max(self._progress.total, len(trials))
         return self._progress
 
-    def _fields(self, trials) -> dict:
-        fields = {"running": sum(trial.status == "RUNNING" for trial in trials)}
+    def _fields(self, trials, ended=None) -> dict:
+        fields = {"running": sum(trial.status == "RUNNING" and trial is not ended for trial in trials)}
         value, config = self._best
         if config is not None:
             shown = ", ".join(f"{key}={_short(config.get(key))}" for key in self.searched)
@@ -97,10 +97,10 @@ class SweepProgress(tune.Callback):
         progress.update(0, **self._fields(trials))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._display(trials).update(1, **self._fields(trials))
+        self._display(trials).update(1, **self._fields(trials, trial))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._display(trials).update(1, failed=1, **self._fields(trials))
+        self._display(trials).update(1, failed=1, **self._fields(trials, trial))
 
     def on_experiment_end(self, trials, **info) -> None:
         if self._progress is not None:
