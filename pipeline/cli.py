@@ -16,12 +16,6 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import ConfigError, load_config
-from pipeline.data.sources import DatasetError
-from pipeline.lease import RunBusy
-from pipeline.run import IncompleteRun
-from pipeline.storage import StorageError
-
 log = logging.getLogger("pipeline")
 
 
@@ -56,6 +50,13 @@ def add_certify_arguments(parser: argparse.ArgumentParser) -> None:
 def certify_main(args: argparse.Namespace) -> int:
     """Runs `pipeline certify`; configuration, storage and dataset problems exit with status 2 before any work."""
     setup_logging(args.verbose)
+    log.info("certifying as %s says (loading the libraries, the model and the dataset listing)", args.config)
+    from pipeline.config import ConfigError, load_config
+    from pipeline.data.sources import DatasetError
+    from pipeline.lease import RunBusy
+    from pipeline.run import IncompleteRun
+    from pipeline.storage import StorageError
+
     try:
         config = load_config(args.config, args.set, output=args.output, run_id=args.run_id)
         _ray_verbosity(args.verbose)

@@ -85,4 +85,5 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, logging_level=level)
     else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), logging_level=level)
+        # "local": a new instance, never another Ray instance found running on this machine
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), logging_level=level)
