@@ -4,8 +4,10 @@
 the rate, the ETA and any fields the task adds (a loss, the best trial so far). On a terminal it is one
 tqdm bar on stderr, redrawn every second even while no work finishes, so the elapsed time moves. Anywhere
 else (a log file, `ray job logs`, a pipe) it writes a log line when the work crosses another tenth of the
-total, and otherwise at most once a minute (`heartbeat`), with never two lines within `min_interval`
-seconds, so a long task writes a few dozen lines, not thousands.
+total, and otherwise after `min_interval` seconds, then once a minute (`heartbeat`) until the first unit
+is done and every three minutes after that, with never two lines within `min_interval` seconds: a long
+task writes a dozen or two lines, not thousands. Rate and ETA are measured from the first finished unit
+on, so the start-up (starting Ray, loading models) does not inflate the ETA.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Progress:
         self.started = self.clock()
         self._last_line, self._shown = self.started, None
         self._logged_tenths = self._tenths()
+        self._first: tuple[float, int] | None = None  # (time, units done) at the first update
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._bar = self._redirect = None
@@ -73,6 +76,8 @@ class Progress:
         """`done` more units finished, `failed` of them failed; `fields` (name -> value) are shown beside."""
         with self._lock:
             self.done += int(done)
+            if self._first is None and done:
+                self._first = (self.clock(), self.done)
             self.failed += int(failed)
             self.fields.update({key: _text(value) for key, value in fields.items()})
             if self._bar is not None:
@@ -83,8 +88,11 @@ class Progress:
 
     def line(self) -> str:
         """The state as one line: description, done/total, percent, rate, ETA, failures and the fields."""
-        elapsed = max(self.clock() - self.started, 1e-9)
+        now = self.clock()
+        elapsed = max(now - self.started, 1e-9)
         rate = (self.done - self.initial) / elapsed
+        if self._first is not None and self.done > self._first[1] and now > self._first[0]:
+            rate = (self.done - self._first[1]) / (now - self._first[0])  # steady state, after the start-up
         percent = 100 * self.done / self.total if self.total else 100.0
         text = f"{self.description}: {self.done}/{self.total} {self.unit} ({percent:.0f}%), "
         if self.done == self.initial:
@@ -120,18 +128,24 @@ class Progress:
         self._last_line, self._logged_tenths, self._shown = self.clock(), self._tenths(), (self.done, self.failed)
 
     def _tick(self) -> None:
-        """Redraws the bar every second; off a terminal, writes the heartbeat line when one is due."""
+        """Every second until closed: `_tick_once`."""
         while not self._closed.wait(1.0):
-            with self._lock:
-                if self._bar is not None:
-                    self._bar.refresh()
-                elif self.clock() - self._last_line >= self._first_or_heartbeat():
-                    self._log_line()
+            self._tick_once()
+
+    def _tick_once(self) -> None:
+        """Redraws the bar; off a terminal, writes the heartbeat line when one is due."""
+        with self._lock:
+            if self._bar is not None:
+                self._bar.refresh()
+            elif self.clock() - self._last_line >= self._first_or_heartbeat():
+                self._log_line()
 
     def _first_or_heartbeat(self) -> float:
-        """The first line comes after `min_interval` seconds (so a slow start still shows life), then the
-        heartbeat."""
-        return self.min_interval if self._last_line == self.started else self.heartbeat
+        """The first line comes after `min_interval` seconds (so a slow start still shows life), then one a
+        `heartbeat` while nothing is done, then one every three heartbeats (the tenths say the rest)."""
+        if self._last_line == self.started:
+            return self.min_interval
+        return self.heartbeat if self.done == self.initial else 3 * self.heartbeat
 
 
 def _rate(rate: float, unit: str) -> str:

@@ -199,3 +199,18 @@ def test_progress_off_a_terminal_writes_a_few_lines_not_one_per_batch():
     assert 9 <= len(lines) <= 12, lines
     assert lines[-1].startswith("certified: 1000/1000 images (100%), 2.00 images/s") and "1 failed" in lines[-1]
     assert any("100/1000 images (10%)" in line and "ETA 7 min 30 s" in line for line in lines), lines
+
+
+def test_progress_eta_leaves_out_the_start_up_and_a_slow_start_still_shows_life():
+    now = [0.0]
+    lines = []
+    progress = Progress(100, "images", "certified", tty=False, emit=lines.append, clock=lambda: now[0])
+    now[0] = 11.0
+    progress._tick_once()
+    assert lines == ["certified: 0/100 images (0%), elapsed 11 s, none finished yet, 0 failed"]
+    now[0] = 120.0  # 110 s of start-up, then 10 images every 10 s
+    progress.update(10)
+    now[0] = 130.0
+    progress.update(10)
+    assert lines[-1].startswith("certified: 20/100 images (20%), 1.00 images/s") and "ETA 1 min 20 s" in lines[-1]
+    progress.close()

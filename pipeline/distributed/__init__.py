@@ -15,6 +15,8 @@ import ray
 
 __all__ = ["init_ray", "is_verbose", "set_verbose"]
 
+log = logging.getLogger(__name__)
+
 _VERBOSE = [False]
 RAY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air")
 
@@ -83,7 +85,10 @@ def init_ray() -> None:
         return
     level = logging.INFO if is_verbose() else logging.WARNING
     if os.environ.get("RAY_ADDRESS"):
+        log.info("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         ray.init(log_to_driver=True, logging_level=level)
     else:
+        cpus = max(4, os.cpu_count() or 1)
+        log.info("starting a local Ray instance with %d logical CPUs", cpus)
         # "local": a new instance, never another Ray instance found running on this machine
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), logging_level=level)
+        ray.init(address="local", num_cpus=cpus, logging_level=level)
