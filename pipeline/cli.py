@@ -104,7 +104,7 @@ def report_main(args: argparse.Namespace) -> int:
         return 2
     manifest = run.read_json("manifest.json") if run.join("manifest.json").exists() else None
     label = (manifest or {}).get("run_id") or run.uri.rstrip("/").rsplit("/", 1)[-1]
-    report.write_report(results, run.join("report"), args.radii, {**(manifest or {}), "run_id": label}, compared)
+    report.write_report(results, run.join("report"), args.radii, manifest, compared, label)
     print(report.brief(results, args.radii, compared, label))
     print(f"report: {run.join('report', 'index.html').uri}")
     return 0

@@ -4,10 +4,11 @@
 the rate, the ETA and any fields the task adds (a loss, the best trial so far). On a terminal it is one
 tqdm bar on stderr, redrawn every second even while no work finishes, so the elapsed time moves. Anywhere
 else (a log file, `ray job logs`, a pipe) it writes a log line when the work crosses another tenth of the
-total, and otherwise after `min_interval` seconds, then once a minute (`heartbeat`) until the first unit
-is done and every three minutes after that, with never two lines within `min_interval` seconds: a long
-task writes a dozen or two lines, not thousands. Rate and ETA are measured from the first finished unit
-on, so the start-up (starting Ray, loading models) does not inflate the ETA.
+total, and otherwise after `first_line` seconds, then once a minute (`heartbeat`) until the first unit is
+done and every three minutes after that, with never two tenths' lines within `min_interval` seconds: a long
+task writes a dozen or two lines, not thousands. Rate and ETA are measured from the first finished unit on
+(once that is `min_interval` seconds back), so the start-up (starting Ray, loading models) does not
+inflate the ETA.
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ class Progress:
 
     def __init__(self, total: int, unit: str = "images", description: str = "certifying",
                  logger: logging.Logger | None = None, tty: bool | None = None, min_interval: float = 10.0,
-                 heartbeat: float = 60.0, initial: int = 0, emit=None, clock=time.monotonic):
+                 heartbeat: float = 60.0, initial: int = 0, emit=None, first_line: float = 5.0,
+                 clock=time.monotonic):
         self.total, self.unit, self.description = int(total), unit, description
         self.emit = emit or (logger or log).info
         self.initial = self.done = int(initial)
         self.failed = 0
         self.fields: dict[str, str] = {}
-        self.min_interval, self.heartbeat, self.clock = min_interval, heartbeat, clock
+        self.min_interval, self.heartbeat, self.first_line, self.clock = min_interval, heartbeat, first_line, clock
         self.started = self.clock()
         self._last_line, self._shown = self.started, None
         self._logged_tenths = self._tenths()
@@ -69,8 +71,8 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(final_line=exc_type is None)  # a failure's traceback says the rest
 
     def update(self, done: int = 1, failed: int = 0, **fields) -> None:
         """`done` more units finished, `failed` of them failed; `fields` (name -> value) are shown beside."""
@@ -91,7 +93,7 @@ class Progress:
         now = self.clock()
         elapsed = max(now - self.started, 1e-9)
         rate = (self.done - self.initial) / elapsed
-        if self._first is not None and self.done > self._first[1] and now > self._first[0]:
+        if self._first is not None and self.done > self._first[1] and now - self._first[0] >= self.min_interval:
             rate = (self.done - self._first[1]) / (now - self._first[0])  # steady state, after the start-up
         percent = 100 * self.done / self.total if self.total else 100.0
         text = f"{self.description}: {self.done}/{self.total} {self.unit} ({percent:.0f}%), "
@@ -102,8 +104,9 @@ class Progress:
             text += f"{_rate(rate, self.unit)}, elapsed {format_duration(elapsed)}, ETA {format_duration(eta)}"
         return f"{text}, {self._postfix()}" if self._postfix() else text
 
-    def close(self) -> None:
-        """Stops the display; the last state is shown once more (as a final log line off a terminal)."""
+    def close(self, final_line: bool = True) -> None:
+        """Stops the display; off a terminal the last state gets a final line (unless `final_line` is False
+        or a line already shows it)."""
         if self._closed.is_set():
             return
         self._closed.set()
@@ -113,7 +116,7 @@ class Progress:
                 self._bar.set_postfix_str(self._postfix(), refresh=False)
                 self._bar.close()
                 self._redirect.__exit__(None, None, None)
-            elif self._shown != (self.done, self.failed) or self._last_line == self.started:
+            elif final_line and (self._shown != (self.done, self.failed) or self._last_line == self.started):
                 self._log_line()
 
     def _postfix(self) -> str:
@@ -141,10 +144,10 @@ class Progress:
                 self._log_line()
 
     def _first_or_heartbeat(self) -> float:
-        """The first line comes after `min_interval` seconds (so a slow start still shows life), then one a
+        """The first line comes after `first_line` seconds (so a slow start still shows life), then one a
         `heartbeat` while nothing is done, then one every three heartbeats (the tenths say the rest)."""
         if self._last_line == self.started:
-            return self.min_interval
+            return self.first_line
         return self.heartbeat if self.done == self.initial else 3 * self.heartbeat
 
 

@@ -354,10 +354,11 @@ def brief(table: pa.Table, radii: Sequence[float] | None = None, compared: Seque
 
 
 def write_report(table: pa.Table, location: Location, radii: Sequence[float] | None = None,
-                 manifest: dict | None = None, compared: Sequence[Source] = ()) -> str:
+                 manifest: dict | None = None, compared: Sequence[Source] = (), label: str | None = None) -> str:
     """Writes the report folder: index.html (everything, self-contained), summary.md, certified_accuracy.csv,
-    curves_<norm>.png per norm and eps_out.png for center smoothing; returns the Markdown summary."""
-    label = (manifest or {}).get("run_id") or "this run"
+    curves_<norm>.png per norm and eps_out.png for center smoothing; returns the Markdown summary. The run is
+    named `label`, else by its manifest's run id."""
+    label = label or (manifest or {}).get("run_id") or "this run"
     rows = combined_rows([Source(label, table), *compared])
     text = summary(table, radii, compared, label)
     location.write_bytes("summary.md", (text + "\n").encode())

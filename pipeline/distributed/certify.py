@@ -89,17 +89,17 @@ def certify_pending(run: lifecycle.Run) -> dict[str, int]:
               "failed": 0}
     if todo == 0:
         return counts
-    init_ray()
     config = run.config
-    device, gpus = _device_and_gpus(config)
-    certified = _decoded(run).map_batches(
-        CertifyActor, batch_size=config.images_per_batch, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=config.actors.count), num_cpus=config.actors.cpus,
-        num_gpus=gpus, fn_constructor_kwargs={"config": config, "certifiers": run.certifiers,
-                                              "results": run.results, "run_info": run.info, "device": device})
-    log.info("certifying %d images with %d settings on %d %s actor(s)", todo, len(run.certifiers),
-             config.actors.count, device)
-    with Progress(todo, "images", "certified", logger=log) as progress:
+    with Progress(todo, "images", "certified", logger=log) as progress:  # from before Ray starts: it takes a while
+        init_ray()
+        device, gpus = _device_and_gpus(config)
+        certified = _decoded(run).map_batches(
+            CertifyActor, batch_size=config.images_per_batch, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=config.actors.count), num_cpus=config.actors.cpus,
+            num_gpus=gpus, fn_constructor_kwargs={"config": config, "certifiers": run.certifiers,
+                                                  "results": run.results, "run_info": run.info, "device": device})
+        log.info("certifying %d images with %d settings on %d %s actor(s)", todo, len(run.certifiers),
+                 config.actors.count, device)
         for batch in certified.iter_batches(batch_size=None, batch_format="numpy"):
             failed = int(batch["failed"].sum())
             counts["certified"] += len(batch["image_id"])
