@@ -28,15 +28,19 @@ import logging
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from matplotlib.figure import Figure
 
-from pipeline import nightly
+from pipeline import nightly, plots
+from pipeline.certifiers import REGISTRY
+from pipeline.cli import setup_logging
 from pipeline.config import NightlySuite, read_yaml
+from pipeline.distributed import set_verbose
 from pipeline.distributed.certify import run
+from pipeline.labels import parse_setting, short_labels, target_radii
 from pipeline.results import environment, read_results
 from pipeline.storage import Location
 
@@ -103,19 +107,26 @@ def read_figures(name: str, location: Location) -> pd.DataFrame:
 
 
 def plot(figures: pd.DataFrame) -> bytes:
+    """Certified accuracy at the suite's radii: a panel per norm, a line per (model, setting) with short
+    setting names; a sequential setting only at its target radii."""
     accuracy = figures[figures["figure"].str.startswith("certified_accuracy@")]
-    figure = Figure(figsize=(7, 4.5))
-    axes = figure.subplots()
-    for (model, setting), group in accuracy.groupby(["model", "setting"]):
-        radii = group["figure"].str.split("@").str[1].astype(float)
-        axes.plot(radii, group["value"], marker="o", label=f"{model}: {setting}")
-    axes.set(xlabel="radius", ylabel="certified accuracy", ylim=(0, 1), title="Nightly certified accuracy")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=6)
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
+    names = short_labels(accuracy["setting"].unique())
+    models = list(dict.fromkeys(accuracy["model"]))
+    panels: dict[str, list] = {}
+    for (model, setting), group in accuracy.groupby(["model", "setting"], sort=True):
+        radii = group["figure"].str.split("@").str[1].astype(float).to_numpy()
+        keep = np.argsort(radii)
+        targets = target_radii(setting)
+        if targets is not None:
+            keep = [i for i in keep if any(np.isclose(radii[i], targets))]
+        certifier = REGISTRY.get(parse_setting(setting)[0])
+        panels.setdefault(certifier.norm if certifier else "radius", []).append(plots.Curve(
+            label=f"{model}: {names[setting]}", x=radii[keep], y=group["value"].to_numpy()[keep],
+            color=names[setting], source=models.index(model), marker="o", points=targets is not None))
+    images = int(accuracy["count"].max()) if len(accuracy) else 0
+    figure = plots.accuracy_panels([(curves, f"{norm} radius (pixel units)", f"Nightly certified accuracy, {norm} "
+                                    f"({images} images)") for norm, curves in sorted(panels.items())])
+    return plots.to_png(figure, dpi=110)
 
 
 def figures_section(date: str, env: dict, figures: pd.DataFrame) -> list[str]:
@@ -171,8 +182,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the night's date, YYYY-MM-DD (default: today, UTC)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a suite value, e.g. models.0.model.weights=PATH (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debugging detail, with Ray's progress output and INFO logs")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose, "nightly")
+    set_verbose(args.verbose)
     suite = NightlySuite.from_dict(read_yaml(args.config, args.set))
 
     figures, env = run_suite(suite, args.date)

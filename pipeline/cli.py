@@ -4,6 +4,8 @@ Examples:
   pipeline certify --config jobs/configs/demo.yaml
   pipeline certify --config jobs/configs/imagenet.yaml --output s3://bucket/runs --set model.weights=/ckpt/rn50.pt
   pipeline report runs/demo
+  pipeline report runs/imagenet --compare ../shared/data/reference/cohen/imagenet_resnet50_sigma0.50.tsv
+  pipeline compare runs/demo runs/demo-bf16
   pipeline train-denoiser --config jobs/configs/denoiser_demo.yaml --set objective=decrop
   pipeline sweep --config jobs/configs/sweep_demo.yaml
 """
@@ -14,18 +16,23 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import ConfigError, load_config
-from pipeline.data.sources import DatasetError
-from pipeline.lease import RunBusy
-from pipeline.run import IncompleteRun
-from pipeline.storage import StorageError, StorageOutage
-
 log = logging.getLogger("pipeline")
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def setup_logging(verbose: bool, *names: str) -> None:
+    """The project's INFO lines (DEBUG with -v) and everyone's warnings; Ray's own output only with -v
+    (`pipeline.distributed.set_verbose`, applied when Ray is first used). `names`: more loggers at the
+    project's level (a job's own)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("pipeline", *names):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _ray_verbosity(verbose: bool) -> None:
+    from pipeline.distributed import set_verbose
+
+    set_verbose(verbose)
 
 
 def add_certify_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,14 +43,23 @@ def add_certify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, dotted keys and YAML values, e.g. certifiers.0.sigma=0.5 "
                              "(repeatable)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debugging detail, with Ray's progress output and INFO logs")
 
 
 def certify_main(args: argparse.Namespace) -> int:
     """Runs `pipeline certify`; configuration, storage and dataset problems exit with status 2 before any work."""
-    _logging(args.verbose)
+    setup_logging(args.verbose)
+    log.info("certifying as %s says (loading the libraries, the model and the dataset listing)", args.config)
+    from pipeline.config import ConfigError, load_config
+    from pipeline.data.sources import DatasetError
+    from pipeline.lease import RunBusy
+    from pipeline.run import IncompleteRun
+    from pipeline.storage import StorageError, StorageOutage
+
     try:
         config = load_config(args.config, args.set, output=args.output, run_id=args.run_id)
+        _ray_verbosity(args.verbose)
         from pipeline.distributed.certify import run
 
         uri = run(config)
@@ -57,30 +73,62 @@ def certify_main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
 
-    print(config.storage.open(uri).join("report").read_bytes("summary.md").decode())
-    print(f"results: {uri}/results  report: {uri}/report")
+    from pipeline import report
+    from pipeline.results import read_results
+
+    run = config.storage.open(uri)
+    print(report.brief(read_results(run.join("results")), config.report_radii, label=config.run_id))
+    print(f"report: {run.join('report', 'index.html').uri} (also summary.md, certified_accuracy.csv, PNGs)")
+    print(f"results: {run.join('results').uri}")
     return 0
 
 
 def report_main(args: argparse.Namespace) -> int:
-    _logging(args.verbose)
+    """Runs `pipeline report`: rewrites a run's report from its results, beside any `--compare` sources."""
+    setup_logging(args.verbose)
     from pipeline import report
+    from pipeline.compare import load_source
     from pipeline.results import read_results
     from pipeline.storage import Storage
 
-    run = Storage(endpoint_url=args.endpoint_url).open(args.run)
+    storage = Storage(endpoint_url=args.endpoint_url)
+    run = storage.open(args.run)
     results = read_results(run.join("results"))
     if results.num_rows == 0:
         print(f"pipeline: no results under {run.uri}/results", file=sys.stderr)
         return 2
-    print(report.write_report(results, run.join("report"), args.radii))
-    print(f"report: {run.uri}/report")
+    try:
+        compared = [load_source(spec, storage) for spec in args.compare]
+    except (ValueError, OSError) as error:
+        print(f"pipeline: --compare: {error}", file=sys.stderr)
+        return 2
+    manifest = run.read_json("manifest.json") if run.join("manifest.json").exists() else None
+    label = (manifest or {}).get("run_id") or run.uri.rstrip("/").rsplit("/", 1)[-1]
+    report.write_report(results, run.join("report"), args.radii, manifest, compared, label)
+    print(report.brief(results, args.radii, compared, label))
+    print(f"report: {run.join('report', 'index.html').uri}")
+    return 0
+
+
+def compare_main(args: argparse.Namespace) -> int:
+    """Runs `pipeline compare A B`: per-setting differences of certified accuracy with their uncertainty."""
+    setup_logging(args.verbose)
+    from pipeline.compare import differences, format_differences, load_source
+    from pipeline.storage import Storage
+
+    storage = Storage(endpoint_url=args.endpoint_url)
+    try:
+        a, b = load_source(args.a, storage), load_source(args.b, storage)
+    except (ValueError, OSError) as error:
+        print(f"pipeline: {error}", file=sys.stderr)
+        return 2
+    print(format_differences(differences(a, b, args.radii, args.confidence), a, b, args.confidence))
     return 0
 
 
 def train_denoiser_main(args: argparse.Namespace) -> int:
     """Runs `pipeline train-denoiser`: a YAML config, overrides, then training (Ray Train with workers >= 1)."""
-    _logging(args.verbose)
+    setup_logging(args.verbose)
     from pipeline.config import DenoiserConfig, read_yaml
 
     try:
@@ -93,6 +141,7 @@ def train_denoiser_main(args: argparse.Namespace) -> int:
         return 2
     from pipeline.distributed.train import train_denoiser
 
+    _ray_verbosity(args.verbose)
     uri = train_denoiser(config)
     print(f"denoiser: {uri}\ncertify with it: --set model.denoiser={uri}")
     return 0
@@ -103,14 +152,16 @@ def add_train_denoiser_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="URI", help="directory or s3://bucket/prefix for runs and artifacts")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. objective=decrop or workers=2 (repeatable)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debugging detail, with Ray's progress output and INFO logs")
 
 
 def sweep_main(args: argparse.Namespace) -> int:
     """Runs `pipeline sweep`: validates the sweep, then runs or resumes it on Ray Tune."""
-    _logging(args.verbose)
+    setup_logging(args.verbose)
     from pipeline.config import ConfigError, load_sweep
     from pipeline.distributed.tune import run_sweep
+    from pipeline.storage import StorageError
     from pipeline.sweeps import SweepFailed, SweepRefused
 
     try:
@@ -118,6 +169,7 @@ def sweep_main(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"pipeline: invalid sweep: {error}", file=sys.stderr)
         return 2
+    _ray_verbosity(args.verbose)
     try:
         uri = run_sweep(sweep)
     except (SweepRefused, StorageError) as error:
@@ -134,7 +186,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="YAML sweep definition")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a sweep value, e.g. num_samples=8 (repeatable)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debugging detail, with Ray's progress output and INFO logs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,14 +202,32 @@ def build_parser() -> argparse.ArgumentParser:
                     "manifest.json and report/; re-running a run id certifies only the images it lacks.")
     add_certify_arguments(certify)
     certify.set_defaults(handler=certify_main)
-    report = commands.add_parser("report", help="write the report of a run from its results",
-                                 description="Read RUN/results/*.parquet and write RUN/report/: summary.md, "
-                                             "certified_accuracy.csv and curves_<norm>.png.")
+    report = commands.add_parser(
+        "report", help="write the report of a run from its results, optionally beside other runs or logs",
+        description="Read RUN/results/*.parquet and write RUN/report/: index.html (self-contained), summary.md, "
+                    "certified_accuracy.csv, curves_<norm>.png and eps_out.png. --compare puts other runs or the "
+                    "authors' certify.py logs (idx label predict radius correct time) on the same axes and tables.")
     report.add_argument("run", metavar="RUN_URI", help="the run's directory or s3:// URI")
+    report.add_argument("--compare", nargs="+", default=[], metavar="SOURCE",
+                        help="other runs (directory or s3:// URI) or log files; a log takes its sigma from "
+                             "'sigma0.50' in its name or from options: LOG,sigma=0.5[,n=100000,n0=100,alpha=0.001]"
+                             "[,label=NAME]")
     report.add_argument("--radii", type=float, nargs="+", metavar="R", help="radii for the tables")
     report.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: the AWS chain)")
     report.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     report.set_defaults(handler=report_main)
+    compare = commands.add_parser(
+        "compare", help="per-setting differences of certified accuracy between two runs (or a run and a log)",
+        description="Print B - A per setting and radius, with confidence intervals (Newcombe's hybrid score "
+                    "interval; normal for ACR) and Fisher exact p-values, treating the two as independent "
+                    "samples of images. Settings pair by full setting, else by certifier, norm, mode and sigma.")
+    compare.add_argument("a", metavar="A", help="a run (directory or s3:// URI) or a log file (LOG,sigma=S)")
+    compare.add_argument("b", metavar="B", help="the same for the other side")
+    compare.add_argument("--radii", type=float, nargs="+", metavar="R", help="radii to compare at")
+    compare.add_argument("--confidence", type=float, default=0.95, help="interval confidence (default 0.95)")
+    compare.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: the AWS chain)")
+    compare.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    compare.set_defaults(handler=compare_main)
     train = commands.add_parser(
         "train-denoiser", help="train a denoiser for a frozen classifier (Salman et al. objectives, DE-CROP)",
         description="Train a DnCNN denoiser in front of a frozen classifier on a few-sample subset, in this process "

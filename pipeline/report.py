@@ -1,12 +1,20 @@
-"""Certified-accuracy figures, tables and plots, from result rows alone.
+"""Certified-accuracy figures, tables, plots and the run's report, from result rows alone.
 
 Certified accuracy at radius r (Cohen et al.'s "approximate certified accuracy") is the fraction of
 labeled images whose certificate is correct with radius >= r; abstentions and error rows count as
 failures. Beside it: the average certified radius (ACR, radius times correctness, averaged), the
 abstention rate, and the Theorem 6 lower bound on the true certified accuracy at confidence 1 - rho.
 Output certifiers (center smoothing) certify outputs, not classes; their rows are the ones without a
-prediction, and get the median eps_out and the median smoothing error over the images not abstained on,
-as Kumar & Goldstein report them.
+prediction, and get the distribution of eps_out and the median smoothing error over the images not
+abstained on, as Kumar & Goldstein report them.
+
+A setting in `mode=sequential` decides only its target radii: its accuracy is reported at those radii
+and nowhere else (no ACR, no curve). A setting's largest certifiable radius (`certifiable_max`) is the
+radius its certificate has when every draw votes for one class; no image can be certified beyond it.
+
+Tables and plots name settings by short names (`pipeline.labels`); the legend table maps each to its full
+setting. Other sources (runs, or published logs read by `pipeline.results.read_certify_log`) can be
+reported beside the run (`Source`): they share the tables and the axes.
 
 `certified_correct`, `accuracy_at`, `certified_counts` and `acr` are the one definition of these figures;
 the nightly benchmark and the sweep's objective use them too.
@@ -14,23 +22,29 @@ the nightly benchmark and the sweep's objective use them too.
 
 from __future__ import annotations
 
-import io
+import dataclasses
+import json
+import math
+import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from matplotlib.figure import Figure
 
-from pipeline import stats
+from pipeline import html_page, plots, stats
+from pipeline.certifiers import REGISTRY, SmoothReduce, cohen
+from pipeline.labels import short_labels, target_radii
 from pipeline.storage import Location
 
 DEFAULT_RADII = {"l2": (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0), "l1": (0.0, 0.25, 0.5, 0.75, 1.0, 2.0, 3.0, 4.0)}
 RHO = 0.001
 
-__all__ = ["accuracy_at", "acr", "certified_accuracy", "certified_correct", "certified_counts", "certified_radius",
-           "plot_curves", "summary", "write_report"]
+__all__ = ["Source", "accuracy_at", "accuracy_table", "acr", "brief", "certifiable_max", "certified_accuracy",
+           "certified_correct", "certified_counts", "certified_radius", "combined_rows", "curves_figure",
+           "legend_table", "plot_curves", "summary", "table_radii", "write_report"]
 
 
 def certified_correct(rows: pd.DataFrame) -> pd.Series:
@@ -68,14 +82,10 @@ def _classified(table: pa.Table) -> pa.Table:
     return table.filter(pc.invert(pc.is_null(table["correct"])))
 
 
-def _labeled(table: pa.Table) -> pd.DataFrame:
-    """`_classified` rows as a data frame."""
-    return _classified(table).to_pandas()
-
-
 def certified_accuracy(table: pa.Table, radii: Sequence[float]) -> pd.DataFrame:
-    """Certified accuracy at each radius, one row per setting (index: setting, norm)."""
-    rows = _labeled(table)
+    """Certified accuracy at each radius, one row per setting (index: setting, norm), every setting at every
+    radius (see `accuracy_table` for the report's view)."""
+    rows = _classified(table).to_pandas()
     out = {}
     for key, group in rows.groupby(["setting", "norm"], sort=True):
         out[key] = dict(zip([f"r={r:g}" for r in radii], accuracy_at(group, radii), strict=True))
@@ -84,95 +94,365 @@ def certified_accuracy(table: pa.Table, radii: Sequence[float]) -> pd.DataFrame:
     return frame
 
 
-def _overview(table: pa.Table) -> pd.DataFrame:
-    rows = table.to_pandas()
-    labeled = _labeled(table)
-    overview = rows.groupby(["setting", "norm"], sort=True).agg(
-        images=("image_id", "nunique"), errors=("status", lambda s: int((s == "error").sum())),
-        abstention_rate=("abstained", "mean"), passes_per_image=("forward_passes", "mean"),
-        seconds_per_image=("wall_time_s", "mean"))
-    if len(labeled):
-        overview["ACR"] = certified_radius(labeled).groupby([labeled["setting"], labeled["norm"]]).mean()
-    return overview
+@dataclass(frozen=True)
+class Source:
+    """Rows to report, or to report beside them: a run's results, or a published log read as rows;
+    `origin` says where they came from."""
+
+    label: str
+    table: pa.Table
+    origin: str = ""
 
 
-def _outputs(table: pa.Table) -> pa.Table:
-    """The rows of output certifiers (center smoothing): those without a prediction."""
-    return table.filter(pc.is_null(table["prediction"]))
+def certifiable_max(params: dict, num_classes: int = 10) -> float | None:
+    """The largest radius a setting can certify (from a row's `params`): its certificate when every draw
+    votes for one class, for the fixed-n certifiers; Smooth-Reduce's is Cohen's times its radius factor.
+    None where there is no fixed maximum: sequential modes, PREDICT, center smoothing, unknown certifiers."""
+    cls = REGISTRY.get(params.get("certifier"))
+    if cls is None or not cls.classifies or params.get("mode", "certify") != "certify":
+        return None
+    if cls is SmoothReduce:
+        return cohen.max_radius(params["sigma"], params["n"], params["alpha"]) * params.get("radius_factor", 1.0)
+    names = {field.name for field in dataclasses.fields(cls)}
+    try:
+        certifier = cls(**{key: value for key, value in params.items() if key in names})
+        if certifier.self_sampling:
+            return None
+        counts = {role: np.eye(max(2, num_classes), dtype=np.int64)[0] * draws.n
+                  for role, draws in certifier.draws(labeled=True).items()}
+        return float(certifier.certify(counts, 0).radius)
+    except (TypeError, ValueError, KeyError):
+        return None
 
 
-def _center(table: pa.Table) -> pd.DataFrame:
-    rows = _outputs(table).to_pandas()
-    certified = rows[~rows["abstained"] & (rows["status"] == "ok")]
-    frame = rows.groupby("setting", sort=True).agg(output=("output", "first"), metric=("metric", "first"),
-                                                    eps_in=("eps_in", "first"), images=("image_id", "nunique"),
-                                                    abstention_rate=("abstained", "mean"))
-    frame["median_eps_out"] = certified.groupby("setting")["eps_out"].median()
-    frame["median_smoothing_error"] = certified.groupby("setting")["smoothing_error"].median()
+def combined_rows(sources: Sequence[Source]) -> pd.DataFrame:
+    """Every source's rows in one frame, with `source`, its position `order` and the setting's short `name`
+    (named over all sources together, so one setting has one name everywhere)."""
+    frames = []
+    for order, source in enumerate(sources):
+        frame = source.table.to_pandas()
+        frames.append(frame.assign(source=source.label, order=order))
+    rows = pd.concat(frames, ignore_index=True)
+    return rows.assign(name=rows["setting"].map(short_labels(rows["setting"].unique())))
+
+
+def _groups(rows: pd.DataFrame):
+    """(source, name, rows) per setting of each source, sources in their order, names sorted."""
+    for (_, name), group in rows.groupby(["order", "name"], sort=True):
+        yield group["source"].iloc[0], name, group
+
+
+def _key(source: str, name: str, several: bool):
+    return (source, name) if several else name
+
+
+def _index(frame: pd.DataFrame, several: bool) -> pd.DataFrame:
+    if len(frame):
+        frame.index = pd.MultiIndex.from_tuples(frame.index, names=["source", "setting"]) if several else frame.index
+        frame.index.name = None if several else "setting"
     return frame
 
 
-def _theorem6(table: pa.Table, radii: Sequence[float]) -> pd.DataFrame:
-    rows = _labeled(table)
+def _limit(group: pd.DataFrame) -> float | None:
+    """The setting's largest certifiable radius; None for rows read from a published log, whose settings are
+    as stated, not recorded (the largest radii in Cohen et al.'s logs exceed the stated n and alpha's)."""
+    params = json.loads(group["params"].iloc[0])
+    if "source" in params:
+        return None
+    labels = group["label"].dropna()
+    return certifiable_max(params, int(labels.max()) + 1 if len(labels) else 10)
+
+
+def _classified_rows(rows: pd.DataFrame, norm: str) -> pd.DataFrame:
+    return rows[rows["correct"].notna() & (rows["norm"] == norm)]
+
+
+def table_radii(rows: pd.DataFrame, norm: str, radii: Sequence[float] | None = None) -> list[float]:
+    """The radii of a norm's tables: `radii` when given; else the default radii and the sequential targets,
+    up to the largest radius any setting of the norm can certify (beyond it every entry is 0)."""
+    if radii:
+        return list(radii)
+    default = DEFAULT_RADII.get(norm, DEFAULT_RADII["l2"])
+    classified = _classified_rows(rows, norm)
+    targets = {t for setting in classified["setting"].unique() for t in target_radii(setting) or ()}
+    limits = [_limit(group) for _, _, group in _groups(classified)]
+    reach = max([limit for limit in limits if limit is not None] + [float(classified["radius"].max() or 0)]
+                + list(targets))
+    return sorted({r for r in (*default, *targets) if r <= reach} | {default[0]})
+
+
+def accuracy_table(rows: pd.DataFrame, norm: str, radii: Sequence[float], bound: bool = False) -> pd.DataFrame:
+    """Certified accuracy at `radii` (with ACR), or with `bound` its Theorem 6 lower bound at confidence
+    1 - RHO, one row per (source,) setting name; a sequential setting only at its target radii."""
+    classified = _classified_rows(rows, norm)
+    several = rows["source"].nunique() > 1
     out = {}
-    for key, group in rows.groupby(["setting", "norm"], sort=True):
+    for source, name, group in _groups(classified):
+        targets = target_radii(group["setting"].iloc[0])
+        counts = certified_counts(group, radii)
         alpha = float(group["alpha"].max())
-        out[key] = {f"r={r:g}": stats.certified_accuracy_lower_bound(count, len(group), alpha, RHO)
-                    for r, count in zip(radii, certified_counts(group, radii), strict=True)}
-    frame = pd.DataFrame.from_dict(out, orient="index")
-    frame.index.names = ["setting", "norm"]
-    return frame
+        values = [stats.certified_accuracy_lower_bound(count, len(group), alpha, RHO) if bound else count / len(group)
+                  for count in counts]
+        if targets is not None:
+            values = [v if any(math.isclose(r, t) for t in targets) else math.nan for r, v in zip(radii, values,
+                                                                                                  strict=True)]
+        entry = dict(zip([f"r={r:g}" for r in radii], values, strict=True))
+        if not bound:
+            entry["ACR"] = math.nan if targets is not None else acr(group)
+        out[_key(source, name, several)] = entry
+    return _index(pd.DataFrame.from_dict(out, orient="index"), several)
 
 
-def _markdown(frame: pd.DataFrame) -> str:
-    return frame.reset_index().to_markdown(index=False, floatfmt=".3g")
+def _overview(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per setting: its norm, images, error rows, abstentions, and its cost per image."""
+    several = rows["source"].nunique() > 1
+    out = {}
+    for source, name, group in _groups(rows):
+        out[_key(source, name, several)] = {
+            "norm": group["norm"].iloc[0], "images": group["image_id"].nunique(),
+            "error_rows": int((group["status"] == "error").sum()), "abstention_rate": float(group["abstained"].mean()),
+            "passes_per_image": float(group["forward_passes"].mean()),
+            "seconds_per_image": float(group["wall_time_s"].mean())}
+    return _index(pd.DataFrame.from_dict(out, orient="index"), several)
 
 
-def summary(table: pa.Table, radii: Sequence[float] | None = None) -> str:
-    """Markdown: an overview per setting, then certified accuracy at the radii (per norm), then the
-    Theorem 6 lower bounds."""
-    parts = ["## Overview", "", _markdown(_overview(table))]
-    if _outputs(table).num_rows:
-        parts += ["", "## Center smoothing (medians over the images not abstained on)", "", _markdown(_center(table))]
-    classified = _classified(table)
-    for norm in sorted(set(classified["norm"].to_pylist())):
-        subset = classified.filter(pc.equal(classified["norm"], norm))
-        norm_radii = radii or DEFAULT_RADII.get(norm, DEFAULT_RADII["l2"])
-        parts += ["", f"## Certified accuracy, {norm} radius", "", _markdown(certified_accuracy(subset, norm_radii)),
-                  "", f"## Lower bound on the true certified accuracy, {norm} (Cohen et al. Theorem 6, "
-                      f"confidence {1 - RHO:g})", "", _markdown(_theorem6(subset, norm_radii))]
-    return "\n".join(parts)
+def _abstentions(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per setting that abstained: how often, and why where the certifier says (the reason's words before
+    any ':' and figures)."""
+    several = rows["source"].nunique() > 1
+    out = {}
+    for source, name, group in _groups(rows):
+        abstained = group[group["abstained"] & (group["status"] == "ok")]
+        if len(abstained):
+            reasons = abstained["abstain_reason"].fillna("no certificate").str.split(":").str[0].value_counts()
+            out[_key(source, name, several)] = {
+                "abstained": len(abstained), "of": len(group),
+                "reasons": ", ".join(f"{reason} {count}" for reason, count in reasons.items())}
+    return _index(pd.DataFrame.from_dict(out, orient="index"), several)
+
+
+def _errors(rows: pd.DataFrame) -> pd.DataFrame:
+    """The error rows, grouped by setting and message, with a few of their image ids."""
+    failed = rows[rows["status"] == "error"]
+    records = [{"source": source, "setting": name, "error": str(error)[:300], "rows": len(group),
+                "images": ", ".join(map(str, group["image_id"].head(3))) + (" ..." if len(group) > 3 else "")}
+               for (source, name, error), group in failed.groupby(["source", "name", "error"], sort=True)]
+    frame = pd.DataFrame(records, columns=["source", "setting", "error", "rows", "images"])
+    return frame if rows["source"].nunique() > 1 else frame.drop(columns="source")
+
+
+def _center(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per center-smoothing setting: what was smoothed, the eps_out distribution over the images not abstained
+    on, and the median smoothing error."""
+    outputs = rows[rows["prediction"].isna()]
+    several = rows["source"].nunique() > 1
+    out = {}
+    for source, name, group in _groups(outputs):
+        certified = group[~group["abstained"] & (group["status"] == "ok")]
+        quantiles = certified["eps_out"].quantile([0.0, 0.25, 0.5, 0.75, 1.0]).to_numpy() if len(certified) else [
+            math.nan] * 5
+        out[_key(source, name, several)] = {
+            "output": group["output"].iloc[0], "metric": group["metric"].iloc[0], "eps_in": group["eps_in"].iloc[0],
+            "images": group["image_id"].nunique(), "abstention_rate": float(group["abstained"].mean()),
+            "median_eps_out": quantiles[2],
+            "eps_out min / q25 / q75 / max": " / ".join(f"{quantiles[i]:.3g}" for i in (0, 1, 3, 4)),
+            "median_smoothing_error": float(certified["smoothing_error"].median()) if len(certified) else math.nan}
+    return _index(pd.DataFrame.from_dict(out, orient="index"), several)
+
+
+def legend_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Short name -> certifier, norm, full setting and the sources that hold it."""
+    records = [{"setting": name, "certifier": group["certifier"].iloc[0], "norm": group["norm"].iloc[0],
+                "sources": ", ".join(dict.fromkeys(group["source"])), "full setting": full}
+               for (name, full), group in rows.groupby(["name", "setting"], sort=True)]
+    frame = pd.DataFrame(records, columns=["setting", "certifier", "norm", "sources", "full setting"])
+    return frame if rows["source"].nunique() > 1 else frame.drop(columns="sources")
+
+
+def curves_figure(rows: pd.DataFrame, norm: str):
+    """The norm's certified-accuracy figure (`pipeline.plots.accuracy_figure`): a curve per fixed-n setting
+    with its Theorem 6 band and its largest certifiable radius, markers at the targets of sequential ones."""
+    classified = _classified_rows(rows, norm)
+    several = rows["source"].nunique() > 1
+    limits = {name: _limit(group) for _, name, group in _groups(classified)}
+    reach = max([v for v in limits.values() if v is not None] + [float(classified["radius"].max() or 0), 1e-3])
+    grid = np.linspace(0, reach * 1.05, 800)
+    curves = []
+    for source, name, group in _groups(classified):
+        targets = target_radii(group["setting"].iloc[0])
+        x = np.asarray(targets) if targets is not None else grid
+        alpha, counts = float(group["alpha"].max()), certified_counts(group, x)
+        curves.append(plots.Curve(
+            label=f"{source}: {name}" if several else name, x=x, y=[count / len(group) for count in counts],
+            lower=[stats.certified_accuracy_lower_bound(count, len(group), alpha, RHO) for count in counts],
+            points=targets is not None, limit=limits[name], color=name, source=int(group["order"].iloc[0])))
+    title = textwrap.fill(f"Certified accuracy, {norm} ({', '.join(_image_counts(classified))})", 80)
+    return plots.accuracy_figure(curves, f"{norm} radius (pixel units, inputs in [0, 1])", title, rho=RHO)
+
+
+def _image_counts(rows: pd.DataFrame) -> list[str]:
+    counts = rows.groupby("order", sort=True)["image_id"].nunique()
+    sources = rows.groupby("order", sort=True)["source"].first()
+    if len(counts) == 1:
+        return [f"{int(counts.iloc[0])} images"]
+    return [f"{sources[order]}: {int(count)} images" for order, count in counts.items()]
 
 
 def plot_curves(table: pa.Table, norm: str) -> bytes:
-    """PNG of certified accuracy against radius, one curve per setting of the norm."""
-    rows = _labeled(table.filter(pc.equal(table["norm"], norm)))
-    figure = Figure(figsize=(7, 4.5))
-    axes = figure.subplots()
-    top = max(float(rows["radius"].max()) if len(rows) else 1.0, 1e-3) * 1.05
-    grid = np.linspace(0, top, 400)
-    for setting, group in rows.groupby("setting", sort=True):
-        axes.plot(grid, accuracy_at(group, grid), label=setting)
-    axes.set(xlabel=f"{norm} radius (pixel units)", ylabel="certified accuracy", ylim=(0, 1),
-             title=f"Certified accuracy ({norm})")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="lower left")
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=120)
-    return buffer.getvalue()
+    """PNG of certified accuracy against radius for the settings of `norm` in `table`."""
+    return plots.to_png(curves_figure(combined_rows([Source("run", table)]), norm))
 
 
-def write_report(table: pa.Table, location: Location, radii: Sequence[float] | None = None) -> str:
-    """Writes summary.md, certified_accuracy.csv and one curves_<norm>.png per norm; returns the Markdown."""
-    text = summary(table, radii)
+def _norms(rows: pd.DataFrame) -> list[str]:
+    return sorted(rows.loc[rows["correct"].notna(), "norm"].unique())
+
+
+def _markdown(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
+    shown = frame.reset_index() if frame.index.name or any(frame.index.names) else frame
+    shown = shown.astype(object).where(shown.notna(), None)
+    return shown.to_markdown(index=False, floatfmt=floatfmt, missingval="–")
+
+
+def summary(table: pa.Table, radii: Sequence[float] | None = None, compared: Sequence[Source] = (),
+            label: str = "this run") -> str:
+    """Markdown: the cost and abstentions per setting, center smoothing's eps_out, certified accuracy at the
+    radii and its Theorem 6 lower bound per norm, the error rows, and the legend of setting names."""
+    rows = combined_rows([Source(label, table), *compared])
+    parts = ["## Cost, errors and abstentions per setting", "", _markdown(_overview(rows), ".4g")]
+    if len(_center(rows)):
+        parts += ["", "## Center smoothing: eps_out over the images not abstained on", "", _markdown(_center(rows))]
+    for norm in _norms(rows):
+        norm_radii = table_radii(rows, norm, radii)
+        parts += ["", f"## Certified accuracy, {norm} radius", "", _markdown(accuracy_table(rows, norm, norm_radii)),
+                  "", f"## Lower bound on the true certified accuracy, {norm} (Cohen et al. Theorem 6, confidence "
+                      f"{1 - RHO:g})", "", _markdown(accuracy_table(rows, norm, norm_radii, bound=True))]
+    errors = _errors(rows)
+    parts += ["", "## Error rows", "", _markdown(errors) if len(errors) else "None."]
+    parts += ["", "## Settings", "", _markdown(legend_table(rows))]
+    return "\n".join(parts)
+
+
+def brief(table: pa.Table, radii: Sequence[float] | None = None, compared: Sequence[Source] = (),
+          label: str = "this run") -> str:
+    """A few lines for the terminal: certified accuracy per norm with ACR, and center smoothing's median
+    eps_out; the report holds the rest."""
+    rows = combined_rows([Source(label, table), *compared])
+    parts = []
+    for norm in _norms(rows):
+        classified = _classified_rows(rows, norm)
+        parts += [f"Certified accuracy, {norm} radius ({', '.join(_image_counts(classified))}):",
+                  _markdown(accuracy_table(rows, norm, table_radii(rows, norm, radii)), floatfmt=".3f"), ""]
+    center = _center(rows)
+    for key, entry in center.iterrows():
+        parts.append(f"Center smoothing, {' '.join(key) if isinstance(key, tuple) else key}: median eps_out "
+                     f"{entry['median_eps_out']:.3g} at eps_in {entry['eps_in']:g}, abstained on "
+                     f"{entry['abstention_rate']:.0%}")
+    errors = int((rows["status"] == "error").sum())
+    if errors:
+        parts.append(f"{errors} error rows (see the report)")
+    return "\n".join(parts).rstrip()
+
+
+def write_report(table: pa.Table, location: Location, radii: Sequence[float] | None = None,
+                 manifest: dict | None = None, compared: Sequence[Source] = (), label: str | None = None) -> str:
+    """Writes the report folder: index.html (everything, self-contained), summary.md, certified_accuracy.csv,
+    curves_<norm>.png per norm and eps_out.png for center smoothing; returns the Markdown summary. The run is
+    named `label`, else by its manifest's run id."""
+    label = label or (manifest or {}).get("run_id") or "this run"
+    rows = combined_rows([Source(label, table), *compared])
+    text = summary(table, radii, compared, label)
     location.write_bytes("summary.md", (text + "\n").encode())
-    classified = _classified(table)
-    norms = sorted(set(classified["norm"].to_pylist()))
-    if norms:
-        frames = [certified_accuracy(classified.filter(pc.equal(classified["norm"], norm)),
-                                     radii or DEFAULT_RADII.get(norm, DEFAULT_RADII["l2"])) for norm in norms]
+    images = {}
+    for norm in _norms(rows):
+        images[f"curves_{norm}.png"] = plots.to_png(curves_figure(rows, norm))
+    center = _eps_out_figure(rows)
+    if center is not None:
+        images["eps_out.png"] = plots.to_png(center)
+    for name, png in images.items():
+        location.write_bytes(name, png)
+    frames = [accuracy_table(rows, norm, table_radii(rows, norm, radii)).assign(norm=norm) for norm in _norms(rows)]
+    if frames:
         location.write_bytes("certified_accuracy.csv", pd.concat(frames).to_csv().encode())
-        for norm in norms:
-            location.write_bytes(f"curves_{norm}.png", plot_curves(classified, norm))
+    location.write_bytes("index.html", _page(rows, radii, images, manifest, [Source(label, table), *compared]).encode())
     return text
+
+
+def _eps_out_figure(rows: pd.DataFrame):
+    outputs = rows[rows["certifier"] == "center"]
+    certified = outputs[~outputs["abstained"] & (outputs["status"] == "ok")]
+    if not len(certified):
+        return None
+    several = rows["source"].nunique() > 1
+    samples = {(f"{source}: {name}" if several else name): group["eps_out"].to_numpy()
+               for source, name, group in _groups(certified)}
+    eps_in = ", ".join(f"{value:g}" for value in sorted(certified["eps_in"].unique()))
+    return plots.histogram_figure(samples, "certified eps_out (output distance)",
+                                  f"Center smoothing: eps_out per image at eps_in {eps_in}")
+
+
+def _page(rows: pd.DataFrame, radii, images: dict[str, bytes], manifest: dict | None, sources: Sequence[Source]) -> str:
+    """The self-contained index.html: accuracy per norm (tables, curves, lower bounds), center smoothing,
+    cost, abstentions and errors, the setting names, and the run's own settings."""
+    table = html_page.table
+    accuracy = []
+    for norm in _norms(rows):
+        norm_radii = table_radii(rows, norm, radii)
+        accuracy += [f"<h3>{norm} radius</h3>", table(accuracy_table(rows, norm, norm_radii), "{:.3f}"),
+                     html_page.image(images[f"curves_{norm}.png"], f"certified accuracy against {norm} radius"),
+                     f"<h3>{norm}: lower bound on the true certified accuracy (Cohen et al. Theorem 6, confidence "
+                     f"{1 - RHO:g})</h3>", table(accuracy_table(rows, norm, norm_radii, bound=True), "{:.3f}")]
+    note = ('<p class="note">Certified accuracy: the fraction of all images certified correct at radius r or more '
+            '(abstentions and errors count as failures). – : not applicable (a sequential setting decides only '
+            'its target radii). Names of settings: see Settings.</p>')
+    sections = [("Certified accuracy", note + "".join(accuracy) if accuracy else "<p>No labeled rows.</p>")]
+    if len(_center(rows)):
+        sections.append(("Center smoothing", table(_center(rows), "{:.4g}") + (
+            html_page.image(images["eps_out.png"], "distribution of eps_out") if "eps_out.png" in images else "")))
+    abstentions, errors = _abstentions(rows), _errors(rows)
+    sections.append(("Cost, abstentions and errors", "".join([
+        "<h3>Cost per image</h3>", table(_overview(rows), "{:.4g}"),
+        "<h3>Abstentions</h3>", table(abstentions) if len(abstentions) else "<p>None.</p>",
+        "<h3>Error rows</h3>", table(errors, index=False) if len(errors) else "<p>None.</p>"])))
+    sections.append(("Settings", table(legend_table(rows), index=False)))
+    sections.append(("Run", _run_section(manifest, sources)))
+    title = f"Certification report: {sources[0].label}"
+    return html_page.document(title, sections, subtitle=_subtitle(manifest, rows))
+
+
+def _subtitle(manifest: dict | None, rows: pd.DataFrame) -> str:
+    main = rows[rows["order"] == 0]
+    parts = [f"{main['image_id'].nunique()} images", f"{main['setting'].nunique()} settings"]
+    if manifest:
+        parts += [f"status {manifest.get('status', '?')}", f"started {manifest.get('started', '?')}"]
+        if manifest.get("finished"):
+            parts.append(f"finished {manifest['finished']}")
+        parts.append(f"code {manifest.get('code_version', '?')}")
+    if rows["order"].max() > 0:
+        parts.append("compared with " + ", ".join(rows.loc[rows["order"] > 0, "source"].unique()))
+    return " · ".join(parts)
+
+
+def _run_section(manifest: dict | None, sources: Sequence[Source]) -> str:
+    """The run's settings from its manifest (dataset, model, seed, environment, counts) and the sources
+    compared with it."""
+    parts = []
+    if manifest:
+        config = manifest.get("config", {})
+        facts = {"run id": manifest.get("run_id"), "status": manifest.get("status"),
+                 "attempts": manifest.get("attempts"), "started": manifest.get("started"),
+                 "finished": manifest.get("finished"), "dataset": json.dumps(config.get("dataset")),
+                 "model": json.dumps(config.get("model")), "seed": config.get("seed"),
+                 "precision": config.get("precision"), "batch size": config.get("batch_size"),
+                 "actors": json.dumps(config.get("actors")), "code version": manifest.get("code_version"),
+                 "python": manifest.get("python"), "packages": json.dumps(manifest.get("packages")),
+                 "driver host": manifest.get("driver_host"), "counts": json.dumps(manifest.get("counts"))}
+        frame = pd.DataFrame({"": list(facts), "value": [str(v) if v is not None else "–" for v in facts.values()]})
+        parts += [html_page.table(frame, index=False), "<h3>Configuration</h3>",
+                  html_page.preformatted(json.dumps(config, indent=2, sort_keys=True, default=str))]
+    else:
+        parts.append("<p>No manifest: the report was written from result rows alone.</p>")
+    if len(sources) > 1:
+        frame = pd.DataFrame([{"source": s.label, "from": s.origin or "–", "rows": s.table.num_rows,
+                               "images": len(set(s.table["image_id"].to_pylist()))} for s in sources])
+        parts += ["<h3>Sources</h3>", html_page.table(frame, index=False)]
+    return "".join(parts)

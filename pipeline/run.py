@@ -217,7 +217,7 @@ def finish(run: Run, counts: dict[str, int]) -> str:
         **counts, "rows": results.num_rows, "images": len(set(results["image_id"].to_pylist())),
         "error_rows": int(pc.sum(pc.equal(results["status"], "error")).as_py() or 0)})
     run.location.write_json("manifest.json", run.manifest)
-    summary = report.write_report(results, run.location.join("report"), run.config.report_radii)
+    summary = report.write_report(results, run.location.join("report"), run.config.report_radii, run.manifest)
     run.lease.release()
     log.info("run %s finished: %d images, %d rows; results in %s", run.config.run_id,
              run.manifest["counts"]["images"], results.num_rows, run.results.uri)

@@ -58,17 +58,24 @@ def test_unreadable_config_and_weights_give_clear_errors(tmp_path):
         load_demo_model(tmp_path / "weights.pt")
 
 
-def test_certify_and_report_commands_write_results_and_a_report(ray_cluster, tmp_path, capsys):
+def test_certify_and_report_commands_write_results_and_a_report(ray_cluster, tmp_path, capfd, caplog):
     args = ["certify", "--config", str(DEMO), "--output", str(tmp_path), "--run-id", "small"]
     assert cli.main(args + [item for override in SMALL for item in ("--set", override)]) == 0
+    out, err = capfd.readouterr()
+    printed = (out + err).splitlines()
+    assert len(printed) <= 40, "\n".join(printed)  # quiet: no Ray Data progress dumps or INFO logs
+    assert not [line for line in printed if "logging_progress" in line or "streaming_executor" in line]
+    assert any(line.startswith("Certified accuracy, l2 radius (12 images)") for line in printed)
+    assert "certified: 12/12 images (100%)" in caplog.text  # the run's one progress display
+    assert f"report: {tmp_path / 'small' / 'report' / 'index.html'}" in out
     table = read_results(open_location(str(tmp_path / "small")).join("results"))
     assert table.schema.equals(results.SCHEMA)
     assert table.num_rows == 84
     assert set(table.column("certifier").to_pylist()) == {"cohen", "topk", "dssn", "ssn", "center", "smooth_reduce"}
     assert set(table.column("run_id").to_pylist()) == {"small"}
     summary = (tmp_path / "small" / "report" / "summary.md").read_text()
-    assert "| cohen(sigma=0.25" in summary and "ACR" in summary and summary in capsys.readouterr().out
-    assert "median_eps_out" in summary
+    assert "| cohen sigma=0.25 n=200 " in summary and "ACR" in summary and "| cohen(sigma=0.25" in summary
+    assert "median_eps_out" in summary and (tmp_path / "small" / "report" / "index.html").exists()
     manifest = json.loads((tmp_path / "small" / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["counts"]["images"] == 12
     assert manifest["packages"]["torch"] and manifest["config"]["seed"] == 0

@@ -233,7 +233,7 @@ def test_in_process_training_resumes_after_a_kill_and_best_never_gets_worse(tmp_
     before = json.loads((folder / "best" / "artifact.json").read_text())["metrics"]
 
     monkeypatch.setattr(train, "validate", validate)
-    with caplog.at_level(logging.INFO, logger="pipeline.denoise.train"):
+    with caplog.at_level(logging.DEBUG, logger="pipeline.denoise.train"):
         uri = train.fit_local(config)
     trained = [int(line.split()[1]) for line in caplog.messages if line.startswith("epoch ")]
     assert f"resuming {folder} after epoch 2" in caplog.messages and trained == [3, 4, 5]

@@ -199,3 +199,27 @@ def test_bad_sweeps_give_clear_errors(tmp_path):
         SweepConfig.from_dict({**base, "search": {"lr": [1, 2]}})
     with pytest.raises(ConfigError, match=r"storage: the sweep's folder is `output`"):
         SweepConfig.from_dict({**base, "storage": "runs/sweeps"})
+
+
+def test_sweep_progress_counts_trials_and_shows_the_best_so_far(caplog):
+    """The sweep's one progress display: finished trials of the total, how many run, the best objective with
+    its sampled values; it pickles without its display (Tune saves and restores its callbacks)."""
+    import logging
+    import pickle
+    from types import SimpleNamespace
+
+    from pipeline.distributed.progress import SweepProgress
+
+    sweep = SweepConfig.from_dict(sweep_config(Path("/tmp"), "weights.pt", search={"lr": {"grid": [1e-3, 1e-2]}}))
+    callback = SweepProgress.of(sweep)
+    assert callback.total == 4  # a grid of two, two samples
+    trials = [SimpleNamespace(status="RUNNING", config={"lr": lr}) for lr in (1e-3, 1e-2)]
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        callback.on_trial_result(1, trials, trials[1], {"acr": 0.25})
+        callback.on_trial_result(1, trials, trials[0], {"acr": 0.125})
+        trials[1].status = "TERMINATED"
+        callback.on_trial_complete(2, trials, trials[1])
+        restored = pickle.loads(pickle.dumps(callback))
+        callback.on_experiment_end(trials)
+    assert restored._progress is None and restored._best == (0.25, {"lr": 1e-2})
+    assert "sweep: 1/4 trials (25%)" in caplog.text and "running 1, best acr 0.25 (lr=0.01)" in caplog.text

@@ -51,6 +51,7 @@ from pipeline.denoise.data import few_sample_subset, load_training_images
 from pipeline.denoise.generate import generate_cached
 from pipeline.models import ModelSpec, WithFeatures, load_model
 from pipeline.models.denoisers import DnCNN, save_artifact
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -390,14 +391,15 @@ def fit_local(config: DenoiserConfig) -> str:
 
 def fit_resumable(config: DenoiserConfig, folder, evaluate: Callable[[nn.Module, TrainingData], dict] | None = None,
                   on_epoch: Callable[[dict], None] | None = None,
-                  score: Callable[[dict], tuple] | None = None) -> str:
+                  score: Callable[[dict], tuple] | None = None, show: bool = True) -> str:
     """Trains in this process into the Location `folder`, resumably. `epochs/<n>/` holds the artifact of the
     last finished epoch and `last.json` (written after it, so it never names a partial one) names it with the
     sha256 of its files and the metrics of every epoch so far; `best/` is replaced only by an artifact of a
     higher `score` (default: `selection_score`, then validation accuracy), so it never gets worse. A rerun
     resumes after the last finished epoch once the digests match (a changed file is refused before it is
     loaded); a folder that holds a training with another config is refused. `on_epoch(metrics)` runs after
-    each epoch's files are written. Returns the URI of `best/`."""
+    each epoch's files are written; `show` puts the epochs in a progress display. Returns the URI of
+    `best/`."""
     score = score or _selection_key
     best = folder.join("best")
     earlier_best = _earlier(config, best)
@@ -407,8 +409,10 @@ def fit_resumable(config: DenoiserConfig, folder, evaluate: Callable[[nn.Module,
     previous = [last["epoch"] if last else None]
 
     def report(metrics: dict, directory: Path | None) -> None:
-        log.info("epoch %d (%s): loss %.4f, validation accuracy %.3f", metrics["epoch"], metrics["phase"],
-                 metrics["train_loss"], metrics["val_accuracy"])
+        log.debug("epoch %d (%s): loss %.4f, validation accuracy %.3f", metrics["epoch"], metrics["phase"],
+                  metrics["train_loss"], metrics["val_accuracy"])
+        progress.update(metrics["epoch"] - progress.done, loss=metrics["train_loss"],
+                        val_accuracy=metrics["val_accuracy"], phase=metrics["phase"])
         if directory is None:
             return
         _copy(directory, folder.join("epochs", str(metrics["epoch"])))
@@ -424,10 +428,18 @@ def fit_resumable(config: DenoiserConfig, folder, evaluate: Callable[[nn.Module,
         if on_epoch is not None:
             on_epoch(metrics)
 
-    with tempfile.TemporaryDirectory() as scratch:
+    done = last["epoch"] if last else 0
+    total = sum(stage.epochs for stage in stages(config))
+    with tempfile.TemporaryDirectory() as scratch, Progress(total, "epochs", f"training {config.run_name}",
+                                                             logger=log, initial=done, tty=show and None,
+                                                             emit=None if show else _silent) as progress:
         resume_from = _last_epoch(config, folder, last, Path(scratch))
         fit(config, report, evaluate=evaluate, every_epoch=True, resume_from=resume_from)
     return best.uri
+
+
+def _silent(line: str) -> None:
+    """A progress display's lines, dropped (a sweep shows its trials instead)."""
 
 
 def _digests(directory: Path) -> dict[str, str]:

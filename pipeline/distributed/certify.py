@@ -15,7 +15,6 @@ import logging
 import math
 import re
 import socket
-import time
 
 import numpy as np
 import ray
@@ -29,6 +28,7 @@ from pipeline.data.sources import parquet_files
 from pipeline.distributed import init_ray
 from pipeline.engine import Engine
 from pipeline.models import load_model
+from pipeline.progress import Progress
 from pipeline.storage import Location, StorageOutage
 
 log = logging.getLogger(__name__)
@@ -83,33 +83,30 @@ def _decoded(run: lifecycle.Run) -> ray.data.Dataset:
                               batch_size=config.images_per_batch, batch_format="numpy")
 
 
-def certify_pending(run: lifecycle.Run, log_every: float = 5.0) -> dict[str, int]:
-    """Certifies the run's pending images over Ray; returns counts: listed, already done, certified now,
-    failed now."""
+def certify_pending(run: lifecycle.Run) -> dict[str, int]:
+    """Certifies the run's pending images over Ray, showing one progress display (`pipeline.progress`);
+    returns counts: listed, already done, certified now, failed now."""
     todo = run.pending.num_rows
     counts = {"listed": run.listing.num_rows, "already_done": run.listing.num_rows - todo, "certified": 0,
               "failed": 0}
     if todo == 0:
         return counts
-    init_ray()
     config = run.config
-    device, gpus = _device_and_gpus(config)
-    certified = _decoded(run).map_batches(
-        CertifyActor, batch_size=config.images_per_batch, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=config.actors.count), num_cpus=config.actors.cpus,
-        num_gpus=gpus, fn_constructor_kwargs={"config": config, "certifiers": run.certifiers,
-                                              "results": run.results, "run_info": run.info, "device": device})
-    started = last_log = time.monotonic()
-    for batch in certified.iter_batches(batch_size=None, batch_format="numpy"):
-        counts["certified"] += len(batch["image_id"])
-        counts["failed"] += int(batch["failed"].sum())
-        now = time.monotonic()
-        if now - last_log >= log_every or counts["certified"] == todo:
-            rate = counts["certified"] / max(now - started, 1e-9)
-            eta = (todo - counts["certified"]) / rate if rate else float("inf")
-            log.info("certified %d/%d images (%.0f%%), %.2f images/s, ETA %.0f s, %d failed", counts["certified"],
-                     todo, 100 * counts["certified"] / todo, rate, eta, counts["failed"])
-            last_log = now
+    with Progress(todo, "images", "certified", logger=log) as progress:  # from before Ray starts: it takes a while
+        init_ray()
+        device, gpus = _device_and_gpus(config)
+        certified = _decoded(run).map_batches(
+            CertifyActor, batch_size=config.images_per_batch, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=config.actors.count), num_cpus=config.actors.cpus,
+            num_gpus=gpus, fn_constructor_kwargs={"config": config, "certifiers": run.certifiers,
+                                                  "results": run.results, "run_info": run.info, "device": device})
+        log.info("certifying %d images with %d settings on %d %s actor(s)", todo, len(run.certifiers),
+                 config.actors.count, device)
+        for batch in certified.iter_batches(batch_size=None, batch_format="numpy"):
+            failed = int(batch["failed"].sum())
+            counts["certified"] += len(batch["image_id"])
+            counts["failed"] += failed
+            progress.update(len(batch["image_id"]), failed)
     return counts
 
 

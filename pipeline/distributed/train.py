@@ -19,9 +19,10 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from pipeline.config import DenoiserConfig
-from pipeline.denoise.train import decrop_views, fit, fit_local, gradient_spec, prepare_training
-from pipeline.distributed import init_ray
+from pipeline.denoise.train import decrop_views, fit, fit_local, gradient_spec, prepare_training, stages
+from pipeline.distributed import init_ray, is_verbose
 from pipeline.distributed.generate import generate_with_ray
+from pipeline.distributed.progress import TrainProgress
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,14 @@ def _train_loop(config_dict: dict) -> None:
         fit(config, report, resume_from=Path(directory), **options)
 
 
+def _quiet_options(config: DenoiserConfig) -> dict:
+    """One progress line per tenth of the epochs (`TrainProgress`); Ray Train's INFO logs only with -v."""
+    options = {"callbacks": [TrainProgress(sum(stage.epochs for stage in stages(config)), config.run_name)]}
+    if hasattr(ray.train, "LoggingConfig"):
+        options["logging_config"] = ray.train.LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")
+    return options
+
+
 def train_denoiser(config: DenoiserConfig) -> str:
     """Trains on Ray Train with `config.workers` workers (in this process when 0); returns the URI of the
     best artifact."""
@@ -63,7 +72,8 @@ def train_denoiser(config: DenoiserConfig) -> str:
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
         run_config=RunConfig(name=config.run_name, storage_path=output.path, storage_filesystem=output.fs,
                              checkpoint_config=checkpoints,
-                             failure_config=FailureConfig(max_failures=0, controller_failure_limit=1)))
+                             failure_config=FailureConfig(max_failures=0, controller_failure_limit=1),
+                             **_quiet_options(config)))
     result = trainer.fit()
     best = result.get_best_checkpoint("selection_score", "max") if result.best_checkpoints else result.checkpoint
     if best is None:

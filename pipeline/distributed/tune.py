@@ -27,17 +27,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from matplotlib.figure import Figure
 from ray import tune
 from ray.tune.execution import class_cache
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 import pipeline
+from pipeline import plots
 from pipeline.certifiers import Cohen
 from pipeline.config import ConfigError, DenoiserConfig, SweepConfig, validate
 from pipeline.denoise.train import fit_resumable
-from pipeline.distributed import init_ray
+from pipeline.distributed import init_ray, is_verbose, set_verbose
 from pipeline.distributed.certify import run
+from pipeline.distributed.progress import SweepProgress
 from pipeline.models.denoisers import Denoised
 from pipeline.sweeps import SweepFailed, SweepRecord, sweep_metrics, trial_config, trial_table
 
@@ -71,9 +72,10 @@ def _space(search: dict, algorithm: str) -> dict:
     return space
 
 
-def _trainable(config: dict, sweep: SweepConfig, plan: dict[str, dict]) -> None:
+def _trainable(config: dict, sweep: SweepConfig, plan: dict[str, dict], verbose: bool = False) -> None:
     """One trial: trains its denoiser resumably into the sweep's `trials/<key>/` and reports every epoch to
     Tune; a restarted trial (a killed worker, a resumed sweep) goes on after its last finished epoch."""
+    set_verbose(verbose)  # the trial's own process: Ray's INFO lines only with -v
     key = config["trial"] if "trial" in config else tune.get_context().get_trial_id()
     train = DenoiserConfig.from_dict({**trial_config(sweep, plan.get(key, config)), "workers": 0})
     certification, radius, metric = sweep.certification, sweep.objective.get("radius", 0.0), sweep.metric
@@ -86,7 +88,7 @@ def _trainable(config: dict, sweep: SweepConfig, plan: dict[str, dict]) -> None:
 
     fit_resumable(train, _location(sweep).join("trials", key), evaluate=evaluate,
                   on_epoch=lambda metrics: tune.report({**metrics, "trial": key}),
-                  score=lambda metrics: (metrics[metric], metrics["val_accuracy"]))
+                  score=lambda metrics: (metrics[metric], metrics["val_accuracy"]), show=False)
 
 
 class _Recorder(tune.Callback):
@@ -156,14 +158,17 @@ def _run_trials(sweep: SweepConfig, record: SweepRecord, todo: list[str]) -> Non
     plan = {key: record.trials[key]["config"] for key in todo}
     tune_storage = record.location.join("tune")
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_trainable, sweep=sweep, plan=plan), sweep.resources),
+        tune.with_resources(tune.with_parameters(_trainable, sweep=sweep, plan=plan, verbose=is_verbose()),
+                            sweep.resources),
         param_space=_space(sweep.search, "optuna") if optuna else {"trial": tune.grid_search(todo)},
         tune_config=tune.TuneConfig(metric=sweep.metric, mode="max",
                                     scheduler=_scheduler(sweep, base.epochs + base.second_epochs),
                                     search_alg=_search_algorithm(sweep), num_samples=sweep.num_samples if optuna else 1,
                                     max_concurrent_trials=sweep.max_concurrent),
         run_config=tune.RunConfig(name=f"attempt-{record.data['attempts']}", storage_path=tune_storage.path,
-                                  storage_filesystem=tune_storage.fs, callbacks=[_Recorder(record)],
+                                  storage_filesystem=tune_storage.fs,
+                                  callbacks=[_Recorder(record), SweepProgress.of(sweep, record)],
+                                  verbose=2 if is_verbose() else 0,  # Tune's tables only with -v
                                   failure_config=tune.FailureConfig(max_failures=2)))
     tuner.fit()
 
@@ -197,18 +202,7 @@ def _write_outputs(sweep: SweepConfig, record: SweepRecord, location) -> None:
 
 
 def _plot(table: pd.DataFrame, search: dict, metric: str) -> bytes:
-    keys = list(search)
-    figure = Figure(figsize=(4 * len(keys), 3.5))
-    axes = figure.subplots(1, len(keys), squeeze=False)[0]
-    for axis, key in zip(axes, keys, strict=True):
-        values = pd.to_numeric(table[f"config.{key}"], errors="coerce")
-        axis.scatter(values, table[metric], c=["tab:red" if s else "tab:blue" for s in table["stopped_early"]])
-        if search[key] and next(iter(search[key])) == "loguniform":
-            axis.set_xscale("log")
-        axis.set(xlabel=key, ylabel=metric, title=f"{metric} vs {key} (red: stopped early)")
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
-
+    values = {key: pd.to_numeric(table[f"config.{key}"], errors="coerce") for key in search}
+    log_scale = [key for key in search if search[key] and next(iter(search[key])) == "loguniform"]
+    return plots.to_png(plots.objective_figure(values, table[metric], table["stopped_early"], metric, log_scale),
+                        dpi=110)

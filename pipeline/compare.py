@@ -1,0 +1,172 @@
+"""Comparing a run with other runs and with published logs.
+
+A source is a run (a directory or s3:// URI holding `results/`) or a log of the authors' reference code
+(locuslab's certify.py TSV, `idx label predict radius correct time`), read by
+`pipeline.results.read_certify_log`. A log does not say its noise level: give it as `PATH,sigma=0.5`
+(also `n=`, `n0=`, `alpha=`; the defaults are the papers' 100000, 100 and 0.001), or let a `sigma0.50` in
+the file name say it. `label=NAME` names any source in tables and legends.
+
+`differences(a, b)` pairs the settings of two sources (the same full setting; else the same certifier,
+norm, mode and sigma, when that pairs them one to one) and gives, per pair and radius, certified accuracy in
+each and the difference b - a with a `confidence` interval and a p-value, as sampling over the images
+allows: Newcombe's hybrid score interval (from the two Wilson intervals) and Fisher's exact two-sided test,
+both for two independent binomial proportions; ACR's difference gets a normal (Welch) interval. Two runs
+over the same images have positively correlated outcomes, so for them the intervals are wider than needed,
+never narrower. The uncertainty of each certificate itself (its alpha) is not in these intervals; it is in
+the report's Theorem 6 bounds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats as scipy_stats
+
+from pipeline.labels import parse_setting, target_radii
+from pipeline.report import Source, acr, certified_counts, certified_radius, combined_rows, table_radii
+from pipeline.results import read_certify_log, read_results
+from pipeline.storage import Storage
+
+__all__ = ["differences", "format_differences", "load_source", "newcombe_interval"]
+
+LOG_OPTIONS = {"sigma": float, "n": int, "n0": int, "alpha": float, "label": str}
+
+
+def _options(spec: str) -> tuple[str, dict]:
+    """'PATH,key=value,...' -> (PATH, options); keys from LOG_OPTIONS, values converted."""
+    path, *items = spec.split(",")
+    options = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        if not separator or key.strip() not in LOG_OPTIONS:
+            raise ValueError(f"{spec}: cannot read {item!r}; give options as key=value with keys "
+                             f"{', '.join(LOG_OPTIONS)}")
+        try:
+            options[key.strip()] = LOG_OPTIONS[key.strip()](value.strip())
+        except ValueError as error:
+            raise ValueError(f"{spec}: {key.strip()}={value.strip()!r} is not a valid value") from error
+    return path, options
+
+
+def load_source(spec: str, storage: Storage | None = None) -> Source:
+    """The source a command-line argument names: a local log file, or a run directory / URI."""
+    path, options = _options(spec)
+    if Path(path).is_file():
+        sigma = options.get("sigma")
+        if sigma is None:
+            match = re.search(r"sigma[_=-]?(\d+(?:\.\d+)?)", Path(path).name)
+            if not match:
+                raise ValueError(f"{path}: a certify log does not record its noise level; give it as "
+                                 f"{path},sigma=SIGMA")
+            sigma = float(match.group(1))
+        table = read_certify_log(path, sigma=sigma, alpha=options.get("alpha", 0.001), n=options.get("n", 100_000),
+                                 n0=options.get("n0", 100))
+        return Source(options.get("label", Path(path).stem), table, origin=str(path))
+    run = (storage or Storage()).open(path)
+    table = read_results(run.join("results"))
+    if table.num_rows == 0:
+        raise ValueError(f"{path}: neither a certify log file nor a run with results under {run.uri}/results")
+    return Source(options.get("label", run.uri.rstrip("/").rsplit("/", 1)[-1]), table, origin=run.uri)
+
+
+def newcombe_interval(successes_a: int, n_a: int, successes_b: int, n_b: int,
+                      confidence: float = 0.95) -> tuple[float, float]:
+    """Newcombe's hybrid score interval for p_b - p_a from two independent binomial samples (his method 10),
+    built from the Wilson score interval of each proportion."""
+    low_a, high_a = scipy_stats.binomtest(successes_a, n_a).proportion_ci(confidence, method="wilson")
+    low_b, high_b = scipy_stats.binomtest(successes_b, n_b).proportion_ci(confidence, method="wilson")
+    p_a, p_b = successes_a / n_a, successes_b / n_b
+    difference = p_b - p_a
+    return (difference - math.hypot(p_b - low_b, high_a - p_a), difference + math.hypot(high_b - p_b, p_a - low_a))
+
+
+def _pairs(rows: pd.DataFrame) -> list[tuple[str, str]]:
+    """(setting in a, setting in b) pairs: equal settings, then one-to-one matches on certifier, norm, mode
+    and sigma among the rest."""
+    settings = [set(rows.loc[rows["order"] == order, "setting"]) for order in (0, 1)]
+    pairs = [(setting, setting) for setting in sorted(settings[0] & settings[1])]
+
+    def key(setting: str) -> tuple:
+        name, items = parse_setting(setting)
+        norm = rows.loc[rows["setting"] == setting, "norm"].iloc[0]
+        return name, norm, items.get("mode", "certify"), items.get("sigma")
+
+    rest = [{} for _ in (0, 1)]
+    for side in (0, 1):
+        for setting in sorted(settings[side] - settings[1 - side]):
+            rest[side].setdefault(key(setting), []).append(setting)
+    pairs += [(rest[0][k][0], rest[1][k][0]) for k in sorted(rest[0], key=str)
+              if len(rest[0][k]) == 1 and len(rest[1].get(k, [])) == 1]
+    return pairs
+
+
+def differences(a: Source, b: Source, radii: Sequence[float] | None = None, confidence: float = 0.95) -> pd.DataFrame:
+    """Per paired setting and radius (then ACR): both values, b - a, its interval and p-value (see the module
+    docstring). Labeled rows only; a sequential setting at its target radii only."""
+    rows = combined_rows([a, b])
+    rows = rows[rows["correct"].notna()]
+    records = []
+    for setting_a, setting_b in _pairs(rows):
+        group_a = rows[(rows["order"] == 0) & (rows["setting"] == setting_a)]
+        group_b = rows[(rows["order"] == 1) & (rows["setting"] == setting_b)]
+        name = group_a["name"].iloc[0] + ("" if setting_a == setting_b else f" ~ {group_b['name'].iloc[0]}")
+        norm = group_a["norm"].iloc[0]
+        targets = [t for s in (setting_a, setting_b) if target_radii(s) for t in target_radii(s)]
+        norm_radii = [r for r in table_radii(rows, norm, radii) if not targets or any(math.isclose(r, t)
+                                                                                    for t in targets)]
+        records += _accuracy_records(name, norm, group_a, group_b, norm_radii, confidence)
+        if not targets:
+            records.append(_acr_record(name, norm, group_a, group_b, confidence))
+    return pd.DataFrame(records, columns=["setting", "norm", "figure", "a", "b", "difference", "low", "high",
+                                          "p_value", "images_a", "images_b"])
+
+
+def _accuracy_records(name, norm, group_a, group_b, radii, confidence) -> list[dict]:
+    records = []
+    n_a, n_b = len(group_a), len(group_b)
+    for radius, k_a, k_b in zip(radii, certified_counts(group_a, radii), certified_counts(group_b, radii),
+                                strict=True):
+        low, high = newcombe_interval(k_a, n_a, k_b, n_b, confidence)
+        p_value = scipy_stats.fisher_exact([[k_a, n_a - k_a], [k_b, n_b - k_b]]).pvalue
+        records.append({"setting": name, "norm": norm, "figure": f"r={radius:g}", "a": k_a / n_a, "b": k_b / n_b,
+                        "difference": k_b / n_b - k_a / n_a, "low": low, "high": high, "p_value": float(p_value),
+                        "images_a": n_a, "images_b": n_b})
+    return records
+
+
+def _acr_record(name, norm, group_a, group_b, confidence) -> dict:
+    """ACR in both and its difference with a normal interval from the two sample variances (Welch)."""
+    terms_a, terms_b = certified_radius(group_a).to_numpy(), certified_radius(group_b).to_numpy()
+    difference = acr(group_b) - acr(group_a)
+    variance = np.var(terms_a, ddof=1) / len(terms_a) if len(terms_a) > 1 else math.nan
+    variance += np.var(terms_b, ddof=1) / len(terms_b) if len(terms_b) > 1 else math.nan
+    z = scipy_stats.norm.ppf(0.5 + confidence / 2)
+    p_value = 2 * scipy_stats.norm.sf(abs(difference) / math.sqrt(variance)) if variance > 0 else (
+        1.0 if difference == 0 else math.nan)
+    return {"setting": name, "norm": norm, "figure": "ACR", "a": acr(group_a), "b": acr(group_b),
+            "difference": difference, "low": difference - z * math.sqrt(variance),
+            "high": difference + z * math.sqrt(variance), "p_value": float(p_value), "images_a": len(terms_a),
+            "images_b": len(terms_b)}
+
+
+def format_differences(frame: pd.DataFrame, a: Source, b: Source, confidence: float = 0.95) -> str:
+    """The differences as text: a table per norm and a line saying what the intervals are."""
+    if frame.empty:
+        return f"no setting of {a.label} pairs with one of {b.label}"
+    lines = [f"{b.label} - {a.label}: certified accuracy (and ACR) per setting, with {confidence:.0%} intervals "
+             f"(accuracy: Newcombe hybrid score; ACR: normal) and two-sided p-values (accuracy: Fisher exact)"]
+    for norm, group in frame.groupby("norm", sort=True):
+        shown = pd.DataFrame({
+            "setting": group["setting"], "radius": group["figure"], a.label: group["a"].map(lambda v: f"{v:.3f}"),
+            b.label: group["b"].map(lambda v: f"{v:.3f}"),
+            "difference": group["difference"].map(lambda v: f"{v:+.3f}"),
+            "interval": [f"[{low:+.3f}, {high:+.3f}]" for low, high in zip(group["low"], group["high"], strict=True)],
+            "p": group["p_value"].map(lambda v: f"{v:.2g}")})
+        lines += ["", f"{norm} ({int(group['images_a'].max())} vs {int(group['images_b'].max())} images):",
+                  shown.to_markdown(index=False, disable_numparse=True)]
+    return "\n".join(lines)
