@@ -17,6 +17,7 @@ import math
 from ray import tune
 
 from pipeline.progress import Progress
+from pipeline.sweeps import plan_trials
 
 try:  # Ray Train's callbacks on the controller (Train v2)
     from ray.train import UserCallback
@@ -63,20 +64,14 @@ class SweepProgress(tune.Callback):
 
     @classmethod
     def of(cls, sweep, record=None) -> SweepProgress:
-        """The callback for a `pipeline.config.SweepConfig`: its trial count (the planned trials of its
-        `pipeline.sweeps.SweepRecord`, else the grid's size times the samples; one sample of a grid search),
-        the trials the record already has finished, its metric and its searched keys."""
-        if record is not None and record.trials:
-            finished = sum(trial["status"] == "finished" for trial in record.trials.values())
-            return cls(len(record.trials), sweep.metric, list(sweep.search), finished,
-                       {key: trial["config"] for key, trial in record.trials.items()})
-        def kind(spec: dict) -> str:
-            return next(iter(spec))
-
-        grid = math.prod(len(spec[kind(spec)]) for spec in sweep.search.values()
-                         if kind(spec) == "grid" or (sweep.search_algorithm == "grid" and kind(spec) == "choice"))
-        return cls(grid * (1 if sweep.search_algorithm == "grid" else sweep.num_samples), sweep.metric,
-                   list(sweep.search))
+        """The callback for a `pipeline.config.SweepConfig`: its trial count (the trials of its
+        `pipeline.sweeps.SweepRecord`, else of its plan), the trials the record already has finished, its
+        metric and its searched keys."""
+        if record is None or not record.trials:
+            return cls(len(plan_trials(sweep)), sweep.metric, list(sweep.search))
+        finished = sum(trial["status"] == "finished" for trial in record.trials.values())
+        return cls(len(record.trials), sweep.metric, list(sweep.search), finished,
+                   {key: trial["config"] for key, trial in record.trials.items()})
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_progress": None}

@@ -57,11 +57,12 @@ def keep_credentials_out_of_runtime_envs() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE.difference_update(CREDENTIALS)
 
 
-def _space(search: dict, algorithm: str) -> dict:
+def _space(search: dict) -> dict:
+    """The search space as Tune's (for Optuna, which samples it itself)."""
     space = {}
     for key, spec in search.items():
         kind, values = next(iter(spec.items()))
-        if kind == "grid" or (algorithm == "grid" and kind == "choice"):
+        if kind == "grid":
             space[key] = tune.grid_search(list(values))
         elif kind == "choice":
             space[key] = tune.choice(list(values))
@@ -160,7 +161,7 @@ def _run_trials(sweep: SweepConfig, record: SweepRecord, todo: list[str]) -> Non
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trainable, sweep=sweep, plan=plan, verbose=is_verbose()),
                             sweep.resources),
-        param_space=_space(sweep.search, "optuna") if optuna else {"trial": tune.grid_search(todo)},
+        param_space=_space(sweep.search) if optuna else {"trial": tune.grid_search(todo)},
         tune_config=tune.TuneConfig(metric=sweep.metric, mode="max",
                                     scheduler=_scheduler(sweep, base.epochs + base.second_epochs),
                                     search_alg=_search_algorithm(sweep), num_samples=sweep.num_samples if optuna else 1,
