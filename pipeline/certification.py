@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -77,7 +78,7 @@ NONFINITE = Certificate.failed("the model returned NaN or infinite outputs on th
 
 
 def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Certifier] = (), *, seed: int = 0,
-            batch_size: int = 1000, device: str = "cpu", precision: str = "fp32", channels_last: bool = False,
+            batch_size: int | str = "auto", device: str = "cpu", precision: str = "fp32", channels_last: bool = False,
             compile: bool | str = False, image_ids: Sequence[str] | None = None, progress: bool = False) -> pa.Table:
     """Certifies every image with every certifier; returns one row per (image, certifier) in
     `pipeline.results.SCHEMA`.
@@ -85,7 +86,8 @@ def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Ce
     `images` is a float tensor [B, C, H, W] in [0, 1]; normalisation belongs inside `model`, so sigma and
     radii are in pixel units. `labels` (optional; entries may be None) are the true classes. The noise of
     each image is a pure function of (`seed`, its id, stage, draw index): the table does not depend on
-    `batch_size` or on the order of the images. Certifiers asking for the same noise share forward passes
+    `batch_size` (rows per forward pass; "auto": the fastest of a short timed probe, `pipeline.batch_probe`)
+    or on the order of the images. Certifiers asking for the same noise share forward passes
     (see `pipeline.certifiers`). `precision`, `channels_last` and `compile` as in `pipeline.engine.Engine`.
     """
     engine = Engine(model, device=device, batch_size=batch_size, precision=precision, channels_last=channels_last,
@@ -105,8 +107,9 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
     labels = _check_inputs(engine, images, image_ids, labels, certifiers)
     for image_id in image_ids:  # counted afresh for this call
         engine.nonfinite.pop(image_id, None)
-    verdicts = {**_counted(engine, images, image_ids, labels, seed, certifiers),
-                **_sampled(engine, images, image_ids, labels, seed, certifiers)}
+    counted, known = _counted(engine, images, image_ids, labels, seed, certifiers)
+    with engine.reusing(known):
+        verdicts = {**counted, **_sampled(engine, images, image_ids, labels, seed, certifiers)}
     _fail_nonfinite(engine, image_ids, verdicts)
     context = RowContext(seed=seed, precision=engine.precision, device=engine.device.type,
                          settings={"noise_scheme": noise_scheme(engine.device), **engine.settings()},
@@ -129,6 +132,7 @@ def _run(certifier: Certifier, engine: Engine, images, image_ids, seed, labels) 
         finite = [i for i, image_id in enumerate(image_ids) if not engine.nonfinite.get(image_id)]
         if len(finite) == len(image_ids):
             raise
+    engine.reused.clear()
     certificates = certifier.run(engine, images[finite], [image_ids[i] for i in finite], seed,
                                  [labels[i] for i in finite]) if finite else []
     by_image = dict(zip(finite, certificates, strict=True))
@@ -167,15 +171,23 @@ def _check_inputs(engine, images, image_ids, labels, certifiers) -> list[int | N
     return labels
 
 
-def _counted(engine, images, image_ids, labels, seed, certifiers) -> Verdicts:
+def _counted(engine, images, image_ids, labels, seed, certifiers) -> tuple[Verdicts, dict]:
     """The counting certifiers' certificates from one sampling pass over all their requests (shared
-    streams sampled once); each row's time is its share of the sampling plus its own math."""
+    streams sampled once); each row's time is its share of the sampling plus its own math. Also the counts
+    of the sampling certifiers' `reusable_draws` that this pass drew anyway, for `Engine.reusing`."""
     counting = {position: certifier for position, certifier in enumerate(certifiers) if not certifier.self_sampling}
     if not counting:
-        return {}
+        return {}, {}
     labeled = all(label is not None for label in labels)
     roles = {position: certifier.draws(labeled) for position, certifier in counting.items()}
     requests = list(dict.fromkeys(draws for group in roles.values() for draws in group.values()))
+    drawn = {}
+    for draws in requests:
+        drawn[draws.stream] = max(drawn.get(draws.stream, 0), draws.n)
+    reusable = list(dict.fromkeys(draws for certifier in certifiers if certifier.self_sampling
+                                  for draws in certifier.reusable_draws(labeled)
+                                  if draws.n <= drawn.get(draws.stream, 0)))
+    requests = list(dict.fromkeys(requests + reusable))
     log.debug("certifying %d images: %d noise streams, batch %d on %s", len(images),
               len({draws.stream for draws in requests}), engine.batch_size, engine.device)
     seconds_before = engine.seconds
@@ -194,7 +206,17 @@ def _counted(engine, images, image_ids, labels, seed, certifiers) -> Verdicts:
                                                 label)
             seconds = passes[position] * seconds_per_pass + time.perf_counter() - started
             verdicts[position].append((certificate, seconds))
-    return verdicts
+    known = {(image_ids[index], draws.stream, draws.n): counts[draws][index]
+             for draws in reusable for index in range(len(images))}
+    return verdicts, known
+
+
+def _with_shared(certificate: Certificate, shared: int) -> Certificate:
+    """The certificate with `shared_passes` in its details: how many of its forward passes another row of the
+    same image paid for (their counts were reused)."""
+    if not shared:
+        return certificate
+    return dataclasses.replace(certificate, details={**(certificate.details or {}), "shared_passes": shared})
 
 
 def _sampled(engine, images, image_ids, labels, seed, certifiers) -> Verdicts:
@@ -203,7 +225,9 @@ def _sampled(engine, images, image_ids, labels, seed, certifiers) -> Verdicts:
     for position, certifier in enumerate(certifiers):
         if certifier.self_sampling:
             started = time.perf_counter()
-            certificates = _run(certifier, engine, images, image_ids, seed, labels)
+            engine.reused.clear()
+            certificates = [_with_shared(certificate, engine.reused.get(image_id, 0)) for certificate, image_id
+                            in zip(_run(certifier, engine, images, image_ids, seed, labels), image_ids, strict=True)]
             seconds = time.perf_counter() - started
             total = max(1, sum(certificate.cost.forward_passes for certificate in certificates))
             verdicts[position] = [(certificate, seconds * certificate.cost.forward_passes / total)

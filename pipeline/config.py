@@ -67,7 +67,7 @@ class RunConfig:
     output: str = "runs"
     storage: Storage = field(default_factory=Storage)
     seed: int = 0
-    batch_size: int = 1000
+    batch_size: int | str = "auto"
     images_per_batch: int = 16
     device: str = "auto"
     precision: str = "fp32"
@@ -224,7 +224,8 @@ def validate(data: dict[str, Any]) -> RunConfig:
     check_model(config.model)
     _require_name(config.run_id, "run_id", "the run's folder")
     _require(isinstance(config.output, str) and bool(config.output), "output: give a directory or s3:// URI")
-    _require(_is_count(config.batch_size, 1), f"batch_size must be an integer >= 1, got {config.batch_size!r}")
+    _require(config.batch_size == "auto" or _is_count(config.batch_size, 1),
+             f"batch_size must be 'auto' or an integer >= 1, got {config.batch_size!r}")
     _require(_is_count(config.images_per_batch, 1),
              f"images_per_batch must be an integer >= 1, got {config.images_per_batch!r}")
     _require(isinstance(config.seed, int), f"seed must be an integer, got {config.seed!r}")

@@ -24,20 +24,26 @@ certificate (`Engine.settings`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.batch_probe import probe_batch_size
 from pipeline.noise import DRAWS_PER_BLOCK, make_noise
 
+AUTO = "auto"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
-__all__ = ["PRECISIONS", "Draws", "Engine"]
+log = logging.getLogger(__name__)
+
+__all__ = ["AUTO", "PRECISIONS", "Draws", "Engine"]
 
 
 @dataclass(frozen=True)
@@ -66,11 +72,12 @@ class Engine:
     changes what is certified beyond the floating-point rounding of the model they run.
     """
 
-    def __init__(self, model: torch.nn.Module, *, device: str | torch.device = "cpu", batch_size: int = 1000,
+    def __init__(self, model: torch.nn.Module, *, device: str | torch.device = "cpu", batch_size: int | str = AUTO,
                  precision: str = "fp32", progress: bool = False, channels_last: bool = False,
                  compile: bool | str = False):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+        if batch_size != AUTO and not (isinstance(batch_size, int) and not isinstance(batch_size, bool)
+                                       and batch_size >= 1):
+            raise ValueError(f"batch_size must be 'auto' or an integer >= 1, got {batch_size!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         if not isinstance(compile, bool | str):
@@ -82,7 +89,8 @@ class Engine:
         self._runner = self.model
         if compile:
             self._runner = torch.compile(self.model, **({} if compile is True else {"backend": compile}))
-        self.batch_size = int(batch_size)
+        self.batch_size: int | str = batch_size  # "auto" until the first images arrive (`resolve_batch_size`)
+        self.probe: dict | None = None
         self.precision = precision
         self.channels_last = bool(channels_last)
         self.compile = compile
@@ -90,11 +98,42 @@ class Engine:
         self.forward_passes = 0
         self.seconds = 0.0
         self.nonfinite: Counter[str] = Counter()  # image id -> noisy outputs with NaN or inf (they never vote)
+        self.known: dict[tuple, np.ndarray] = {}  # (image id, stream, n) -> counts of the first n draws
+        self.reused: Counter[str] = Counter()  # image id -> draws `sequential` answered from `known`
         self._num_classes: int | None = None
 
     def settings(self) -> dict:
-        """What the model ran as, for the certificate's record."""
-        return {"precision": self.precision, "channels_last": self.channels_last, "compile": self.compile}
+        """What the model ran as, for the certificate's record: precision, layout, compilation and the batch
+        size (with the probe's figures when `auto` chose it)."""
+        chosen_by = "probe" if self.probe else "config" if self.batch_size != AUTO else "not yet probed"
+        batch = {"size": self.batch_size, "chosen_by": chosen_by}
+        if self.probe:
+            batch["probe"] = {key: value for key, value in self.probe.items() if key != "size"}
+        return {"precision": self.precision, "channels_last": self.channels_last, "compile": self.compile,
+                "batch": batch}
+
+    def resolve_batch_size(self, input_shape: Sequence[int]) -> int:
+        """The rows per forward pass: the configured number, or with `batch_size="auto"` the fastest size
+        of a short timed probe on noisy inputs of `input_shape` (`pipeline.batch_probe`), run once."""
+        if self.batch_size == AUTO:
+            self.probe = probe_batch_size(self._probe_step(tuple(input_shape)), self.device)
+            self.batch_size = self.probe["size"]
+            log.info("batch_size auto: %d rows per forward pass (%s draws/s by size, %.1f s)", self.batch_size,
+                     self.probe["draws_per_s"], self.probe["seconds"])
+        return self.batch_size
+
+    def _probe_step(self, shape: tuple) -> Callable[[int], None]:
+        """One batch of the engine's per-batch work at `rows` rows: noise, the add and cast, forward, argmax."""
+        image = torch.full(shape, 0.5, device=self.device)
+        dtype = PRECISIONS[self.precision] or torch.float32
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+
+        def step(rows: int) -> None:
+            noise = torch.randn((rows, *shape), device=self.device)
+            inputs = torch.add(image, noise, alpha=0.25).to(dtype).contiguous(memory_format=layout)
+            self.logits(inputs).argmax(1).cpu()  # the read waits for the device
+
+        return step
 
     def forward(self, function, inputs: torch.Tensor) -> torch.Tensor:
         """`function(inputs)` under inference mode and the configured precision."""
@@ -163,6 +202,16 @@ class Engine:
             result[draws] = per_slot[:, start:start + used].sum(axis=1)
         return result
 
+    @contextmanager
+    def reusing(self, known: dict[tuple, np.ndarray]):
+        """Lets `sequential` answer requests from `known` counts, {(image id, stream, n): counts [C] of the
+        model's top-1 votes on draws [0, n)}, as `count` returned them, within the block."""
+        self.known = known
+        try:
+            yield self
+        finally:
+            self.known = {}
+
     def sequential(self, images: torch.Tensor, image_ids: Sequence[str], seed: int,
                    procedures: Sequence[Generator], head=None, batch_size: int | None = None) -> list:
         """Runs one sampling procedure per image, with continuous batching; returns their results in order.
@@ -172,6 +221,10 @@ class Engine:
         It may only ask for more draws of a stream than it asked before. Each round packs the pending
         requests of every unfinished image into full batches; an image that stops leaves the next round's
         batches to the others. `head` and `batch_size` as in `count`.
+
+        Without a `head`, a request whose counts are in `known` (the model's votes on the same draws, which
+        `count` found earlier: see `reusing`) is answered from them, and sampling goes on after the last
+        answered prefix; `reused` adds up, per image, the draws answered that way.
         """
         started = time.perf_counter()
         self._check(images, image_ids)
@@ -183,16 +236,25 @@ class Engine:
         packer = self._packer(images, image_ids, seed, votes.add, batch_size, None)
         results: list = [None] * len(images)
         pending: dict[int, Draws] = {}
+        known = self.known if head is None else {}
+        answered: dict[tuple[int, tuple], int] = {}  # (image, stream) -> the prefix answered from `known`
 
         def advance(image: int, counts) -> None:
-            try:
-                request = procedures[image].send(counts)
-            except StopIteration as stop:
-                results[image] = stop.value
-                packer.bar.update(1)
-                return
-            if not isinstance(request, Draws) or request.n < 1:
-                raise ValueError(f"a procedure must yield Draws with n >= 1, got {request!r}")
+            while True:
+                try:
+                    request = procedures[image].send(counts)
+                except StopIteration as stop:
+                    results[image] = stop.value
+                    packer.bar.update(1)
+                    return
+                if not isinstance(request, Draws) or request.n < 1:
+                    raise ValueError(f"a procedure must yield Draws with n >= 1, got {request!r}")
+                key = (image, request.stream)
+                counts = None if key in slot_of else known.get((image_ids[image], request.stream, request.n))
+                if counts is None or request.n < answered.get(key, 0):
+                    break
+                self.reused[image_ids[image]] += request.n - answered.get(key, 0)
+                answered[key] = request.n
             pending[image] = request
 
         for image in range(len(images)):
@@ -201,10 +263,12 @@ class Engine:
             round_requests, pending = pending, {}
             new_slots = [(image, draws.stream) for image, draws in round_requests.items()
                          if (image, draws.stream) not in slot_of]
-            for key in new_slots:
-                slot_of[key] = len(slot_of)
-                drawn[key] = 0
             votes.grow([image for image, _ in new_slots])
+            for image, stream in new_slots:
+                slot = slot_of[(image, stream)] = len(slot_of)
+                drawn[(image, stream)] = answered.get((image, stream), 0)
+                if drawn[(image, stream)]:  # go on from the answered prefix
+                    votes.counts[slot] = torch.as_tensor(known[(image_ids[image], stream, drawn[(image, stream)])])
             for image, draws in round_requests.items():
                 key = (image, draws.stream)
                 if draws.n < drawn[key]:
@@ -266,7 +330,8 @@ class Engine:
         bar = tqdm(total=total if counting_draws else len(images), desc="noise draws" if counting_draws else "images",
                    unit="draw" if counting_draws else "image", unit_scale=counting_draws, mininterval=2.0,
                    disable=not self.progress)
-        return _Packer(self, x, image_ids, seed, sink, batch_size or self.batch_size, bar, counting_draws)
+        rows = batch_size or self.resolve_batch_size(images.shape[1:])
+        return _Packer(self, x, image_ids, seed, sink, rows, bar, counting_draws)
 
 
 class _Votes:

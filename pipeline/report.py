@@ -442,7 +442,8 @@ def _run_section(manifest: dict | None, sources: Sequence[Source]) -> str:
                  "attempts": manifest.get("attempts"), "started": manifest.get("started"),
                  "finished": manifest.get("finished"), "dataset": json.dumps(config.get("dataset")),
                  "model": json.dumps(config.get("model")), "seed": config.get("seed"),
-                 "precision": config.get("precision"), "batch size": config.get("batch_size"),
+                 "precision": config.get("precision"),
+                 "batch size": json.dumps(manifest.get("batch", config.get("batch_size"))),
                  "actors": json.dumps(config.get("actors")), "code version": manifest.get("code_version"),
                  "python": manifest.get("python"), "packages": json.dumps(manifest.get("packages")),
                  "driver host": manifest.get("driver_host"), "counts": json.dumps(manifest.get("counts"))}

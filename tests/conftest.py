@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -38,6 +39,11 @@ class LinearBinary(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         score = self.margin(x)
         return torch.stack([-score, score], dim=1)
+
+
+def without_batch(params: str) -> str:
+    """A row's params without the engine's batch size (which changes only the speed, never a certificate)."""
+    return json.dumps({key: value for key, value in json.loads(params).items() if key != "batch"}, sort_keys=True)
 
 
 def png_header(width: int, height: int) -> bytes:

@@ -15,8 +15,7 @@ from pipeline.storage import open_location
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs" / "configs" / "demo.yaml"
-SMALL = ["dataset.max=12", "certifiers.0.n=200", "certifiers.1.n=200", "certifiers.3.n=200", "certifiers.6.n=2000",
-         "batch_size=256"]
+SMALL = ["dataset.max=12", "certifiers.0.n=200", "certifiers.1.n=200", "certifiers.3.n=200", "certifiers.6.n=2000"]
 
 
 def test_demo_config_loads_and_overrides_apply():
@@ -79,6 +78,10 @@ def test_certify_and_report_commands_write_results_and_a_report(ray_cluster, tmp
     manifest = json.loads((tmp_path / "small" / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["counts"]["images"] == 12
     assert manifest["packages"]["torch"] and manifest["config"]["seed"] == 0
+    assert manifest["config"]["batch_size"] == "auto"  # each actor's probe chose its batch size, recorded
+    assert manifest["batch"] and {entry["chosen_by"] for entry in manifest["batch"]} == {"probe"}
+    assert all(int(entry["size"]) >= 16 and str(entry["size"]) in entry["probe"]["draws_per_s"]
+               for entry in manifest["batch"])
 
     (tmp_path / "small" / "report" / "summary.md").unlink()
     assert cli.main(["report", str(tmp_path / "small"), "--radii", "0", "0.5"]) == 0

@@ -1,10 +1,17 @@
-"""The engine's packing: counts equal a draw-by-draw computation, whatever the batch size."""
+"""The engine's packing: counts equal a draw-by-draw computation, whatever the batch size (fixed or chosen
+by the `auto` probe)."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import without_batch
 from torch import nn
 
+import pipeline
+from pipeline.batch_probe import probe_batch_size
+from pipeline.certifiers import SSN, Cohen, TopK
 from pipeline.engine import Draws, Engine
 from pipeline.noise import DRAWS_PER_BLOCK, gaussian_draws
 
@@ -138,4 +145,58 @@ def test_channels_last_and_compile_run_the_same_classifier(images):
     fast = engine.count(images, ids, 0, requests)
     assert seen["channels_last"]
     np.testing.assert_array_equal(plain[requests[0]], fast[requests[0]])
-    assert engine.settings() == {"precision": "fp32", "channels_last": True, "compile": "eager"}
+    assert engine.settings() == {"precision": "fp32", "channels_last": True, "compile": "eager",
+                                 "batch": {"size": 128, "chosen_by": "config"}}
+
+
+class OutOfMemoryAbove(nn.Module):
+    """SignOfMean that runs out of memory on batches of more than `rows` rows, as a small GPU would."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.rows, self.inner = rows, SignOfMean()
+
+    def forward(self, x):
+        if len(x) > self.rows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(x)} rows")
+        return self.inner(x)
+
+
+def test_auto_batch_size_gives_the_same_certificates_as_every_fixed_size(images):
+    ids = [f"img{i}" for i in range(len(images))]
+    certifiers = [Cohen(sigma=0.3, n0=20, n=300), TopK(sigma=0.3, k=2, n=300), SSN(sigma=0.3, n0=10, n=200),
+                  Cohen(sigma=0.3, n0=20, n=2_000, mode="sequential", radii=[0.1, 0.3])]
+    labels = [0, 1, 2, 1, 0]
+
+    def rows(batch_size):
+        table = pipeline.certify(SignOfMean(), images, labels, certifiers, image_ids=ids, seed=5,
+                                 batch_size=batch_size).to_pandas()
+        batch = [json.loads(params)["batch"] for params in table["params"]]
+        table["params"] = table["params"].map(without_batch)
+        return table.drop(columns=["wall_time_s"]), batch
+
+    auto, batch = rows("auto")
+    assert {entry["chosen_by"] for entry in batch} == {"probe"}
+    assert str(batch[0]["size"]) in batch[0]["probe"]["draws_per_s"] and batch[0]["probe"]["seconds"] < 10
+    for size in (1, 7, DRAWS_PER_BLOCK, 1000):
+        fixed, batch = rows(size)
+        assert batch[0] == {"size": size, "chosen_by": "config"}
+        assert fixed.equals(auto), size
+
+
+@pytest.mark.parametrize("fits", [1, 5, 100])
+def test_a_probe_that_runs_out_of_memory_falls_back_to_a_smaller_batch(images, fits):
+    ids = [f"img{i}" for i in range(len(images))]
+    request = Draws("estimation", 0.3, 150)
+    engine = Engine(OutOfMemoryAbove(fits))
+    counts = engine.count(images, ids, seed=3, requests=[request])
+    assert engine.batch_size <= fits and engine.probe["out_of_memory"] > fits
+    np.testing.assert_array_equal(counts[request], draw_by_draw(SignOfMean(), images, ids, 3, request))
+
+    def never_fits(rows):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(MemoryError, match="even one noisy copy per forward pass runs out of memory"):
+        probe_batch_size(never_fits, torch.device("cuda"))
+    with pytest.raises(ValueError, match="batch_size must be 'auto' or an integer"):
+        Engine(SignOfMean(), batch_size="fast")

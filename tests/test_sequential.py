@@ -10,14 +10,16 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats as sps
 import torch
-from conftest import Affine
+from conftest import Affine, without_batch
 from scipy.special import ndtr
 
 import pipeline
 from pipeline import stats
+from pipeline.certification import certify_rows
 from pipeline.certifiers import Cohen, SmoothReduce, TopK, topk
 from pipeline.certifiers.cohen import sequential_certificate
 from pipeline.certifiers.sequential import top_class
@@ -253,6 +255,8 @@ def test_continuous_batching_gives_the_same_certificates_as_one_image_at_a_time(
     alone = [pipeline.certify(model, images[i:i + 1], labels[i:i + 1], certifiers, image_ids=ids[i:i + 1],
                               batch_size=1000).to_pandas() for i in range(len(images))]
     columns = ["image_id", "setting", "prediction", "radius", "p_lower", "count", "n", "forward_passes", "params"]
+    for rows in [together, *alone]:
+        rows["params"] = rows["params"].map(without_batch)
     for i, rows in enumerate(alone):
         expected = together[together["image_id"] == ids[i]][columns].reset_index(drop=True)
         assert rows[columns].equals(expected), ids[i]
@@ -318,3 +322,31 @@ def test_sequential_settings_are_checked_and_recorded():
     assert "radii=(0.25, 0.5)" in certifier.setting and "min_gain" not in certifier.setting
     params = json.loads(json.dumps(certifier.params()))
     assert params["radii"] == [0.25, 0.5] and params["test"] == "mixture"
+
+
+def test_sequential_looks_reuse_the_fixed_certifiers_draws_with_the_same_certificates(linear_images):
+    """Run beside fixed-N Cohen at the same sigma, a sequential certifier takes its selection draws and the
+    looks up to N from Cohen's forward passes: the same certificates, fewer passes, counted in the rows."""
+    model, at = linear_images
+    images, labels = at([0.05, 0.2, 0.26, 0.45, 0.6, 0.9, 0.3])
+    ids = [f"img{i}" for i in range(len(images))]
+    fixed = Cohen(sigma=0.5, n0=30, n=1_000)
+    sequential = [Cohen(sigma=0.5, n0=30, n=5_000, mode="sequential", radii=[0.25, 0.5], test="looks"),
+                  TopK(sigma=0.5, k=1, n=5_000, mode="sequential", radii=[0.25, 0.5])]
+    columns = ["image_id", "setting", "prediction", "radius", "p_lower", "count", "n", "forward_passes"]
+    passes = {}
+
+    def certified(certifiers):
+        engine = Engine(model, batch_size=64)
+        rows = pd.DataFrame(certify_rows(engine, images, labels, certifiers, seed=1, image_ids=ids))
+        passes[len(certifiers)] = engine.forward_passes
+        return rows[rows.setting != fixed.setting].reset_index(drop=True)
+
+    alone, beside = certified(sequential), certified([fixed, *sequential])
+    assert beside[columns].equals(alone[columns])
+    shared = [json.loads(params).get("shared_passes", 0) for params in beside["params"]]
+    # the selection draws and every look up to the fixed certifier's n came from its passes
+    reused_looks = max(n for n in sequential[0].looks() if n <= 1_000)
+    expected = [(30 if row.certifier == "cohen" else 0) + min(row.n, reused_looks) for row in beside.itertuples()]
+    assert shared == expected
+    assert passes[3] == passes[2] + len(images) * (30 + 1_000) - sum(shared)

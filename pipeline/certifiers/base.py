@@ -158,6 +158,12 @@ class Certifier:
         raise NotImplementedError
 
     # sampling certifiers
+    def reusable_draws(self, labeled: bool) -> list[Draws]:
+        """The requests for the model's own top-1 votes this sampling certifier may make first (a sequential
+        mode's selection and looks), whose counts it can take from the counting certifiers' pass when that
+        pass draws the same stream that far (`pipeline.engine.Engine.reusing`); none by default."""
+        return []
+
     def run(self, engine, images, image_ids: list[str], seed: int,
             labels: list[int | None] | None = None) -> list[Certificate]:
         """Sample through `engine` and certify every image (`labels`, when given, are the true classes)."""

@@ -141,6 +141,14 @@ class SequentialOptions:
             items.pop("min_gain")
         return items
 
+    def reusable_draws(self, labeled: bool) -> list[Draws]:
+        """The selection draws and every look: a counting certifier with the same sigma (fixed-N Cohen or
+        TopK) draws their prefixes, and their counts answer the looks without new forward passes. Each
+        certificate keeps its own guarantee: a look's counts are the same whoever drew them."""
+        if not self.sequential:
+            return []
+        return [Draws(SELECTION, self.sigma, self.n0), *(Draws(ESTIMATION, self.sigma, n) for n in self.looks())]
+
     def looks(self) -> list[int]:
         return block_looks(self.first_look, self.look_ratio, self.n)
 

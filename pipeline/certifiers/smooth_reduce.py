@@ -189,6 +189,10 @@ class SmoothReduce(SequentialOptions, Certifier):
                         torch.as_tensor(corners[None, :1], device=engine.device), self.patch_size)
         return int(engine.forward(engine.model, first[:, 0]).shape[1])
 
+    def reusable_draws(self, labeled: bool) -> list[Draws]:
+        """None: the votes are the patch ensemble's, not the base model's."""
+        return []
+
     def run(self, engine: Engine, images: torch.Tensor, image_ids: list[str], seed: int,
             labels: list[int | None] | None = None) -> list[Certificate]:
         plan, size, overlap = self.plan(images.shape[1:], seed)
@@ -203,7 +207,8 @@ class SmoothReduce(SequentialOptions, Certifier):
             clean = extract(resize(images.to(engine.device), self.resize_to), corners, self.patch_size)
             inputs = clean.flatten(1, 2)
             head = PatchVote(engine.model, self.patch_size, images.shape[1], self.reduce, self.scores)
-        batch_size = max(1, engine.batch_size // patches_per_draw)
+        batch_size = max(1, engine.resolve_batch_size((images.shape[1], self.patch_size, self.patch_size))
+                         // patches_per_draw)
         factor = 1.0 if self.noise == "shared" else 1.0 / (math.sqrt(overlap) * norm)
         if self.sequential:
             def procedure():

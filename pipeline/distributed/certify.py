@@ -11,6 +11,7 @@ missing image once and never duplicates a row. The driver then finishes the run 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -54,7 +55,9 @@ class CertifyActor:
         if ids:
             table = lifecycle.certify_batch(self.engine, self.certifiers, batch, self.seed, self.run_info)
             self.results.write_parquet(lifecycle.batch_file(ids), table)
-        return {"image_id": np.array(ids, dtype=object), "failed": np.array([bool(e) for e in batch["error"]])}
+        batch_size = json.dumps({"node": self.run_info["node"], **self.engine.settings()["batch"]}, sort_keys=True)
+        return {"image_id": np.array(ids, dtype=object), "failed": np.array([bool(e) for e in batch["error"]]),
+                "batch_size": np.array([batch_size] * len(ids), dtype=object)}
 
 
 def _device_and_gpus(config: RunConfig) -> tuple[str, float]:
@@ -102,11 +105,14 @@ def certify_pending(run: lifecycle.Run) -> dict[str, int]:
                                                   "results": run.results, "run_info": run.info, "device": device})
         log.info("certifying %d images with %d settings on %d %s actor(s)", todo, len(run.certifiers),
                  config.actors.count, device)
+        batch_sizes = set()
         for batch in certified.iter_batches(batch_size=None, batch_format="numpy"):
+            batch_sizes.update(batch["batch_size"])
             failed = int(batch["failed"].sum())
             counts["certified"] += len(batch["image_id"])
             counts["failed"] += failed
             progress.update(len(batch["image_id"]), failed)
+    run.manifest["batch"] = [json.loads(record) for record in sorted(batch_sizes)]  # per actor: size, how chosen
     return counts
 
 
