@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -234,41 +234,19 @@ class Engine:
         drawn: dict[tuple[int, tuple], int] = {}
         votes = _Votes(self, images, head)
         packer = self._packer(images, image_ids, seed, votes.add, batch_size, None)
-        results: list = [None] * len(images)
-        pending: dict[int, Draws] = {}
-        known = self.known if head is None else {}
-        answered: dict[tuple[int, tuple], int] = {}  # (image, stream) -> the prefix answered from `known`
-
-        def advance(image: int, counts) -> None:
-            while True:
-                try:
-                    request = procedures[image].send(counts)
-                except StopIteration as stop:
-                    results[image] = stop.value
-                    packer.bar.update(1)
-                    return
-                if not isinstance(request, Draws) or request.n < 1:
-                    raise ValueError(f"a procedure must yield Draws with n >= 1, got {request!r}")
-                key = (image, request.stream)
-                counts = None if key in slot_of else known.get((image_ids[image], request.stream, request.n))
-                if counts is None or request.n < answered.get(key, 0):
-                    break
-                self.reused[image_ids[image]] += request.n - answered.get(key, 0)
-                answered[key] = request.n
-            pending[image] = request
-
+        runs = _Procedures(procedures, image_ids, self.known if head is None else {}, self.reused, packer.bar)
         for image in range(len(images)):
-            advance(image, None)
-        while pending:
-            round_requests, pending = pending, {}
+            runs.advance(image, None, slot_of)
+        while runs.pending:
+            round_requests, runs.pending = runs.pending, {}
             new_slots = [(image, draws.stream) for image, draws in round_requests.items()
                          if (image, draws.stream) not in slot_of]
             votes.grow([image for image, _ in new_slots])
-            for image, stream in new_slots:
-                slot = slot_of[(image, stream)] = len(slot_of)
-                drawn[(image, stream)] = answered.get((image, stream), 0)
-                if drawn[(image, stream)]:  # go on from the answered prefix
-                    votes.counts[slot] = torch.as_tensor(known[(image_ids[image], stream, drawn[(image, stream)])])
+            for key in new_slots:
+                slot_of[key] = len(slot_of)
+                drawn[key] = runs.answered.get(key, 0)
+                if drawn[key]:  # go on from the answered prefix
+                    votes.counts[slot_of[key]] = torch.as_tensor(runs.known[(image_ids[key[0]], key[1], drawn[key])])
             for image, draws in round_requests.items():
                 key = (image, draws.stream)
                 if draws.n < drawn[key]:
@@ -281,7 +259,8 @@ class Engine:
                                     device=self.device)
             counts = votes.counts[slots].cpu().numpy()  # the round's one read from the device
             for image, image_counts in zip(round_requests, counts, strict=True):
-                advance(image, image_counts)
+                runs.advance(image, image_counts, slot_of)
+        results = runs.results
         packer.close()
         self._record_nonfinite(image_ids, votes.nonfinite_per_image(len(images)))
         self.seconds += time.perf_counter() - started
@@ -332,6 +311,38 @@ class Engine:
                    disable=not self.progress)
         rows = batch_size or self.resolve_batch_size(images.shape[1:])
         return _Packer(self, x, image_ids, seed, sink, rows, bar, counting_draws)
+
+
+class _Procedures:
+    """The sampling procedures of `Engine.sequential`: their pending requests, their results, and the
+    requests answered from `known` counts (the prefix answered per (image, stream))."""
+
+    def __init__(self, procedures: Sequence[Generator], image_ids: Sequence[str], known: dict, reused: Counter,
+                 bar):
+        self.procedures, self.image_ids, self.known, self.reused, self.bar = procedures, image_ids, known, reused, bar
+        self.results: list = [None] * len(procedures)
+        self.pending: dict[int, Draws] = {}
+        self.answered: dict[tuple[int, tuple], int] = {}
+
+    def advance(self, image: int, counts, sampled: Mapping) -> None:
+        """Sends `counts` to the image's procedure and takes its next request: answered at once while its
+        counts are known and its stream has not been sampled (in `sampled`), else pending."""
+        while True:
+            try:
+                request = self.procedures[image].send(counts)
+            except StopIteration as stop:
+                self.results[image] = stop.value
+                self.bar.update(1)
+                return
+            if not isinstance(request, Draws) or request.n < 1:
+                raise ValueError(f"a procedure must yield Draws with n >= 1, got {request!r}")
+            key, before = (image, request.stream), self.answered.get((image, request.stream), 0)
+            counts = None if key in sampled else self.known.get((self.image_ids[image], request.stream, request.n))
+            if counts is None or request.n < before:
+                break
+            self.reused[self.image_ids[image]] += request.n - before
+            self.answered[key] = request.n
+        self.pending[image] = request
 
 
 class _Votes:
