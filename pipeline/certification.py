@@ -99,7 +99,11 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
                  image_ids: Sequence[str] | None = None, run_info: dict | None = None,
                  indices: Sequence[int] | None = None) -> list[dict]:
     """`certify` on an existing engine, as result rows, image by image in certifier order: check the
-    inputs, sample once for the counting certifiers, let the sampling ones sample, build the rows.
+    inputs; let the certifiers that feed counts sample (center smoothing); sample once for the counting
+    certifiers, answering what those draws already gave; let the other sampling ones sample, their looks
+    answered from all counts so far; build the rows. Each row's `shared_passes` (params) says how many
+    of its forward passes an earlier one in that order paid for, so the image's rows' forward_passes less
+    their shared_passes add up to the passes run.
     `run_info` fills the run columns; `indices` (default: the positions) the `image_index` column."""
     certifiers = _check_certifiers(certifiers)
     images = _check_images(images)
@@ -107,9 +111,11 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
     labels = _check_inputs(engine, images, image_ids, labels, certifiers)
     for image_id in image_ids:  # counted afresh for this call
         engine.nonfinite.pop(image_id, None)
-    counted, known = _counted(engine, images, image_ids, labels, seed, certifiers)
-    with engine.reusing(known):
-        verdicts = {**counted, **_sampled(engine, images, image_ids, labels, seed, certifiers)}
+    labeled = all(label is not None for label in labels)
+    with engine.reusing(_wanted(certifiers, labeled)):  # in this order, each pass reuses the votes before it
+        verdicts = _sampled(engine, images, image_ids, labels, seed, certifiers, feeding=True)
+        verdicts |= _counted(engine, images, image_ids, labels, seed, certifiers, verdicts)
+        verdicts |= _sampled(engine, images, image_ids, labels, seed, certifiers, feeding=False)
     _fail_nonfinite(engine, image_ids, verdicts)
     context = RowContext(seed=seed, precision=engine.precision, device=engine.device.type,
                          settings={"noise_scheme": noise_scheme(engine.device), **engine.settings()},
@@ -171,44 +177,57 @@ def _check_inputs(engine, images, image_ids, labels, certifiers) -> list[int | N
     return labels
 
 
-def _counted(engine, images, image_ids, labels, seed, certifiers) -> tuple[Verdicts, dict]:
+def _wanted(certifiers: Sequence[Certifier], labeled: bool) -> dict[tuple, list[int]]:
+    """Per noise stream, the draw counts whose votes some certifier asks for: the counting certifiers'
+    requests and the sampling certifiers' `reusable_draws`."""
+    wanted: dict[tuple, set[int]] = {}
+    for certifier in certifiers:
+        draws = certifier.reusable_draws(labeled) if certifier.self_sampling else certifier.draws(labeled).values()
+        for request in draws:
+            wanted.setdefault(request.stream, set()).add(request.n)
+    return {stream: sorted(ns) for stream, ns in wanted.items()}
+
+
+def _counted(engine, images, image_ids, labels, seed, certifiers, earlier: Verdicts) -> Verdicts:
     """The counting certifiers' certificates from one sampling pass over all their requests (shared
-    streams sampled once); each row's time is its share of the sampling plus its own math. Also the counts
-    of the sampling certifiers' `reusable_draws` that this pass drew anyway, for `Engine.reusing`."""
+    streams sampled once, prefixes that `earlier` certificates drew answered from their votes), plus the
+    sampling certifiers' `reusable_draws` this pass draws anyway; each row's time is its share of the
+    sampling plus its own math."""
     counting = {position: certifier for position, certifier in enumerate(certifiers) if not certifier.self_sampling}
     if not counting:
-        return {}, {}
+        return {}
     labeled = all(label is not None for label in labels)
     roles = {position: certifier.draws(labeled) for position, certifier in counting.items()}
     requests = list(dict.fromkeys(draws for group in roles.values() for draws in group.values()))
-    drawn = {}
+    drawn: dict[tuple, int] = {}
     for draws in requests:
         drawn[draws.stream] = max(drawn.get(draws.stream, 0), draws.n)
-    reusable = list(dict.fromkeys(draws for certifier in certifiers if certifier.self_sampling
-                                  for draws in certifier.reusable_draws(labeled)
-                                  if draws.n <= drawn.get(draws.stream, 0)))
-    requests = list(dict.fromkeys(requests + reusable))
-    log.debug("certifying %d images: %d noise streams, batch %d on %s", len(images),
+    requests += [draws for certifier in certifiers if certifier.self_sampling
+                 for draws in certifier.reusable_draws(labeled) if draws.n <= drawn.get(draws.stream, 0)]
+    requests = list(dict.fromkeys(requests))
+    log.debug("certifying %d images: %d noise streams, batch %s on %s", len(images),
               len({draws.stream for draws in requests}), engine.batch_size, engine.device)
-    seconds_before = engine.seconds
+    seconds_before, passes_before = engine.seconds, engine.forward_passes
+    engine.reused.clear()
     counts = engine.count(images, image_ids, seed, requests)
-    passes = {position: sum(draws.n for draws in group.values()) for position, group in roles.items()}
-    seconds_per_pass = (engine.seconds - seconds_before) / (len(images) * sum(passes.values()))
+    seconds_per_pass = (engine.seconds - seconds_before) / max(1, engine.forward_passes - passes_before)
     verdicts: Verdicts = {}
-    for position, certifier in counting.items():
-        verdicts[position] = []
-        for index, label in enumerate(labels):
+    for index, image_id in enumerate(image_ids):
+        paid = {draws.stream: engine.reused.get((image_id, draws.stream), 0) for draws in requests}
+        for position, certifier in counting.items():
             started = time.perf_counter()
-            if engine.nonfinite.get(image_ids[index]):  # its counts miss the draws that could not vote
+            if engine.nonfinite.get(image_id):  # its counts miss the draws that could not vote
                 certificate = NONFINITE
             else:
                 certificate = certifier.certify({role: counts[draws][index] for role, draws in roles[position].items()},
-                                                label)
-            seconds = passes[position] * seconds_per_pass + time.perf_counter() - started
-            verdicts[position].append((certificate, seconds))
-    known = {(image_ids[index], draws.stream, draws.n): counts[draws][index]
-             for draws in reusable for index in range(len(images))}
-    return verdicts, known
+                                                labels[index])
+            shared = sum(min(draws.n, paid[draws.stream]) for draws in roles[position].values())
+            new = sum(draws.n for draws in roles[position].values()) - shared
+            for draws in roles[position].values():
+                paid[draws.stream] = max(paid[draws.stream], draws.n)
+            seconds = new * seconds_per_pass + time.perf_counter() - started
+            verdicts.setdefault(position, []).append((_with_shared(certificate, shared), seconds))
+    return verdicts
 
 
 def _with_shared(certificate: Certificate, shared: int) -> Certificate:
@@ -219,15 +238,19 @@ def _with_shared(certificate: Certificate, shared: int) -> Certificate:
     return dataclasses.replace(certificate, details={**(certificate.details or {}), "shared_passes": shared})
 
 
-def _sampled(engine, images, image_ids, labels, seed, certifiers) -> Verdicts:
-    """The sampling certifiers' certificates, each certifier's time shared out by forward passes."""
+def _sampled(engine, images, image_ids, labels, seed, certifiers, feeding: bool) -> Verdicts:
+    """The certificates of the sampling certifiers that feed counts (`feeding`) or of the others, each
+    certifier's time shared out by forward passes; `shared_passes` are the draws the engine answered from
+    earlier votes."""
     verdicts: Verdicts = {}
     for position, certifier in enumerate(certifiers):
-        if certifier.self_sampling:
+        if certifier.self_sampling and certifier.feeds_counts == feeding:
             started = time.perf_counter()
             engine.reused.clear()
-            certificates = [_with_shared(certificate, engine.reused.get(image_id, 0)) for certificate, image_id
-                            in zip(_run(certifier, engine, images, image_ids, seed, labels), image_ids, strict=True)]
+            certificates = _run(certifier, engine, images, image_ids, seed, labels)
+            certificates = [_with_shared(certificate, sum(n for (reused_id, _), n in engine.reused.items()
+                                                          if reused_id == image_id))
+                            for certificate, image_id in zip(certificates, image_ids, strict=True)]
             seconds = time.perf_counter() - started
             total = max(1, sum(certificate.cost.forward_passes for certificate in certificates))
             verdicts[position] = [(certificate, seconds * certificate.cost.forward_passes / total)

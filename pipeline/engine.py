@@ -98,8 +98,9 @@ class Engine:
         self.forward_passes = 0
         self.seconds = 0.0
         self.nonfinite: Counter[str] = Counter()  # image id -> noisy outputs with NaN or inf (they never vote)
-        self.known: dict[tuple, np.ndarray] = {}  # (image id, stream, n) -> counts of the first n draws
-        self.reused: Counter[str] = Counter()  # image id -> draws `sequential` answered from `known`
+        self.wanted: dict[tuple, list[int]] = {}  # stream -> the draw counts whose votes to keep (`reusing`)
+        self.known: dict[tuple, dict] = {}  # (image id, stream) -> {n: vote counts of draws [0, n)}
+        self.reused: dict[tuple, int] = {}  # (image id, stream) -> the prefix answered from `known`
         self._num_classes: int | None = None
 
     def settings(self) -> dict:
@@ -162,6 +163,7 @@ class Engine:
 
         `head(inputs, image_index)`, when given, replaces the model's scores (for classifiers built around
         the model, such as patch ensembles); `batch_size` overrides the noisy copies per forward pass.
+        Without a `head`, draws whose votes are in `known` are answered from them (see `reusing`).
         """
         started = time.perf_counter()
         self._check(images, image_ids)
@@ -187,11 +189,15 @@ class Engine:
                 for key, ends in cuts.items():
                     slot, start = image * slots_per_image + first_slot[key], 0
                     for end in ends:
-                        packer.put(image, key, start, end, slot)
+                        known = start if head else self._answer(votes, slot, image_ids[image], key, start, end)
+                        if known < end:
+                            packer.put(image, key, known, end, slot)
                         slot, start = slot + 1, end
             packer.close()
         self._record_nonfinite(image_ids, votes.nonfinite_per_image(len(images)))
         per_slot = votes.counts.view(len(images), slots_per_image, -1).cpu().numpy()
+        if head is None:  # the model's own votes
+            self._keep(image_ids, cuts, first_slot, per_slot)
         self.seconds += time.perf_counter() - started
 
         result = {}
@@ -203,14 +209,18 @@ class Engine:
         return result
 
     @contextmanager
-    def reusing(self, known: dict[tuple, np.ndarray]):
-        """Lets `sequential` answer requests from `known` counts, {(image id, stream, n): counts [C] of the
-        model's top-1 votes on draws [0, n)}, as `count` returned them, within the block."""
-        self.known = known
+    def reusing(self, wanted: dict[tuple, list[int]]):
+        """Within the block, keeps the counts of the model's top-1 votes on draws [0, n) of a stream at every
+        n in `wanted[stream]` as `count` (or `outputs` with `votes`) finds them, in `known`
+        {(image id, stream): {n: counts [C]}}; `count` and `sequential` answer requests from them. `reused`
+        says, per (image id, stream), the prefix answered that way. A draw is a pure function of (seed, image
+        id, stream, index), so the counts are those a fresh pass would find."""
+        self.wanted, self.known = wanted, {}
+        self.reused.clear()
         try:
             yield self
         finally:
-            self.known = {}
+            self.wanted, self.known = {}, {}
 
     def sequential(self, images: torch.Tensor, image_ids: Sequence[str], seed: int,
                    procedures: Sequence[Generator], head=None, batch_size: int | None = None) -> list:
@@ -223,8 +233,8 @@ class Engine:
         batches to the others. `head` and `batch_size` as in `count`.
 
         Without a `head`, a request whose counts are in `known` (the model's votes on the same draws, which
-        `count` found earlier: see `reusing`) is answered from them, and sampling goes on after the last
-        answered prefix; `reused` adds up, per image, the draws answered that way.
+        `count` or `outputs` found earlier: see `reusing`) is answered from them, and sampling goes on after
+        the last answered prefix.
         """
         started = time.perf_counter()
         self._check(images, image_ids)
@@ -246,7 +256,7 @@ class Engine:
                 slot_of[key] = len(slot_of)
                 drawn[key] = runs.answered.get(key, 0)
                 if drawn[key]:  # go on from the answered prefix
-                    votes.counts[slot_of[key]] = torch.as_tensor(runs.known[(image_ids[key[0]], key[1], drawn[key])])
+                    votes.counts[slot_of[key]] = torch.as_tensor(runs.known[(image_ids[key[0]], key[1])][drawn[key]])
             for image, draws in round_requests.items():
                 key = (image, draws.stream)
                 if draws.n < drawn[key]:
@@ -267,15 +277,25 @@ class Engine:
         return results
 
     def outputs(self, images: torch.Tensor, image_ids: Sequence[str], seed: int, draws: Draws, head,
-                sink) -> None:
+                sink, votes: bool = False) -> None:
         """Runs `head` on the `draws.n` noisy copies of every image, batched like `count`; calls
-        `sink(outputs, image_index, draw_index)` for each batch, the indices as device tensors."""
+        `sink(outputs, image_index, draw_index)` for each batch, the indices as device tensors.
+
+        With `votes`, `head` returns (the model's logits, outputs) from one forward pass, and the model's
+        top-1 votes on these draws are counted at the cuts in `wanted` for this stream (see `reusing`) and
+        kept in `known`, for `count` and `sequential` to answer the same requests without new passes."""
         started = time.perf_counter()
         self._check(images, image_ids)
         nonfinite = torch.zeros(len(images), dtype=torch.int64, device=self.device)
+        wanted = self.wanted.get(draws.stream)
+        cuts = sorted({cut for cut in wanted if cut <= draws.n} | {draws.n}) if votes and wanted else []
+        tally = _Tally(cuts, len(images), self.device)
 
         def forward(inputs: torch.Tensor, slots: torch.Tensor, draw_index: torch.Tensor) -> None:
             outputs = self.forward(head, inputs)
+            if votes:
+                logits, outputs = outputs
+                tally.add(logits, slots, draw_index)
             nonfinite.index_add_(0, slots, (~torch.isfinite(outputs.flatten(1)).all(dim=1)).long())
             sink(outputs, slots, draw_index)
 
@@ -285,7 +305,34 @@ class Engine:
                 packer.put(image, draws.stream, 0, draws.n, image)
             packer.close()
         self._record_nonfinite(image_ids, nonfinite)
+        for image_id, prefixes in tally.known(image_ids).items():
+            self.known.setdefault((image_id, draws.stream), {}).update(prefixes)
         self.seconds += time.perf_counter() - started
+
+    def _answer(self, votes: _Votes, slot: int, image_id: str, key: tuple, start: int, end: int) -> int:
+        """Fills `slot` with the known counts of draws [start, p) of the stream, p the largest known prefix
+        <= end (when the counts at `start` are known too); returns p, or `start` when nothing is known."""
+        prefixes = self.known.get((image_id, key), {})
+        first = prefixes.get(start) if start else 0
+        known = max((n for n in prefixes if start < n <= end), default=None)
+        if known is None or first is None:
+            return start
+        votes.counts[slot] = torch.as_tensor(prefixes[known] - first)
+        self.reused[(image_id, key)] = known
+        return known
+
+    def _keep(self, image_ids: Sequence[str], cuts: dict[tuple, list[int]], first_slot: dict[tuple, int],
+              per_slot: np.ndarray) -> None:
+        """Keeps the counts of the draws [0, n) that `count` found at every n that `wanted` asks for."""
+        for key, ends in cuts.items():
+            keep = set(self.wanted.get(key, ()))
+            if not keep:
+                continue
+            start = first_slot[key]
+            cumulative = per_slot[:, start:start + len(ends)].cumsum(axis=1)
+            for image, image_id in enumerate(image_ids):
+                self.known.setdefault((image_id, key), {}).update(
+                    {end: cumulative[image, j] for j, end in enumerate(ends) if end in keep})
 
     def _record_nonfinite(self, image_ids: Sequence[str], per_image: torch.Tensor) -> None:
         """Adds each image's count of non-finite outputs to `nonfinite` (one read from the device)."""
@@ -317,8 +364,7 @@ class _Procedures:
     """The sampling procedures of `Engine.sequential`: their pending requests, their results, and the
     requests answered from `known` counts (the prefix answered per (image, stream))."""
 
-    def __init__(self, procedures: Sequence[Generator], image_ids: Sequence[str], known: dict, reused: Counter,
-                 bar):
+    def __init__(self, procedures: Sequence[Generator], image_ids: Sequence[str], known: dict, reused: dict, bar):
         self.procedures, self.image_ids, self.known, self.reused, self.bar = procedures, image_ids, known, reused, bar
         self.results: list = [None] * len(procedures)
         self.pending: dict[int, Draws] = {}
@@ -337,12 +383,40 @@ class _Procedures:
             if not isinstance(request, Draws) or request.n < 1:
                 raise ValueError(f"a procedure must yield Draws with n >= 1, got {request!r}")
             key, before = (image, request.stream), self.answered.get((image, request.stream), 0)
-            counts = None if key in sampled else self.known.get((self.image_ids[image], request.stream, request.n))
+            counts = None if key in sampled else self.known.get((self.image_ids[image], request.stream), {}).get(
+                request.n)
             if counts is None or request.n < before:
                 break
-            self.reused[self.image_ids[image]] += request.n - before
-            self.answered[key] = request.n
+            self.reused[(self.image_ids[image], request.stream)] = self.answered[key] = request.n
         self.pending[image] = request
+
+
+class _Tally:
+    """Top-1 vote counts of each image at given cuts of one stream (draws [0, cut) for each cut)."""
+
+    def __init__(self, cuts: list[int], images: int, device: torch.device):
+        self.cuts, self.images, self.device = cuts, images, device
+        self.bounds = torch.as_tensor(cuts, dtype=torch.long, device=device)
+        self.counts: torch.Tensor | None = None  # [images, cuts, classes]: votes of draws in [cut j-1, cut j)
+
+    def add(self, logits: torch.Tensor, images: torch.Tensor, draws: torch.Tensor) -> None:
+        if not self.cuts:
+            return
+        classes = logits.shape[1]
+        if self.counts is None:
+            self.counts = torch.zeros((self.images, len(self.cuts), classes), dtype=torch.int64, device=self.device)
+        segment = torch.searchsorted(self.bounds, draws, right=True)  # cuts <= draw: the draw counts beyond them
+        counted = torch.isfinite(logits).all(dim=1) & (segment < len(self.cuts))  # NaN or inf scores never vote
+        flat = (images * len(self.cuts) + segment.clamp(max=len(self.cuts) - 1)) * classes + logits.argmax(dim=1)
+        self.counts.view(-1).index_add_(0, flat, counted.long())
+
+    def known(self, image_ids: Sequence[str]) -> dict[str, dict[int, np.ndarray]]:
+        """{image id: {cut: vote counts of draws [0, cut)}}."""
+        if self.counts is None:
+            return {}
+        cumulative = self.counts.cumsum(dim=1).cpu().numpy()
+        return {image_id: {cut: cumulative[image, j] for j, cut in enumerate(self.cuts)}
+                for image, image_id in enumerate(image_ids)}
 
 
 class _Votes:

@@ -36,9 +36,8 @@ DSSN_OFFSETS = "dssn"
 CENTER_SEARCH = "center_search"  # the samples the centre is searched among (or measured against)
 CENTER_CANDIDATES = "center_candidates"  # the candidate centres of `centers=k`
 CENTER_CHECK = "center_check"
-CENTER_CERTIFY = "center_certify"
 
-__all__ = ["ABSTAIN", "CENTER_CANDIDATES", "CENTER_CERTIFY", "CENTER_CHECK", "CENTER_SEARCH", "DSSN_OFFSETS",
+__all__ = ["ABSTAIN", "CENTER_CANDIDATES", "CENTER_CHECK", "CENTER_SEARCH", "DSSN_OFFSETS",
            "ESTIMATION", "SELECTION", "Certificate", "Certifier", "Cost"]
 
 
@@ -158,6 +157,12 @@ class Certifier:
         raise NotImplementedError
 
     # sampling certifiers
+    @property
+    def feeds_counts(self) -> bool:
+        """True when it samples before the counting certifiers and the model's top-1 votes on its draws
+        answer their requests on the same stream (center smoothing's certification stage)."""
+        return False
+
     def reusable_draws(self, labeled: bool) -> list[Draws]:
         """The requests for the model's own top-1 votes this sampling certifier may make first (a sequential
         mode's selection and looks), whose counts it can take from the counting certifiers' pass when that

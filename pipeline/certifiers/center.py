@@ -16,7 +16,10 @@ Three stages on fresh draws:
 2. check: on n fresh samples, p = the fraction within r of the centre; abstain unless
    max(Delta1, 1/2 - (p - Delta1)) <= delta, Delta1 = sqrt(ln(2/alpha1) / (2n));
 3. certificate: the order statistic above, over m fresh distances streamed from the engine (the m
-   outputs are never held at once).
+   outputs are never held at once). These m draws are the estimation stream at sigma, independent of
+   stages 1 and 2; the same forward passes give the model's votes, so Cohen and TopK at the same sigma
+   (and the sequential modes' looks) take their estimation counts from them. Each certificate keeps its
+   own guarantee, as it rests on draws independent of its own other stages.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ from scipy.stats import norm
 
 from pipeline.certifiers.base import (
     CENTER_CANDIDATES,
-    CENTER_CERTIFY,
     CENTER_CHECK,
     CENTER_SEARCH,
+    ESTIMATION,
     Certificate,
     Certifier,
     Cost,
@@ -89,17 +92,21 @@ def check_passes(fraction_within: float, n: int, alpha1: float, delta: float) ->
     return max(margin, 0.5 - (fraction_within - margin)) <= delta
 
 
-def output_head(model: torch.nn.Module, output: str):
-    """The function of a noisy input whose output is smoothed."""
-    if output == "logits":
-        return model
-    if output == "probs":
-        return lambda inputs: torch.softmax(model(inputs).float(), dim=1)
+def output_head(model: torch.nn.Module, output: str, with_logits: bool = False):
+    """The function of a noisy input whose output is smoothed. `with_logits`: a function that returns (the
+    model's logits, that output) from one forward pass (all outputs but `denoised`)."""
     if output == "features":
         adapter = WithFeatures(model)
-        return lambda inputs: adapter(inputs)[1]
+        return adapter if with_logits else lambda inputs: adapter(inputs)[1]
+    if output in ("logits", "probs"):
+        def head(inputs):
+            logits = model(inputs)
+            value = logits if output == "logits" else torch.softmax(logits.float(), dim=1)
+            return (logits, value) if with_logits else value
+
+        return head
     if output == "denoised":
-        if not hasattr(model, "denoiser"):
+        if not hasattr(model, "denoiser") or with_logits:
             raise ValueError("center: output='denoised' needs a classifier composed with a denoiser "
                              "(a model with a `denoiser` module)")
         return model.denoiser
@@ -175,6 +182,11 @@ class Center(Certifier):
         return True
 
     @property
+    def feeds_counts(self) -> bool:
+        """The certification stage's forward passes also give the model's votes (not for `denoised`)."""
+        return self.output != "denoised"
+
+    @property
     def cost(self) -> Cost:
         """n: the m certification draws; n0: the centre search (and candidates), the check, the clean pass."""
         return Cost(n=self.m, n0=(0 if self.centers == "exact" else self.centers) + 2 * self.n + 1)
@@ -215,7 +227,12 @@ class Center(Certifier):
         def keep_distances(outputs, image, draw):
             distances[image, draw] = distance.paired(outputs, centres[image]).float()
 
-        engine.outputs(images, image_ids, seed, Draws(CENTER_CERTIFY, self.sigma, self.m), head, keep_distances)
+        # the m certification draws are the estimation stream at sigma: one forward pass gives this stage its
+        # outputs and the model's votes, which answer Cohen's and TopK's estimation draws at the same sigma
+        voting = self.feeds_counts and not engine.compile
+        engine.outputs(images, image_ids, seed, Draws(ESTIMATION, self.sigma, self.m),
+                       output_head(engine.model, self.output, with_logits=True) if voting else head, keep_distances,
+                       votes=voting)
 
         certificates = []
         errors = distance.paired(clean.float(), centres).tolist()
