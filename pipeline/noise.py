@@ -23,6 +23,7 @@ generator is recorded with every certificate (`noise_scheme`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ import torch
 DRAWS_PER_BLOCK = 64
 
 __all__ = ["DRAWS_PER_BLOCK", "DerandomizedSplitting", "Gaussian", "NoiseStream", "Splitting", "SplittingAugment",
-           "block_seed", "dssn_levels", "dssn_template", "gaussian_draws", "make_noise", "noise_scheme",
+           "block_seed", "dssn_levels", "dssn_table", "dssn_template", "gaussian_draws", "make_noise", "noise_scheme",
            "split_cells", "splitting_lambda", "splitting_width"]
 
 
@@ -161,28 +162,59 @@ def template_identity(dimension: int, levels: int, template: str | int) -> str:
     return f"{template}(d={dimension}, L={levels}) sha256:{digest}"
 
 
+def dssn_table(levels: int, q: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The DSSN noisy value of every (input level k = 0..q, cut level m = 0..L-1), shape [q + 1, L].
+
+    Computed in float64 with the spec's formula (the cut below level k sits at m + 0.5 + L c for the
+    largest such c, so the cell's upper end is (m + 0.5 + L ceil((k - m - 0.5) / L)) / q; the value is
+    the centre of the cell clipped to [0, 1]) and rounded once to `dtype`."""
+    k = torch.arange(q + 1, dtype=torch.float64).view(-1, 1)
+    m = torch.arange(levels, dtype=torch.float64).view(1, -1)
+    cell = torch.floor((k - m - 1) / levels) + 1  # = ceil((k - m - 0.5) / L) for integers k, m
+    upper = (m + 0.5 + levels * cell) / q
+    return ((upper.clamp(max=1.0) + (upper - levels / q).clamp(min=0.0)) / 2).to(dtype)
+
+
 class DerandomizedSplitting(NoiseStream):
     """DSSN: draw j cuts coordinate i at ((v_i + j) mod L + 0.5) / q. No randomness: draws 0..L-1 are every
-    cut position once. Exact for inputs on the 1/q grid (cells are computed on integer levels)."""
+    cut position once. Exact for inputs on the 1/q grid, in [0, 1].
+
+    Raw rows hold the integer cut level m = (v_i + j) mod L (integers below 2^24, exact in fp32).
+    `apply` looks each noisy value up in `dssn_table` by (input level k, m): the output is the float64
+    formula rounded once to the output's dtype, bit for bit, with no fp32 arithmetic on the values."""
 
     def __init__(self, shape, device="cpu", *, sigma: float, q: int, template: str | int):
         super().__init__(shape, device)
         self.q, self.levels = int(q), dssn_levels(sigma, q)
         template_values = dssn_template(math.prod(self.shape), self.levels, template)
-        self.template = torch.as_tensor(template_values, dtype=torch.float64).view(self.shape).to(self.device)
-        self.offsets = torch.arange(DRAWS_PER_BLOCK, dtype=torch.float64, device=self.device)
+        self.template = torch.as_tensor(template_values, dtype=torch.float32).view(self.shape).to(self.device)
+        self.offsets = torch.arange(DRAWS_PER_BLOCK, device=self.device)
+
+    def cut_levels(self, shifts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Writes the cut levels (v + shift) mod L into `out` [len(shifts), *shape], one integer shift per
+        row; every value is an integer below 2 L, so fp32 holds it and its remainder exactly."""
+        shifts = torch.remainder(shifts.to(out.device), self.levels).to(torch.float32).view(-1, *[1] * len(self.shape))
+        torch.add(self.template, shifts, out=out)
+        return torch.remainder(out, self.levels, out=out)
 
     def fill(self, out, seed, image_id, stage, block):
-        shifts = self.offsets + block * DRAWS_PER_BLOCK
-        out.copy_(torch.remainder(self.template + shifts.view(-1, *[1] * len(self.shape)), self.levels))
+        self.cut_levels(self.offsets + block * DRAWS_PER_BLOCK, out)
 
     def apply(self, image, rows, out=None):
-        level = torch.round(image.double() * self.q)  # the input's integer level k
-        # the cut below level k sits at m + 0.5 + L c for the largest such c: cell index ceil((k - m - 0.5) / L)
-        cell = torch.floor((level - rows.double() - 1) / self.levels) + 1
-        upper = (rows.double() + 0.5 + self.levels * cell) / self.q
-        width = self.levels / self.q
-        (rows if out is None else out).copy_((upper.clamp(max=1.0) + (upper - width).clamp(min=0.0)) / 2)
+        target = rows if out is None else out
+        base = torch.round(image.double() * self.q).to(torch.int32) * self.levels  # k L: row k of the table
+        index = rows.to(torch.int32, copy=True).add_(base).reshape(-1)  # k L + m: integers only, < 2^31
+        table = _flat_table(self.levels, self.q, target.dtype, self.device)
+        if target.is_contiguous():
+            torch.index_select(table, 0, index, out=target.view(-1))
+        else:
+            target.copy_(table[index].view(target.shape))
+
+
+@functools.lru_cache(maxsize=16)
+def _flat_table(levels: int, q: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`dssn_table` flattened (entry k L + m), made once per (L, q, dtype, device)."""
+    return dssn_table(levels, q, dtype).flatten().to(device)
 
 
 def make_noise(kind: str, shape: Sequence[int], device, sigma: float, options: tuple = ()) -> NoiseStream:
@@ -212,9 +244,8 @@ class SplittingAugment:
         if self._dssn is None or self._dssn.shape != shape:
             self._dssn = DerandomizedSplitting(shape, images.device, sigma=self.sigma, q=self.q,
                                                template=self.template)
-        shifts = torch.randint(self._dssn.levels, (len(images),), generator=generator).double()
-        rows = torch.remainder(self._dssn.template + shifts.view(-1, *[1] * len(shape)), self._dssn.levels)
-        rows = rows.to(images.dtype)
+        shifts = torch.randint(self._dssn.levels, (len(images),), generator=generator)
+        rows = self._dssn.cut_levels(shifts, torch.empty_like(images))
         self._dssn.apply(images, rows)
         return rows
 

@@ -13,7 +13,14 @@ from torch import nn
 import pipeline
 from pipeline.certifiers import DSSN, SSN, dssn
 from pipeline.engine import Draws, Engine
-from pipeline.noise import DerandomizedSplitting, SplittingAugment, dssn_levels, dssn_template
+from pipeline.noise import (
+    DRAWS_PER_BLOCK,
+    DerandomizedSplitting,
+    SplittingAugment,
+    dssn_levels,
+    dssn_table,
+    dssn_template,
+)
 
 
 @pytest.mark.parametrize(("sigma", "levels"), [(0.5, 441), (3.5, 3091)])
@@ -38,6 +45,77 @@ def enumerate_reference(x: np.ndarray, sigma: float, q: int = 255) -> np.ndarray
         upper = split + (levels / q) * np.ceil(q * (x - split) / levels)
         rows.append((np.minimum(upper, 1) + np.maximum(upper - levels / q, 0)) / 2)
     return np.stack(rows)
+
+
+def float64_cell_centre(k, m, levels: int, q: int) -> np.ndarray:
+    """The noisy value for input level k and cut level m, the float64 formula written out: the cell's upper
+    end is (m + 0.5 + L ceil((k - m - 0.5) / L)) / q, the value the centre of the cell clipped to [0, 1]."""
+    k, m = np.asarray(k, dtype=np.float64), np.asarray(m, dtype=np.float64)
+    upper = (m + 0.5 + levels * np.ceil((k - m - 0.5) / levels)) / q
+    return (np.minimum(upper, 1.0) + np.maximum(upper - levels / q, 0.0)) / 2
+
+
+def float64_apply(image: torch.Tensor, rows: torch.Tensor, levels: int, q: int) -> torch.Tensor:
+    """The float64 `DerandomizedSplitting.apply` that the lookup table replaced."""
+    level = torch.round(image.double() * q)
+    cell = torch.floor((level - rows.double() - 1) / levels) + 1
+    upper = (rows.double() + 0.5 + levels * cell) / q
+    return (upper.clamp(max=1.0) + (upper - levels / q).clamp(min=0.0)) / 2
+
+
+def same_bits(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("sigma", [0.12, 0.25, 0.5, 1.0, 3.5])
+def test_fp32_noise_is_the_float64_formula_rounded_once_for_every_level_pair(sigma):
+    """Every (input level k = 0..255, cut level m = 0..L-1): the table, and fill + apply on an image that
+    holds every level once, give the float64 formula rounded to fp32, bit for bit."""
+    q = 255
+    levels = dssn_levels(sigma, q)
+    k, m = np.meshgrid(np.arange(q + 1), np.arange(levels), indexing="ij")
+    expected = float64_cell_centre(k, m, levels, q).astype(np.float32)
+    assert same_bits(dssn_table(levels, q).numpy(), expected)
+
+    noise = DerandomizedSplitting((1, 16, 16), sigma=sigma, q=q, template="reference")
+    image = (torch.arange(q + 1, dtype=torch.float32) / q).view(1, 16, 16)
+    blocks = math.ceil(levels / DRAWS_PER_BLOCK)
+    rows = torch.empty(blocks * DRAWS_PER_BLOCK, 1, 16, 16)
+    for block in range(blocks):
+        part = rows[block * DRAWS_PER_BLOCK:(block + 1) * DRAWS_PER_BLOCK]
+        noise.fill(part, 0, "x", "dssn", block)
+        noise.apply(image, part)
+    template = dssn_template(q + 1, levels)
+    cuts = (template[None, :] + np.arange(levels)[:, None]) % levels  # [j, i]: every m once per coordinate
+    expected_rows = float64_cell_centre(np.arange(q + 1)[None, :], cuts, levels, q).astype(np.float32)
+    assert same_bits(rows[:levels].view(levels, -1).numpy(), expected_rows)
+
+
+@pytest.mark.parametrize("sigma", [0.25, 3.5])
+def test_apply_on_random_images_equals_the_float64_apply_bit_for_bit(sigma):
+    generator = torch.Generator().manual_seed(1)
+    noise = DerandomizedSplitting((3, 8, 8), sigma=sigma, q=255, template="reference")
+    rows = torch.empty(DRAWS_PER_BLOCK, 3, 8, 8)
+    draws = torch.arange(DRAWS_PER_BLOCK, dtype=torch.float64).view(-1, 1, 1, 1)
+    for block in (0, 21, 42):
+        image = torch.randint(0, 256, (3, 8, 8), generator=generator).float() / 255
+        noise.fill(rows, 0, "x", "dssn", block)
+        cuts = rows.clone()
+        expected_cuts = torch.remainder(noise.template.double() + draws + block * DRAWS_PER_BLOCK, noise.levels)
+        assert same_bits(cuts.numpy(), expected_cuts.float().numpy())
+        for dtype in (torch.float16, torch.bfloat16):  # a lower-precision input rounds once, as before
+            out = torch.empty(rows.shape, dtype=dtype).to(memory_format=torch.channels_last)
+            noise.apply(image, cuts, out)
+            expected = float64_apply(image, cuts, noise.levels, 255).to(dtype)
+            assert same_bits(out.float().numpy(), expected.float().numpy())
+        noise.apply(image, rows)
+        assert same_bits(rows.numpy(), float64_apply(image, cuts, noise.levels, 255).float().numpy())
+    images = torch.randint(0, 256, (5, 3, 8, 8), generator=generator).float() / 255
+    shifts = torch.randint(noise.levels, (5,), generator=torch.Generator().manual_seed(2))
+    cuts = torch.remainder(noise.template.double() + shifts.view(-1, 1, 1, 1).double(), noise.levels)
+    augmented = SplittingAugment("dssn", sigma)(images, torch.Generator().manual_seed(2))
+    assert same_bits(augmented.numpy(), float64_apply(images, cuts, noise.levels, 255).float().numpy())
 
 
 class Recorder(nn.Module):
@@ -91,7 +169,8 @@ def test_no_flip_inside_the_certified_l1_radius_and_a_flip_just_outside():
     noise = DerandomizedSplitting((1, 4, 4), sigma=sigma, q=q, template="reference")
     levels = noise.levels
     assert levels == 44
-    shifts = torch.remainder(noise.template + torch.arange(levels, dtype=torch.float64).view(-1, 1, 1, 1), levels)
+    shifts = torch.remainder(noise.template.double() + torch.arange(levels, dtype=torch.float64).view(-1, 1, 1, 1),
+                             levels)
 
     rng = np.random.default_rng(3)
     weight = torch.as_tensor(rng.normal(size=(3, 16)))
