@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-import pandas as pd
+import pyarrow as pa
 
 from pipeline import report
 from pipeline.certification import certify_rows
@@ -28,19 +28,20 @@ from pipeline.config import load_config
 from pipeline.data.demo import load_demo
 from pipeline.engine import Engine
 from pipeline.models import load_model
+from pipeline.results import to_table
 
 CERTIFICATE = ["image_id", "setting", "prediction", "radius", "p_lower", "count", "n", "eps_out", "status"]
 
 
-def run(model, groups, images, labels, ids, seed: int, batch_size) -> tuple[pd.DataFrame, int, float]:
+def run(model, groups, images, labels, ids, seed: int, batch_size) -> tuple[pa.Table, int, float]:
     """Rows, model evaluations and seconds of certifying with each group of certifiers on a fresh engine."""
-    frames, passes, started = [], 0, time.perf_counter()
+    rows, passes, started = [], 0, time.perf_counter()
     for group in groups:
         engine = Engine(model, batch_size=batch_size)
-        frames.append(pd.DataFrame(certify_rows(engine, images, labels, group, seed=seed, image_ids=ids)))
+        rows += certify_rows(engine, images, labels, group, seed=seed, image_ids=ids)
         passes += engine.forward_passes
-    rows = pd.concat(frames).sort_values(["image_id", "setting"]).reset_index(drop=True)
-    return rows, passes, time.perf_counter() - started
+    table = to_table(rows).sort_by([("image_id", "ascending"), ("setting", "ascending")])
+    return table, passes, time.perf_counter() - started
 
 
 def main() -> None:
@@ -67,15 +68,15 @@ def main() -> None:
     base = results["by kind"][1]
     for name, (_, passes, seconds) in results.items():
         print(f"| {name} | {passes / len(ids):,.0f} | {seconds / len(ids):.2f} | {passes / base:.3f} |")
-    together = results["together"][0]
+    together = results["together"][0].to_pandas()
     shared = together["params"].map(lambda params: json.loads(params).get("shared_passes", 0))
     print("\nshared_passes per image by setting (together):")
     print(shared.groupby(together["certifier"] + " " + together["setting"].str.slice(0, 60)).mean().to_string())
-    reference = results["separately"][0][CERTIFICATE]
+    reference = results["separately"][0].select(CERTIFICATE)
     for name, (rows, _, _) in results.items():
-        same = rows[CERTIFICATE].astype(str).equals(reference.astype(str))
+        same = rows.select(CERTIFICATE).equals(reference)
         print(f"\n{name}: every certificate identical to 'separately': {same}")
-        print(report.certified_accuracy(rows, [0.0, 0.25, 0.5]).to_markdown(index=False))
+        print(report.certified_accuracy(rows, [0.0, 0.25, 0.5]).to_markdown())
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@
 For each model and thread count it first sweeps the batch size, measuring noise draws per second of
   forward     the model alone on a fixed batch (no noise): the ceiling;
   floor       fresh Gaussian noise, the add and the forward per batch: what any sampler must pay;
-and takes the best floor over all batch sizes as the baseline. Then, at `batch_size="auto"` (the
-engine's own timed probe, `pipeline.batch_probe`), it measures
+and takes the batch size of the best floor as the baseline's. Then, at `batch_size="auto"` (the engine's
+own timed probe, `pipeline.batch_probe`), it measures in alternating rounds the floor at that best size and
   engine      pipeline's Engine.count on several images (seeded blocks, packing, on-device counting);
   sequential  Engine.sequential on the same draws asked for in looks (100, x1.5, ..., in whole blocks);
   per-image   a per-image loop as in the reference code (one image per call, randn_like noise, a host sync
@@ -36,9 +36,14 @@ SIGMA = 0.25
 # model: (build, input shape, batch sizes swept on a CPU, images x draws for the engine runs)
 MODELS = {
     "demo": (DemoCNN, (3, 32, 32), [16, 32, 64, 128, 256, 512, 1024], (8, 2000)),
-    "cifar_resnet110": (lambda: CifarResNet(110, 10), (3, 32, 32), [8, 16, 32, 64, 128, 256], (2, 256)),
-    "resnet50": (lambda: torchvision.models.resnet50(weights=None), (3, 224, 224), [2, 4, 8, 16, 32], (2, 32)),
+    "cifar_resnet110": (lambda: CifarResNet(110, 10), (3, 32, 32), [4, 8, 16, 32, 64, 128], (2, 128)),
+    "resnet50": (lambda: torchvision.models.resnet50(weights=None), (3, 224, 224), [1, 2, 4, 8, 16], (2, 16)),
 }
+
+
+def rate(value: float) -> str:
+    """Draws/s for a table: whole numbers, one decimal below 100."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
 def sync(device: torch.device) -> None:
@@ -93,8 +98,10 @@ def size_runs(engine: Engine, image: torch.Tensor, size: int, passes: int) -> di
     return {"forward": forward_only, "floor": floor}
 
 
-def engine_rates(engine: Engine, shape: tuple, images: int, draws: int, repeats: int) -> dict[str, float]:
-    """Engine.count, Engine.sequential and a per-image loop at the engine's batch size, draws/s."""
+def engine_rates(engine: Engine, shape: tuple, images: int, draws: int, repeats: int,
+                 floor_size: int) -> dict[str, float]:
+    """Engine.count, Engine.sequential and a per-image loop at the engine's batch size, and the floor at
+    `floor_size` in the same rounds, draws/s."""
     device = engine.device
     x = torch.rand(images, *shape, device=device)
     ids = [f"bench/{i}" for i in range(images)]
@@ -123,8 +130,10 @@ def engine_rates(engine: Engine, shape: tuple, images: int, draws: int, repeats:
                 remaining -= rows
 
     engine_count()  # the probe runs here, outside the timing
-    runs = {"engine": engine_count, "sequential": engine_sequential, "per-image": per_image_loop}
-    return best_rates(runs, dict.fromkeys(runs, images * draws), repeats, device)
+    passes = max(1, images * draws // floor_size)
+    runs = {"floor": size_runs(engine, x[0], floor_size, passes)["floor"], "engine": engine_count,
+            "sequential": engine_sequential, "per-image": per_image_loop}
+    return best_rates(runs, {**dict.fromkeys(runs, images * draws), "floor": passes * floor_size}, repeats, device)
 
 
 def measure(name: str, device: torch.device, threads: int, repeats: int, settings: dict) -> dict:
@@ -139,13 +148,12 @@ def measure(name: str, device: torch.device, threads: int, repeats: int, setting
     print(f"\n{name} {shape}, {threads} thread(s): draws/s by batch size\n")
     print("| batch | forward | floor |\n|---:|---:|---:|")
     for size, rates in swept.items():
-        print(f"| {size} | {rates['forward']:,.0f} | {rates['floor']:,.0f} |")
+        print(f"| {size} | {rate(rates['forward'])} | {rate(rates['floor'])} |", flush=True)
     best_size = max(swept, key=lambda size: swept[size]["floor"])
-    best_floor = swept[best_size]["floor"]
     auto = Engine(model, device=device, batch_size="auto", **settings)
-    rates = engine_rates(auto, shape, images, draws, repeats)
+    rates = engine_rates(auto, shape, images, draws, repeats, best_size)
     return {"model": name, "threads": threads, "best_forward": max(r["forward"] for r in swept.values()),
-            "best_size": best_size, "best_floor": best_floor, "auto": auto.batch_size, **rates,
+            "best_size": best_size, "best_floor": rates.pop("floor"), "auto": auto.batch_size, **rates,
             "probe_s": auto.probe["seconds"]}
 
 
@@ -169,9 +177,10 @@ def main() -> None:
           "| per-image | engine/best floor | sequential/best floor | engine/per-image | engine s/image at N=100k |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in summary:
-        print(f"| {r['model']} | {r['threads']} | {r['best_forward']:,.0f} | {r['best_floor']:,.0f} ({r['best_size']}) "
-              f"| {r['auto']} ({r['probe_s']:.2f}) | {r['engine']:,.0f} | {r['sequential']:,.0f} "
-              f"| {r['per-image']:,.0f} | {r['engine'] / r['best_floor']:.3f} "
+        print(f"| {r['model']} | {r['threads']} | {rate(r['best_forward'])} "
+              f"| {rate(r['best_floor'])} ({r['best_size']}) "
+              f"| {r['auto']} ({r['probe_s']:.2f}) | {rate(r['engine'])} | {rate(r['sequential'])} "
+              f"| {rate(r['per-image'])} | {r['engine'] / r['best_floor']:.3f} "
               f"| {r['sequential'] / r['best_floor']:.3f} "
               f"| {r['engine'] / r['per-image']:.2f} | {100_100 / r['engine']:.2f} |", flush=True)
 

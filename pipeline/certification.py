@@ -114,7 +114,7 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
     labeled = all(label is not None for label in labels)
     with engine.reusing(_wanted(certifiers, labeled)):  # in this order, each pass reuses the votes before it
         verdicts = _sampled(engine, images, image_ids, labels, seed, certifiers, feeding=True)
-        verdicts |= _counted(engine, images, image_ids, labels, seed, certifiers, verdicts)
+        verdicts |= _counted(engine, images, image_ids, labels, seed, certifiers)
         verdicts |= _sampled(engine, images, image_ids, labels, seed, certifiers, feeding=False)
     _fail_nonfinite(engine, image_ids, verdicts)
     context = RowContext(seed=seed, precision=engine.precision, device=engine.device.type,
@@ -188,9 +188,9 @@ def _wanted(certifiers: Sequence[Certifier], labeled: bool) -> dict[tuple, list[
     return {stream: sorted(ns) for stream, ns in wanted.items()}
 
 
-def _counted(engine, images, image_ids, labels, seed, certifiers, earlier: Verdicts) -> Verdicts:
+def _counted(engine, images, image_ids, labels, seed, certifiers) -> Verdicts:
     """The counting certifiers' certificates from one sampling pass over all their requests (shared
-    streams sampled once, prefixes that `earlier` certificates drew answered from their votes), plus the
+    streams sampled once, prefixes that the feeding certifiers drew answered from their votes), plus the
     sampling certifiers' `reusable_draws` this pass draws anyway; each row's time is its share of the
     sampling plus its own math."""
     counting = {position: certifier for position, certifier in enumerate(certifiers) if not certifier.self_sampling}

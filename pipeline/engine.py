@@ -124,15 +124,15 @@ class Engine:
         return self.batch_size
 
     def _probe_step(self, shape: tuple) -> Callable[[int], None]:
-        """One batch of the engine's per-batch work at `rows` rows: noise, the add and cast, forward, argmax."""
-        image = torch.full(shape, 0.5, device=self.device)
-        dtype = PRECISIONS[self.precision] or torch.float32
-        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        """One batch of the engine's own work at `rows` rows (seeded noise, the add and cast, the forward, the
+        count on the device): `count` on one grey image, leaving the engine's counters as they were."""
+        image = torch.full((1, *shape), 0.5)
 
         def step(rows: int) -> None:
-            noise = torch.randn((rows, *shape), device=self.device)
-            inputs = torch.add(image, noise, alpha=0.25).to(dtype).contiguous(memory_format=layout)
-            self.logits(inputs).argmax(1).cpu()  # the read waits for the device
+            passes, seconds = self.forward_passes, self.seconds
+            self.count(image, ["batch probe"], 0, [Draws("batch probe", 0.25, rows)], batch_size=rows)
+            self.forward_passes, self.seconds = passes, seconds
+            self.nonfinite.pop("batch probe", None)
 
         return step
 

@@ -54,18 +54,19 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
      "cohen: [prediction] unless it abstained; topk: top-k PREDICT on the estimation draws (null on abstention)."),
     ("forward_passes", pa.int64(), False,
      "Model evaluations this certificate rests on (n0 + n; smooth_reduce: times the patches); passes shared "
-     "between certifiers count for each."),
+     "between certifiers count for each (params.shared_passes: those an earlier row of the image paid for)."),
     ("seed", pa.int64(), False, "Run seed; with image_id it determines every noise draw."),
     ("wall_time_s", pa.float64(), False,
-     "Seconds attributed to this row: sampling time shared in proportion to forward_passes, plus its own math."),
+     "Seconds attributed to this row: sampling time in proportion to the forward passes it paid for, plus "
+     "its own math."),
     ("status", pa.string(), False, "'ok', or 'error' when the image could not be certified."),
     ("error", pa.string(), True, "What went wrong, for rows with status 'error'."),
     ("precision", pa.string(), False,
      "Precision the model ran at ('fp32' or 'bf16'); the certificate holds for the model at that precision."),
     ("device", pa.string(), False, "Device the model ran on ('cpu', 'cuda', ...)."),
     ("params", pa.string(), False,
-     "JSON of the certifier's full settings plus the noise scheme and precision, and per-image details "
-     "(dssn: the template's identity; smooth_reduce: the patch plan and radius factors)."),
+     "JSON of the certifier's full settings plus the noise scheme, precision and batch size, and per-image "
+     "details (dssn: the template's identity; smooth_reduce: the patch plan and radius factors)."),
     ("eps_in", pa.float64(), True, "center: the l2 input radius the output bound is for."),
     ("eps_out", pa.float64(), True,
      "center: certified bound on the distance between the smoothed outputs at x and at any x' within eps_in."),

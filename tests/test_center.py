@@ -11,9 +11,14 @@ from torch import nn
 
 import pipeline
 from pipeline import distances
-from pipeline.certifiers import Center, center
+from pipeline.certification import certify_rows
+from pipeline.certifiers import Center, Cohen, TopK, center
+from pipeline.certifiers.base import ESTIMATION
+from pipeline.data.demo import load_demo
 from pipeline.distances import METRICS, get_metric
 from pipeline.engine import Draws, Engine
+from pipeline.models import load_demo_model
+from pipeline.results import to_table
 
 
 class LinearMap(nn.Module):
@@ -297,10 +302,37 @@ def test_angular_eps_out_of_a_bf16_model_is_the_exact_order_statistic():
     def keep(out, image, draw):
         outputs[image, draw] = out.float()
 
-    engine.outputs(images, ["a", "b"], 0, Draws("center_certify", 0.25, 3000), model, keep)
+    engine.outputs(images, ["a", "b"], 0, Draws(ESTIMATION, 0.25, 3000), model, keep)
     for index, certificate in enumerate(certificates):
         cosine = torch.nn.functional.cosine_similarity(outputs[index].double(), centres[index:index + 1].double())
         distances = torch.arccos(cosine.clamp(-1, 1)) / math.pi
         expected = 3 * float(torch.sort(distances).values[math.ceil(level * 3000) - 1])
         assert not certificate.abstained
         assert certificate.extra["eps_out"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_center_beside_cohen_and_topk_gives_them_its_votes_and_changes_no_certificate():
+    """Center's certification draws are Cohen's and TopK's estimation draws: one forward pass gives the
+    features and the vote. Every certificate equals the one each certifier gives alone; the rows' forward
+    passes less their shared passes add up to the passes run."""
+    images, labels, ids = load_demo("test")
+    images, labels, ids = images[:4].float() / 255, labels[:4].tolist(), ids[:4]
+    model = load_demo_model()
+    certifiers = [Cohen(sigma=0.25, n0=50, n=300), TopK(sigma=0.25, k=2, n=600),
+                  Center(sigma=0.25, eps_in=0.1, n=200, m=500),
+                  Cohen(sigma=0.25, n0=50, n=2_000, mode="sequential", radii=[0.25])]
+    columns = ["image_id", "setting", "prediction", "radius", "p_lower", "count", "n", "forward_passes", "eps_out"]
+    engine = Engine(model, batch_size=128)
+    together = to_table(certify_rows(engine, images, labels, certifiers, seed=0, image_ids=ids))
+    alone = to_table([row for certifier in certifiers for row in certify_rows(Engine(model, batch_size=128), images,
+                                                                              labels, [certifier], seed=0,
+                                                                              image_ids=ids)])
+    order = [("image_id", "ascending"), ("setting", "ascending")]
+    assert together.sort_by(order).select(columns).equals(alone.sort_by(order).select(columns))
+    rows = together.to_pylist()
+    shared = {row["setting"]: json.loads(row["params"]).get("shared_passes", 0) for row in rows}
+    assert shared[certifiers[0].setting] == 300  # all of Cohen's estimation draws came from center's passes
+    assert shared[certifiers[1].setting] == 500 + 50  # TopK: center's 500, then Cohen's selection draws
+    assert shared[certifiers[2].setting] == 0
+    paid = sum(row["forward_passes"] - json.loads(row["params"]).get("shared_passes", 0) for row in rows)
+    assert paid + 1 == engine.forward_passes  # plus center's one probe of the output's shape

@@ -6,6 +6,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
+from conftest import without_batch
 from torch import nn
 
 import pipeline
@@ -24,7 +25,8 @@ def demo():
 
 
 def comparable(table: pa.Table) -> list[dict]:
-    rows = table.drop(["image_index", "wall_time_s"]).to_pylist()
+    rows = [{**row, "params": without_batch(row["params"])}
+            for row in table.drop(["image_index", "wall_time_s"]).to_pylist()]
     return sorted(rows, key=lambda row: (row["image_id"], row["certifier"]))
 
 
@@ -69,9 +71,11 @@ def test_cohen_and_topk_share_forward_passes(demo):
             seen.append(len(x))
             return self.inner(x)
 
-    table = pipeline.certify(Counting(), images, labels, CERTIFIERS)
+    table = pipeline.certify(Counting(), images, labels, CERTIFIERS, batch_size=1000)
     assert sum(seen) == len(images) * (50 + 300) + 1  # selection + shared estimation + one probe
     assert table.column("forward_passes").to_pylist()[:2] == [350, 300]
+    shared = [json.loads(params).get("shared_passes", 0) for params in table.column("params").to_pylist()[:2]]
+    assert shared == [0, 300]  # TopK's estimation draws are Cohen's, paid for in Cohen's row
 
 
 def test_topk_without_labels_certifies_the_selected_class(demo):
