@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ AUTO = "auto"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 log = logging.getLogger(__name__)
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {engine settings: its probe}
 
 __all__ = ["AUTO", "PRECISIONS", "Draws", "Engine"]
 
@@ -115,9 +117,15 @@ class Engine:
 
     def resolve_batch_size(self, input_shape: Sequence[int]) -> int:
         """The rows per forward pass: the configured number, or with `batch_size="auto"` the fastest size
-        of a short timed probe on noisy inputs of `input_shape` (`pipeline.batch_probe`), run once."""
+        of a short timed probe on noisy inputs of `input_shape` (`pipeline.batch_probe`), run once per model,
+        input shape, device, precision, layout, compilation and thread count in a process."""
         if self.batch_size == AUTO:
-            self.probe = probe_batch_size(self._probe_step(tuple(input_shape)), self.device)
+            key = (tuple(input_shape), str(self.device), self.precision, self.channels_last, str(self.compile),
+                   torch.get_num_threads())
+            probes = _PROBES.setdefault(self.model, {})
+            if key not in probes:
+                probes[key] = probe_batch_size(self._probe_step(tuple(input_shape)), self.device)
+            self.probe = probes[key]
             self.batch_size = self.probe["size"]
             log.info("batch_size auto: %d rows per forward pass (%s draws/s by size, %.1f s)", self.batch_size,
                      self.probe["draws_per_s"], self.probe["seconds"])

@@ -432,6 +432,16 @@ def _subtitle(manifest: dict | None, rows: pd.DataFrame) -> str:
     return " · ".join(parts)
 
 
+def _batch_sizes(manifest: dict) -> str:
+    """Each actor's rows per forward pass and how it was chosen, e.g. '128 (probe, 1.7 s), 256 (probe, 1.7 s)'."""
+    entries = manifest.get("batch")
+    if not entries:
+        return str(manifest.get("config", {}).get("batch_size"))
+    return ", ".join(f"{entry['size']} ({entry['chosen_by']}"
+                     + (f", {entry['probe']['seconds']:.1f} s" if entry.get("probe") else "") + ")"
+                     for entry in entries)
+
+
 def _run_section(manifest: dict | None, sources: Sequence[Source]) -> str:
     """The run's settings from its manifest (dataset, model, seed, environment, counts) and the sources
     compared with it."""
@@ -443,7 +453,7 @@ def _run_section(manifest: dict | None, sources: Sequence[Source]) -> str:
                  "finished": manifest.get("finished"), "dataset": json.dumps(config.get("dataset")),
                  "model": json.dumps(config.get("model")), "seed": config.get("seed"),
                  "precision": config.get("precision"),
-                 "batch size": json.dumps(manifest.get("batch", config.get("batch_size"))),
+                 "batch size": _batch_sizes(manifest),
                  "actors": json.dumps(config.get("actors")), "code version": manifest.get("code_version"),
                  "python": manifest.get("python"), "packages": json.dumps(manifest.get("packages")),
                  "driver host": manifest.get("driver_host"), "counts": json.dumps(manifest.get("counts"))}

@@ -332,7 +332,7 @@ def test_center_beside_cohen_and_topk_gives_them_its_votes_and_changes_no_certif
     rows = together.to_pylist()
     shared = {row["setting"]: json.loads(row["params"]).get("shared_passes", 0) for row in rows}
     assert shared[certifiers[0].setting] == 300  # all of Cohen's estimation draws came from center's passes
-    assert shared[certifiers[1].setting] == 500 + 50  # TopK: center's 500, then Cohen's selection draws
+    assert shared[certifiers[1].setting] == 500  # TopK certifies the label: center's 500, then 100 of its own
     assert shared[certifiers[2].setting] == 0
     paid = sum(row["forward_passes"] - json.loads(row["params"]).get("shared_passes", 0) for row in rows)
     assert paid + 1 == engine.forward_passes  # plus center's one probe of the output's shape

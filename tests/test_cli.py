@@ -15,14 +15,15 @@ from pipeline.storage import open_location
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs" / "configs" / "demo.yaml"
-SMALL = ["dataset.max=12", "certifiers.0.n=200", "certifiers.1.n=200", "certifiers.3.n=200", "certifiers.6.n=2000"]
+SMALL = ["dataset.skip=1", "dataset.max=12", "certifiers.0.n=200", "certifiers.1.n=200", "certifiers.3.n=200",
+         "certifiers.6.n=2000"]
 
 
 def test_demo_config_loads_and_overrides_apply():
     config = load_config(DEMO, ["certifiers.0.sigma=0.5", "seed=3"])
     cohen, topk, dssn, ssn, center, reduce, sequential = config.build_certifiers()
     assert (cohen.name, cohen.sigma, topk.k, config.seed) == ("cohen", 0.5, 3, 3)
-    assert (sequential.mode, sequential.radii, sequential.n) == ("sequential", (0.0, 0.25, 0.5), 20000)
+    assert (sequential.mode, sequential.radii, sequential.n) == ("sequential", (0.0, 0.25, 0.5), 10000)
     assert (dssn.name, dssn.levels, ssn.name, center.output) == ("dssn", 441, "ssn", "features")
     assert (reduce.placement, reduce.num_patches, reduce.noise) == ("random", 4, "shared")
 

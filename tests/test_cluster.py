@@ -99,7 +99,8 @@ def test_ray_job_submit_runs_the_certification_job_on_a_head_node(tmp_path):
             time.sleep(1)
         command = ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
                    "python", "jobs/certify.py", "--config", "jobs/configs/demo.yaml", "--output", str(tmp_path),
-                   "--run-id", "submitted", "--set", "dataset.max=4", "--set", "actors.count=1",
+                   "--run-id", "submitted", "--set", "dataset.skip=1", "--set", "dataset.max=4",
+                   "--set", "actors.count=1",
                    "--set", "certifiers=[{name: cohen, sigma: 0.25, n0: 10, n: 50}]"]
         deadline = time.monotonic() + 120
         while True:  # the dashboard answers before the node's job agent is up: retry until it takes the job
