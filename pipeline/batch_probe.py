@@ -2,12 +2,12 @@
 
 On a CPU a small CNN runs two to three times faster at 64-128 rows per forward pass than at 1,000 (the
 activations of a large batch fall out of cache); on a GPU the best batch is the largest that still gains
-and fits. Neither can be known without running the model, so the engine times the whole per-batch work
-(Gaussian noise, the add, the cast to the input dtype, the forward and the argmax) at 1, 2, 4, ... rows,
-on the device and in the precision it certifies with, and keeps the fastest.
+and fits. Neither can be known without running the model, so the engine times its own per-batch work
+(`Engine.count` on one image: seeded noise, the add and cast, the forward, the count) at 1, 2, 4, ...
+rows, on the device and in the precision it certifies with, and keeps the fastest.
 
 The probe is bounded. Past 8 rows it stops before a size that would not fit in the time budget (2 s)
-and after a size clearly slower than the best so far; reaching 8 rows takes about 4 s for a model as
+and after a size clearly slower than the best so far; reaching 8 rows takes about 6 s for a model as
 slow as ResNet-50 at 224 on 2 CPU cores. It also stops at a size that runs out of memory: that size and
 every larger one are skipped, and the sizes that ran decide. Only one row not fitting raises. The choice
 changes only the speed: every draw is a pure function of (seed, image id, stage, index), so the
@@ -39,10 +39,9 @@ def probe_batch_size(step: Callable[[int], None], device: torch.device, *, budge
                      largest: int | None = None) -> dict:
     """Times `step(rows)` (one batch of the engine's work; it must wait for the device) at 1, 2, 4, ... rows
     up to `largest`: always up to `ALWAYS` rows, then while the next size fits in about `budget` seconds
-    and the last was not clearly slower than the best; returns {"size": the fastest (of sizes within 3% of
-    it, the largest),
-    "draws_per_s": {size: rate}, "seconds": the probe's time, "out_of_memory": the first size that did not
-    fit, or None}."""
+    and the last was not clearly slower than the best. Returns {"size": the fastest (of sizes within 3% of
+    it, the largest), "draws_per_s": {size: rate}, "seconds": the probe's time, "out_of_memory": the
+    first size that did not fit, or None}."""
     largest = largest or LARGEST.get(device.type, LARGEST["cpu"])
     started = time.perf_counter()
     _warm_up(step, 1, budget / 8)
