@@ -136,28 +136,49 @@ def test_no_false_alarm_on_sampling_noise_and_a_real_drop_is_caught():
     assert not nightly.compare(synthetic_night(rng, 0.9), synthetic_night(rng, 0.8))["regression"].any()
 
 
-def test_nightly_records_nights_and_fails_on_a_planted_regression(ray_cluster, tmp_path, capsys):
+def test_nightly_records_nights_reuses_a_rerun_date_and_names_a_damaged_night(ray_cluster, tmp_path, capsys):
+    """Nights are recorded and compared with the last one. Rerunning a date reuses its runs: no throughput is
+    measured (not 40x faster) and the next date raises no throughput alarm against it. A planted regression
+    (a broken classifier head) fails the night. An unreadable earlier figures.parquet still gives tonight's
+    report, naming that night, and exit 3."""
     from nightly import main
 
     from pipeline.models import load_demo_model
 
     degraded = load_demo_model()
     with torch.no_grad():
-        degraded.head.weight.copy_(torch.randn_like(degraded.head.weight))  # a broken classifier head
+        degraded.head.weight.copy_(torch.randn_like(degraded.head.weight))
     torch.save(degraded.state_dict(), tmp_path / "degraded.pt")
     settings = ["--config", str(ROOT / "jobs" / "configs" / "nightly_demo.yaml"), "--set", f"output={tmp_path}",
-                "--set", "run.dataset.max=30", "--set", "run.certifiers.0.n=300"]
+                "--set", "run.dataset.max=20", "--set", "run.certifiers.0.n=300", "--set", "run.actors.count=1"]
+    broken = ["--set", f"models.0.model.weights={tmp_path / 'degraded.pt'}"]
+    nights = tmp_path / "nightly"
     assert main([*settings, "--date", "2026-11-20"]) == 0
+    assert main([*settings, "--date", "2026-11-20"]) == 0
+    rerun = pd.read_parquet(nights / "2026-11-20" / "figures.parquet")
+    assert nightly.is_reused(rerun).sum() == len(nightly.THROUGHPUT_FIGURES)
+    assert "Throughput not measured for demo_cnn" in (nights / "2026-11-20" / "report.md").read_text()
     assert main([*settings, "--date", "2026-11-21"]) == 0
-    assert "no regression" in capsys.readouterr().out
-    assert main([*settings, "--date", "2026-11-22", "--set", f"models.0.model.weights={tmp_path / 'degraded.pt'}"]) == 1
+    assert "REGRESSION" not in capsys.readouterr().out
+    assert "not compared: the earlier night certified no images" in (nights / "2026-11-21" / "report.md").read_text()
+    figures = pd.read_parquet(nights / "2026-11-21" / "figures.parquet")
+    assert {"images_per_s", "device_seconds_per_image", "cost_per_image", "acr"} <= set(figures["figure"])
+
+    assert main([*settings, *broken, "--date", "2026-11-22"]) == 1
     printed = capsys.readouterr().out
     assert "REGRESSION demo_cnn cohen(sigma=0.25" in printed and "certified_accuracy@0" in printed
     for date in ("2026-11-20", "2026-11-21", "2026-11-22"):
-        night = tmp_path / "nightly" / date
-        assert {"figures.parquet", "environment.json", "report.md", "accuracy.png"} <= {p.name for p in night.iterdir()}
-    figures = pd.read_parquet(tmp_path / "nightly" / "2026-11-21" / "figures.parquet")
-    assert {"images_per_s", "device_seconds_per_image", "cost_per_image", "acr"} <= set(figures["figure"])
+        assert {"figures.parquet", "environment.json", "report.md", "accuracy.png"} <= {
+            p.name for p in (nights / date).iterdir()}
+
+    (nights / "2026-11-21" / "figures.parquet").write_bytes(b"not a parquet file")
+    (nights / "2026-11-22" / "report.md").unlink()
+    assert main([*settings, *broken, "--date", "2026-11-22"]) == 3
+    printed = capsys.readouterr().out
+    assert "COULD NOT COMPARE with the night 2026-11-21" in printed and "figures.parquet is unreadable" in printed
+    assert "magic bytes" in printed
+    report = (nights / "2026-11-22" / "report.md").read_text()
+    assert "Not compared with 2026-11-21" in report and "2026-11-21/figures.parquet" in report
 
 
 def synthetic_results(images: int) -> pa.Table:
@@ -182,34 +203,6 @@ def test_nightly_throughput_is_tonights_work_and_a_reused_night_is_never_compare
         assert compared.loc["images_per_s", "reason"].startswith("not compared")
     slower = nightly.figures("m", results, [0.0], 10.0, 2, 0.5, certified_tonight=1)
     assert nightly.compare(slower, measured).set_index("figure").loc["images_per_s", "regression"]
-
-
-def test_nightly_rerun_of_a_date_is_marked_reused_and_a_damaged_night_is_named(ray_cluster, tmp_path, capsys):
-    """Rerunning a date reuses its runs: no throughput is measured (not 40x faster) and the next date raises
-    no throughput alarm against it. An unreadable earlier figures.parquet still gives tonight's report,
-    naming that night, and exit 3."""
-    from nightly import main
-
-    settings = ["--config", str(ROOT / "jobs" / "configs" / "nightly_demo.yaml"), "--set", f"output={tmp_path}",
-                "--set", "run.dataset.max=8", "--set", "run.certifiers=[{name: cohen, sigma: 0.25, n0: 20, n: 100}]"]
-    nights = tmp_path / "nightly"
-    assert main([*settings, "--date", "2026-11-20"]) == 0
-    assert main([*settings, "--date", "2026-11-20"]) == 0
-    rerun = pd.read_parquet(nights / "2026-11-20" / "figures.parquet")
-    assert nightly.is_reused(rerun).sum() == len(nightly.THROUGHPUT_FIGURES)
-    assert "Throughput not measured for demo_cnn" in (nights / "2026-11-20" / "report.md").read_text()
-    assert main([*settings, "--date", "2026-11-21"]) == 0
-    assert "REGRESSION" not in capsys.readouterr().out
-    assert "not compared: the earlier night certified no images" in (nights / "2026-11-21" / "report.md").read_text()
-
-    (nights / "2026-11-20" / "figures.parquet").write_bytes(b"not a parquet file")
-    (nights / "2026-11-21" / "report.md").unlink()
-    assert main([*settings, "--date", "2026-11-21"]) == 3
-    printed = capsys.readouterr().out
-    assert "COULD NOT COMPARE with the night 2026-11-20" in printed and "figures.parquet is unreadable" in printed
-    assert "magic bytes" in printed
-    report = (nights / "2026-11-21" / "report.md").read_text()
-    assert "Not compared with 2026-11-20" in report and "2026-11-20/figures.parquet" in report
 
 
 LISTENING = """

@@ -23,6 +23,7 @@ from PIL import Image
 from scipy.io import savemat
 
 from pipeline.config import validate
+from pipeline.data.sources import list_images
 from pipeline.distributed.certify import run
 from pipeline.results import read_results
 from pipeline.storage import StorageError, open_location
@@ -90,33 +91,40 @@ def rows(uri, storage=None):
     return table.drop(RUN_SPECIFIC).sort_by([("image_id", "ascending"), ("setting", "ascending")]).to_pylist()
 
 
-def test_every_layout_gives_the_same_rows(ray_cluster, imagenet, tmp_path):
-    layouts = {
-        "folder": {"layout": "imagenet_folder", "root": str(imagenet / "folder")},
-        "loc_csv": {"layout": "imagenet_val", "root": str(imagenet / "flat"),
-                    "ground_truth": str(imagenet / "LOC_val_solution.csv")},
-        "devkit": {"layout": "imagenet_val", "root": str(imagenet / "flat"),
-                   "ground_truth": str(imagenet / "ILSVRC2012_validation_ground_truth.txt"),
-                   "meta": str(imagenet / "meta.mat")},
-        "parquet": {"layout": "parquet", "root": str(imagenet / "shards")},
-    }
-    results = {name: rows(run(config(tmp_path, dataset, run_id=name))) for name, dataset in layouts.items()}
-    assert {row["image_index"] for row in results["loc_csv"]} == set(range(9))
-    reference = results.pop("folder")
-    assert len(reference) == 18
-    assert [row["label"] for row in reference[::2]] == [i % 3 for i in range(9)]
-    assert all(row["status"] == "ok" for row in reference)
-    for name, table in results.items():  # image_index is the position in each layout's own order
-        assert [{**row, "image_index": 0} for row in table] == [{**row, "image_index": 0} for row in reference], name
+@pytest.fixture(scope="module")
+def folder_rows(ray_cluster, imagenet, tmp_path_factory):
+    """The rows of one run over the ImageNet folder layout, for the tests that compare other sources with it."""
+    output = tmp_path_factory.mktemp("folder_run")
+    return rows(run(config(output, {"layout": "imagenet_folder", "root": str(imagenet / "folder")})))
 
 
-def test_subsample_follows_the_papers_skip_and_max(ray_cluster, imagenet, tmp_path):
+def test_every_layout_gives_the_same_rows(folder_rows, imagenet, tmp_path):
+    """The folder and parquet layouts through the job give the same rows; the flat layouts (the same files
+    with either ground-truth convention) list the same images with the same labels, in their own order."""
+    assert len(folder_rows) == 18 and all(row["status"] == "ok" for row in folder_rows)
+    assert [row["label"] for row in folder_rows[::2]] == [i % 3 for i in range(9)]
+    assert {row["image_index"] for row in folder_rows} == set(range(9))
+    parquet = rows(run(config(tmp_path, {"layout": "parquet", "root": str(imagenet / "shards")}, run_id="parquet")))
+    assert [{**row, "image_index": 0} for row in parquet] == [{**row, "image_index": 0} for row in folder_rows]
+
+    def listed(dataset: dict) -> list[tuple]:
+        listing = list_images(config(tmp_path, dataset).dataset).to_pylist()
+        return sorted((row["image_id"], row["label"], Path(row["path"]).read_bytes()) for row in listing)
+
+    folder = listed({"layout": "imagenet_folder", "root": str(imagenet / "folder")})
+    flat = {"layout": "imagenet_val", "root": str(imagenet / "flat")}
+    assert listed({**flat, "ground_truth": str(imagenet / "LOC_val_solution.csv")}) == folder
+    assert listed({**flat, "ground_truth": str(imagenet / "ILSVRC2012_validation_ground_truth.txt"),
+                   "meta": str(imagenet / "meta.mat")}) == folder
+
+
+def test_subsample_follows_the_papers_skip_and_max(imagenet, tmp_path):
     dataset = {"layout": "imagenet_folder", "root": str(imagenet / "folder"), "skip": 2, "max": 7}
-    table = rows(run(config(tmp_path, dataset)))
+    listing = list_images(config(tmp_path, dataset).dataset)
     # dataset order is sorted by path: wnid folder, then file name
     order = sorted(f"{WNIDS[i % 3]}/ILSVRC2012_val_{i + 1:08d}.JPEG" for i in range(9))
     expected = {order[i].split("/")[1]: i for i in (0, 2, 4, 6)}
-    assert {row["image_id"]: row["image_index"] for row in table} == expected
+    assert dict(zip(listing["image_id"].to_pylist(), listing["index"].to_pylist(), strict=True)) == expected
 
 
 def test_results_in_object_storage_equal_the_local_run(ray_cluster, s3_endpoint, imagenet, tmp_path):
@@ -137,7 +145,7 @@ def test_results_in_object_storage_equal_the_local_run(ray_cluster, s3_endpoint,
     assert {"manifest.json", "report/summary.md", "report/curves_l2.png"} <= keys
 
 
-def test_reads_an_imagenet_folder_from_object_storage(ray_cluster, s3_endpoint, imagenet, tmp_path):
+def test_reads_an_imagenet_folder_from_object_storage(folder_rows, s3_endpoint, imagenet, tmp_path):
     bucket = f"data-{uuid.uuid4().hex[:8]}"
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     client.create_bucket(Bucket=bucket)
@@ -146,8 +154,7 @@ def test_reads_an_imagenet_folder_from_object_storage(ray_cluster, s3_endpoint, 
     storage = {"endpoint_url": s3_endpoint}
     remote = rows(run(config(tmp_path, {"layout": "imagenet_folder", "root": f"s3://{bucket}/val"}, run_id="remote",
                              storage=storage)))
-    local = rows(run(config(tmp_path, {"layout": "imagenet_folder", "root": str(imagenet / "folder")})))
-    assert len(remote) == 18 and remote == local
+    assert len(remote) == 18 and remote == folder_rows
 
 
 def test_missing_bucket_fails_before_any_work(ray_cluster, s3_endpoint, tmp_path):
@@ -191,8 +198,10 @@ def test_invalid_config_fails_before_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_reusing_a_run_id_with_other_settings_is_refused(ray_cluster, tmp_path):
-    run(config(tmp_path, {"layout": "demo", "max": 2}))
+def test_reusing_a_run_id_with_other_settings_is_refused(tmp_path):
+    from pipeline import run as lifecycle
+
+    lifecycle.fail(lifecycle.prepare(config(tmp_path, {"layout": "demo", "max": 2})), RuntimeError("stopped"))
     changed = config(tmp_path, {"layout": "demo", "max": 2}, seed=1)
     with pytest.raises(ValueError, match="already exists with different seed"):
         run(changed)
