@@ -25,7 +25,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline import report
 from pipeline.certification import certify_rows
 from pipeline.certifiers import Certificate, Certifier
 from pipeline.config import RunConfig
@@ -217,6 +216,8 @@ def finish(run: Run, counts: dict[str, int]) -> str:
         **counts, "rows": results.num_rows, "images": len(set(results["image_id"].to_pylist())),
         "error_rows": int(pc.sum(pc.equal(results["status"], "error")).as_py() or 0)})
     run.location.write_json("manifest.json", run.manifest)
+    from pipeline import report  # matplotlib: imported where the report is written, not by every actor
+
     summary = report.write_report(results, run.location.join("report"), run.config.report_radii, run.manifest)
     run.lease.release()
     log.info("run %s finished: %d images, %d rows; results in %s", run.config.run_id,

@@ -34,6 +34,11 @@ from pipeline.storage import Location, StorageOutage
 
 log = logging.getLogger(__name__)
 
+# Decoding is light, and a decode task that asks for less than the actors' CPU is never fused into them: it
+# runs in Ray's pooled workers, so that an actor process imports only what certifying needs (no torchvision,
+# seconds of start-up on a small CPU) and starts on a worker Ray already has.
+DECODE_CPUS = 0.5
+
 __all__ = ["CertifyActor", "certify_pending", "run"]
 
 
@@ -83,7 +88,7 @@ def _decoded(run: lifecycle.Run) -> ray.data.Dataset:
         where = {"fs": config.storage.open(config.dataset.root).fs if config.dataset.root else None,
                  "retry_seconds": config.storage.retry_seconds}
     return source.map_batches(decode_batch, fn_kwargs={"transform": config.dataset.transform, **where},
-                              batch_size=config.images_per_batch, batch_format="numpy")
+                              batch_size=config.images_per_batch, batch_format="numpy", num_cpus=DECODE_CPUS)
 
 
 def certify_pending(run: lifecycle.Run) -> dict[str, int]:

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torchvision
 from torch import nn
 
 from pipeline.models.cifar import CifarResNet, WideResNet
@@ -80,6 +79,8 @@ PUBLISHED_NAMES = {"cifar_wrn": "cifar_wrn28_10", "cifar_wrn40": "cifar_wrn40_10
 
 
 def _torchvision(name: str) -> Architecture:
+    import torchvision
+
     return Architecture(name, CLASSIFIER, lambda classes: torchvision.models.get_model(name, weights=None,
                                                                                        num_classes=classes),
                         IMAGENET_MEAN, IMAGENET_STD, 1000)
@@ -91,6 +92,8 @@ def architecture(name: str) -> Architecture:
     name = PUBLISHED_NAMES.get(name, name)
     if name in ARCHITECTURES:
         return ARCHITECTURES[name]
+    import torchvision
+
     if name in torchvision.models.list_models(module=torchvision.models):
         return _torchvision(name)
     raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}, the published names "
@@ -101,6 +104,8 @@ def classifier_names() -> list[str]:
     """Every name `model.name` accepts."""
     own = [name for name, arch in ARCHITECTURES.items() if arch.kind == CLASSIFIER]
     published = [name for name, own_name in PUBLISHED_NAMES.items() if ARCHITECTURES[own_name].kind == CLASSIFIER]
+    import torchvision
+
     return [*own, *published, *torchvision.models.list_models(module=torchvision.models)]
 
 
