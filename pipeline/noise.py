@@ -179,9 +179,10 @@ class DerandomizedSplitting(NoiseStream):
     """DSSN: draw j cuts coordinate i at ((v_i + j) mod L + 0.5) / q. No randomness: draws 0..L-1 are every
     cut position once. Exact for inputs on the 1/q grid, in [0, 1].
 
-    Raw rows hold the integer cut level m = (v_i + j) mod L (integers below 2^24, exact in fp32).
-    `apply` looks each noisy value up in `dssn_table` by (input level k, m): the output is the float64
-    formula rounded once to the output's dtype, bit for bit, with no fp32 arithmetic on the values."""
+    Raw rows hold v_i + (j mod L), an integer below 2 L (exact in fp32), whose cut level is m = that mod L.
+    `apply` looks each noisy value up by (input level k, v_i + (j mod L)) in `dssn_table` laid out twice
+    side by side, so that no remainder is taken per coordinate: the output is the float64 formula rounded
+    once to the output's dtype, bit for bit, with no fp32 arithmetic on the values."""
 
     def __init__(self, shape, device="cpu", *, sigma: float, q: int, template: str | int):
         super().__init__(shape, device)
@@ -190,21 +191,21 @@ class DerandomizedSplitting(NoiseStream):
         self.template = torch.as_tensor(template_values, dtype=torch.float32).view(self.shape).to(self.device)
         self.offsets = torch.arange(DRAWS_PER_BLOCK, device=self.device)
 
-    def cut_levels(self, shifts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Writes the cut levels (v + shift) mod L into `out` [len(shifts), *shape], one integer shift per
-        row; every value is an integer below 2 L, so fp32 holds it and its remainder exactly."""
+    def shifted_template(self, shifts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Writes v + (shift mod L) into `out` [len(shifts), *shape], one integer shift per row: the raw
+        rows of those draws."""
         shifts = torch.remainder(shifts.to(out.device), self.levels).to(torch.float32).view(-1, *[1] * len(self.shape))
-        torch.add(self.template, shifts, out=out)
-        return torch.remainder(out, self.levels, out=out)
+        return torch.add(self.template, shifts, out=out)
 
     def fill(self, out, seed, image_id, stage, block):
-        self.cut_levels(self.offsets + block * DRAWS_PER_BLOCK, out)
+        self.shifted_template(self.offsets + block * DRAWS_PER_BLOCK, out)
 
     def apply(self, image, rows, out=None):
         target = rows if out is None else out
-        base = torch.round(image.double() * self.q).to(torch.int32) * self.levels  # k L: row k of the table
-        index = rows.to(torch.int32, copy=True).add_(base).reshape(-1)  # k L + m: integers only, < 2^31
-        table = _flat_table(self.levels, self.q, target.dtype, self.device)
+        # 2 L k + (v + j mod L): integers only, < 2^31; column c of the doubled table is cut level c mod L
+        base = torch.round(image.double() * self.q).to(torch.int32) * (2 * self.levels)
+        index = rows.to(torch.int32, copy=True).add_(base).reshape(-1)
+        table = _doubled_table(self.levels, self.q, target.dtype, self.device)
         if target.is_contiguous():
             torch.index_select(table, 0, index, out=target.view(-1))
         else:
@@ -212,9 +213,10 @@ class DerandomizedSplitting(NoiseStream):
 
 
 @functools.lru_cache(maxsize=16)
-def _flat_table(levels: int, q: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`dssn_table` flattened (entry k L + m), made once per (L, q, dtype, device)."""
-    return dssn_table(levels, q, dtype).flatten().to(device)
+def _doubled_table(levels: int, q: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`dssn_table` with its L columns repeated once ([q + 1, 2 L], entry 2 L k + c), flattened; made once
+    per (L, q, dtype, device)."""
+    return dssn_table(levels, q, dtype).repeat(1, 2).flatten().to(device)
 
 
 def make_noise(kind: str, shape: Sequence[int], device, sigma: float, options: tuple = ()) -> NoiseStream:
@@ -245,7 +247,7 @@ class SplittingAugment:
             self._dssn = DerandomizedSplitting(shape, images.device, sigma=self.sigma, q=self.q,
                                                template=self.template)
         shifts = torch.randint(self._dssn.levels, (len(images),), generator=generator)
-        rows = self._dssn.cut_levels(shifts, torch.empty_like(images))
+        rows = self._dssn.shifted_template(shifts, torch.empty_like(images))
         self._dssn.apply(images, rows)
         return rows
 

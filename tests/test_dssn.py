@@ -101,12 +101,13 @@ def test_apply_on_random_images_equals_the_float64_apply_bit_for_bit(sigma):
     for block in (0, 21, 42):
         image = torch.randint(0, 256, (3, 8, 8), generator=generator).float() / 255
         noise.fill(rows, 0, "x", "dssn", block)
-        cuts = rows.clone()
-        expected_cuts = torch.remainder(noise.template.double() + draws + block * DRAWS_PER_BLOCK, noise.levels)
-        assert same_bits(cuts.numpy(), expected_cuts.float().numpy())
+        raw = rows.clone()  # v + (j mod L): its cut level is that mod L
+        expected_raw = noise.template.double() + torch.remainder(draws + block * DRAWS_PER_BLOCK, noise.levels)
+        assert same_bits(raw.numpy(), expected_raw.float().numpy())
+        cuts = torch.remainder(raw, noise.levels)
         for dtype in (torch.float16, torch.bfloat16):  # a lower-precision input rounds once, as before
             out = torch.empty(rows.shape, dtype=dtype).to(memory_format=torch.channels_last)
-            noise.apply(image, cuts, out)
+            noise.apply(image, raw, out)
             expected = float64_apply(image, cuts, noise.levels, 255).to(dtype)
             assert same_bits(out.float().numpy(), expected.float().numpy())
         noise.apply(image, rows)
