@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -m "not faults"
+	$(VENV)/bin/python -m pytest -m "not faults" -n 2 --dist loadfile  # two test files at a time, each with its own Ray
 
 # the fault matrix: driver, actor, node and sweep kills, storage outages, concurrent runs of one run id
 test-faults: $(STAMP)

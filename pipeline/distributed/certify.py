@@ -34,11 +34,6 @@ from pipeline.storage import Location, StorageOutage
 
 log = logging.getLogger(__name__)
 
-# Decoding is light, and a decode task that asks for less than the actors' CPU is never fused into them: it
-# runs in Ray's pooled workers, so that an actor process imports only what certifying needs (no torchvision,
-# seconds of start-up on a small CPU) and starts on a worker Ray already has.
-DECODE_CPUS = 0.5
-
 __all__ = ["CertifyActor", "certify_pending", "run"]
 
 
@@ -88,7 +83,7 @@ def _decoded(run: lifecycle.Run) -> ray.data.Dataset:
         where = {"fs": config.storage.open(config.dataset.root).fs if config.dataset.root else None,
                  "retry_seconds": config.storage.retry_seconds}
     return source.map_batches(decode_batch, fn_kwargs={"transform": config.dataset.transform, **where},
-                              batch_size=config.images_per_batch, batch_format="numpy", num_cpus=DECODE_CPUS)
+                              batch_size=config.images_per_batch, batch_format="numpy")
 
 
 def certify_pending(run: lifecycle.Run) -> dict[str, int]:
@@ -127,15 +122,16 @@ def run(config: RunConfig) -> str:
     prepared = lifecycle.prepare(config)
     with prepared.lease.kept():  # renewed while the run works; a second run of the id refuses meanwhile
         try:
-            counts = certify_pending(prepared)
-        except Exception as error:
+            lifecycle.finish(prepared, certify_pending(prepared))
+        except lifecycle.IncompleteRun:  # finish marked the manifest "incomplete" itself
+            raise
+        except Exception as error:  # an outage while certifying or finishing marks the manifest "failed"
             outage = _outage(error)
             lifecycle.fail(prepared, outage or error)
             if outage is not None:  # one line, not the traceback of the Ray task it happened in
                 raise StorageOutage(f"run {config.run_id} stopped: {outage}; rerun the same command to go on "
                                     f"where it stopped") from None
             raise
-        lifecycle.finish(prepared, counts)
     return prepared.location.uri
 
 
