@@ -49,7 +49,7 @@ class Transform:
 
 def decode(data: bytes, transform: Transform) -> np.ndarray:
     """uint8 array of `transform.shape`, or ImageError."""
-    from torchvision.transforms import v2  # here: the processes that only certify never import torchvision
+    from torchvision.transforms import v2  # here: a process that never decodes never pays for the import
 
     image = _open(data, transform.max_pixels)
     if transform.mode:
