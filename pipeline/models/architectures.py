@@ -92,9 +92,7 @@ def architecture(name: str) -> Architecture:
     name = PUBLISHED_NAMES.get(name, name)
     if name in ARCHITECTURES:
         return ARCHITECTURES[name]
-    import torchvision
-
-    if name in torchvision.models.list_models(module=torchvision.models):
+    if name in _torchvision_classifiers():
         return _torchvision(name)
     raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}, the published names "
                      f"{sorted(PUBLISHED_NAMES)} and torchvision's classifiers")
@@ -104,9 +102,14 @@ def classifier_names() -> list[str]:
     """Every name `model.name` accepts."""
     own = [name for name, arch in ARCHITECTURES.items() if arch.kind == CLASSIFIER]
     published = [name for name, own_name in PUBLISHED_NAMES.items() if ARCHITECTURES[own_name].kind == CLASSIFIER]
+    return [*own, *published, *_torchvision_classifiers()]
+
+
+def _torchvision_classifiers() -> list[str]:
+    """torchvision's classifier names (torchvision is imported here, on first need: it takes seconds)."""
     import torchvision
 
-    return [*own, *published, *torchvision.models.list_models(module=torchvision.models)]
+    return torchvision.models.list_models(module=torchvision.models)
 
 
 def _indices(keys: list[str], pattern: str) -> set[int]:
