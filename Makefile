@@ -15,9 +15,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -m "not faults" -n 2 --dist loadfile  # two test files at a time, each with its own Ray
 
-# the fault matrix: driver, actor, node and sweep kills, storage outages, concurrent runs of one run id
+# the fault matrix: driver, actor, node and sweep kills, storage outages, concurrent runs of one run id (each
+# test file kills only the processes of its own Ray instance, so two run at a time)
 test-faults: $(STAMP)
-	$(VENV)/bin/python -m pytest -m faults
+	$(VENV)/bin/python -m pytest -m faults -n 2 --dist loadfile
 
 demo: $(STAMP)
 	$(VENV)/bin/python jobs/certify.py --config jobs/configs/demo.yaml

@@ -96,3 +96,22 @@ def ray_cluster(s3_endpoint):
     ray.init(num_cpus=4, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture
+def kill_actors(ray_cluster):
+    """kill_actors(name) SIGKILLs the worker processes of the live actors of this Ray instance whose class
+    contains `name`, and returns how many it killed: only this instance's, so fault tests can run side by side."""
+    import os
+    import signal
+
+    from ray.util.state import list_actors
+
+    def kill(name: str) -> int:
+        pids = {actor.pid for actor in list_actors(ray_cluster, [("state", "=", "ALIVE")], limit=10_000)
+                if name in actor.class_name}
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        return len(pids)
+
+    return kill

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli, results
+from pipeline import batch_probe, cli, results
 from pipeline.config import ConfigError, load_config
 from pipeline.models import load_demo_model
 from pipeline.results import read_results
@@ -81,8 +81,9 @@ def test_certify_and_report_commands_write_results_and_a_report(ray_cluster, tmp
     assert manifest["packages"]["torch"] and manifest["config"]["seed"] == 0
     assert manifest["config"]["batch_size"] == "auto"  # each actor's probe chose its batch size, recorded
     assert manifest["batch"] and {entry["chosen_by"] for entry in manifest["batch"]} == {"probe"}
-    assert all(int(entry["size"]) >= 16 and str(entry["size"]) in entry["probe"]["draws_per_s"]
-               for entry in manifest["batch"])
+    for entry in manifest["batch"]:  # the choice is the fastest size probed (timings vary; the rule does not)
+        rates = entry["probe"]["draws_per_s"]
+        assert rates[str(entry["size"])] >= batch_probe.TIE * max(rates.values())
 
     (tmp_path / "small" / "report" / "summary.md").unlink()
     assert cli.main(["report", str(tmp_path / "small"), "--radii", "0", "0.5"]) == 0

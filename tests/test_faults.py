@@ -169,13 +169,14 @@ def _job(cfg, tmp_path: Path, address: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def test_a_killed_actor_worker_is_replaced_and_every_image_is_certified_once(ray_cluster, uninterrupted, tmp_path):
+def test_a_killed_actor_worker_is_replaced_and_every_image_is_certified_once(ray_cluster, uninterrupted, kill_actors,
+                                                                             tmp_path):
     cfg = config(tmp_path / "killed", DATASET, images_per_batch=2, certifiers=CERTIFIERS)
     job = _job(cfg, tmp_path, ray_cluster)
     results = tmp_path / "killed" / "run" / "results"
     wait_until(lambda: len(list(results.glob("part-*.parquet"))) >= 2 or job.poll() is not None)
     assert job.poll() is None, "the job ended before its actor could be killed"
-    subprocess.run(["pkill", "-9", "-f", r"ray::MapWorker.*CertifyActor"], check=True)
+    assert kill_actors("MapBatches(CertifyActor)") >= 1
     assert job.wait(timeout=300) == 0
     assert rows(str(tmp_path / "killed" / "run")) == uninterrupted
 

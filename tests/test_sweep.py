@@ -87,7 +87,8 @@ class Planted:
 
 
 @pytest.mark.faults
-def test_a_sweep_killed_at_each_write_resumes_into_the_same_experiment(ray_cluster, clean_classifier, tmp_path):
+def test_a_sweep_killed_at_each_write_resumes_into_the_same_experiment(ray_cluster, clean_classifier, kill_actors,
+                                                                       tmp_path):
     sweep = sweep_config(tmp_path, clean_classifier, max_concurrent=1, scheduler={"name": "fifo"},
                          search={"lr": {"grid": [1e-7, 3e-3, 1e-3]}}, num_samples=1)
     sweep["train"]["epochs"] = 2
@@ -123,7 +124,7 @@ def test_a_sweep_killed_at_each_write_resumes_into_the_same_experiment(ray_clust
     # killed while writing that trial's end
     job = start("sweep.json:2:during")
     wait_for(lambda: epochs("t001") == [1], job)
-    subprocess.run(["pkill", "-9", "-f", "ray::ImplicitFunc"], check=True)  # the trial's worker
+    assert kill_actors("ImplicitFunc") == 1  # the trial's worker
     assert job.wait() == -signal.SIGKILL
     assert epochs("t001") == [1, 2]
     # the driver killed mid-trial, by a signal from outside
