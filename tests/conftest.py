@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -16,6 +17,8 @@ REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "re
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "faults: the fault matrix (kills, outages, concurrent runs); `make test-faults`")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # two test processes (and their Ray workers) share the cores:
+        torch.set_num_threads(1)  # one thread each, or waiting threads spin and slow everything many times over
 
 
 @pytest.fixture(scope="session")
@@ -75,8 +78,6 @@ class Affine(nn.Module):
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A local S3-compatible server (moto) on 127.0.0.1, with dummy credentials in the environment."""
-    import os
-
     from moto.server import ThreadedMotoServer
 
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
@@ -102,7 +103,6 @@ def ray_cluster(s3_endpoint):
 def kill_actors(ray_cluster):
     """kill_actors(name) SIGKILLs the worker processes of the live actors of this Ray instance whose class
     contains `name`, and returns how many it killed: only this instance's, so fault tests can run side by side."""
-    import os
     import signal
 
     from ray.util.state import list_actors
