@@ -83,7 +83,7 @@ def test_certify_and_report_commands_write_results_and_a_report(ray_cluster, tmp
     assert manifest["batch"] and {entry["chosen_by"] for entry in manifest["batch"]} == {"probe"}
     for entry in manifest["batch"]:  # the choice is the fastest size probed (timings vary; the rule does not)
         rates = entry["probe"]["draws_per_s"]
-        assert rates[str(entry["size"])] >= batch_probe.TIE * max(rates.values())
+        assert rates[str(entry["size"])] >= batch_probe.TIE * max(rates.values()) - 0.1  # rates kept to 0.1
 
     (tmp_path / "small" / "report" / "summary.md").unlink()
     assert cli.main(["report", str(tmp_path / "small"), "--radii", "0", "0.5"]) == 0
