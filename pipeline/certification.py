@@ -119,7 +119,8 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
     _fail_nonfinite(engine, image_ids, verdicts)
     context = RowContext(seed=seed, precision=engine.precision, device=engine.device.type,
                          settings={"noise_scheme": noise_scheme(engine.device), **engine.settings()},
-                         run=run_info or {}, input_shape=tuple(images.shape[1:]))
+                         run=run_info or {}, input_shape=tuple(images.shape[1:]),
+                         num_classes=certifiers[0].num_classes(engine, images[0]))
     indices = range(len(images)) if indices is None else indices
     rows = []
     for index, (image_index, image_id, label) in enumerate(zip(indices, image_ids, labels, strict=True)):

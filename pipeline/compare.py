@@ -6,29 +6,36 @@ A source is a run (a directory or s3:// URI holding `results/`) or a log of the 
 (also `n=`, `n0=`, `alpha=`; the defaults are the papers' 100000, 100 and 0.001), or let a `sigma0.50` in
 the file name say it. `label=NAME` names any source in tables and legends.
 
-`differences(a, b)` pairs the settings of two sources (the same full setting; else the same certifier,
-norm, mode and sigma, when that pairs them one to one) and gives, per pair and radius, certified accuracy in
-each and the difference b - a with a `confidence` interval and a p-value, as sampling over the images
-allows: Newcombe's hybrid score interval (from the two Wilson intervals) and Fisher's exact two-sided test,
-both for two independent binomial proportions; ACR's difference gets a normal (Welch) interval. Two runs
-over the same images have positively correlated outcomes, so for them the intervals are wider than needed,
-never narrower. The uncertainty of each certificate itself (its alpha) is not in these intervals; it is in
-the report's Theorem 6 bounds.
+`differences(a, b)` pairs the settings of two sources (the same full setting; else the same certifier, norm,
+mode and sigma as the rows record them, when that pairs them one to one) and gives, per pair and radius,
+certified accuracy in each and the difference b - a with a `confidence` interval and a p-value, as sampling
+over the images allows: Newcombe's hybrid score interval (from the two Wilson intervals) and Fisher's exact
+two-sided test, both for two independent binomial proportions; ACR's difference gets Welch's t interval and
+test (`scipy.stats.ttest_ind` with unequal variances). Two runs over the same images have positively
+correlated outcomes, so for them the intervals are wider than needed, never narrower. The uncertainty of each
+certificate itself (its alpha) is not in these intervals; it is in the report's Theorem 6 bounds.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from pipeline.labels import parse_setting, target_radii
-from pipeline.report import Source, acr, certified_counts, certified_radius, combined_rows, table_radii
+from pipeline.report import (
+    Source,
+    acr,
+    certified_counts,
+    certified_radius,
+    combined_rows,
+    recorded_targets,
+    table_radii,
+)
 from pipeline.results import read_certify_log, read_results
 from pipeline.storage import Storage
 
@@ -87,14 +94,14 @@ def newcombe_interval(successes_a: int, n_a: int, successes_b: int, n_b: int,
 
 def _pairs(rows: pd.DataFrame) -> list[tuple[str, str]]:
     """(setting in a, setting in b) pairs: equal settings, then one-to-one matches on certifier, norm, mode
-    and sigma among the rest."""
+    and sigma among the rest (the columns of their rows; mode from the recorded params)."""
     settings = [set(rows.loc[rows["order"] == order, "setting"]) for order in (0, 1)]
     pairs = [(setting, setting) for setting in sorted(settings[0] & settings[1])]
 
     def key(setting: str) -> tuple:
-        name, items = parse_setting(setting)
-        norm = rows.loc[rows["setting"] == setting, "norm"].iloc[0]
-        return name, norm, items.get("mode", "certify"), items.get("sigma")
+        row = rows.loc[rows["setting"] == setting].iloc[0]
+        mode = json.loads(row["params"]).get("mode", "certify")
+        return row["certifier"], row["norm"], mode, float(row["sigma"])
 
     rest = [{} for _ in (0, 1)]
     for side in (0, 1):
@@ -116,7 +123,7 @@ def differences(a: Source, b: Source, radii: Sequence[float] | None = None, conf
         group_b = rows[(rows["order"] == 1) & (rows["setting"] == setting_b)]
         name = group_a["name"].iloc[0] + ("" if setting_a == setting_b else f" ~ {group_b['name'].iloc[0]}")
         norm = group_a["norm"].iloc[0]
-        targets = [t for s in (setting_a, setting_b) if target_radii(s) for t in target_radii(s)]
+        targets = [t for group in (group_a, group_b) for t in recorded_targets(group) or ()]
         norm_radii = [r for r in table_radii(rows, norm, radii) if not targets or any(math.isclose(r, t)
                                                                                     for t in targets)]
         records += _accuracy_records(name, norm, group_a, group_b, norm_radii, confidence)
@@ -140,18 +147,21 @@ def _accuracy_records(name, norm, group_a, group_b, radii, confidence) -> list[d
 
 
 def _acr_record(name, norm, group_a, group_b, confidence) -> dict:
-    """ACR in both and its difference with a normal interval from the two sample variances (Welch)."""
+    """ACR in both and its difference b - a with Welch's t interval and two-sided p-value. Where neither side
+    varies (every term equal, as when all abstain) the difference is exact: the interval is that point and the
+    p-value 1 when it is 0."""
     terms_a, terms_b = certified_radius(group_a).to_numpy(), certified_radius(group_b).to_numpy()
     difference = acr(group_b) - acr(group_a)
-    variance = np.var(terms_a, ddof=1) / len(terms_a) if len(terms_a) > 1 else math.nan
-    variance += np.var(terms_b, ddof=1) / len(terms_b) if len(terms_b) > 1 else math.nan
-    z = scipy_stats.norm.ppf(0.5 + confidence / 2)
-    p_value = 2 * scipy_stats.norm.sf(abs(difference) / math.sqrt(variance)) if variance > 0 else (
-        1.0 if difference == 0 else math.nan)
+    if len(terms_a) > 1 and len(terms_b) > 1 and terms_a.var() == 0 and terms_b.var() == 0:
+        low = high = difference
+        p_value = 1.0 if difference == 0 else math.nan
+    else:
+        welch = scipy_stats.ttest_ind(terms_b, terms_a, equal_var=False)
+        low, high = welch.confidence_interval(confidence)
+        p_value = welch.pvalue
     return {"setting": name, "norm": norm, "figure": "ACR", "a": acr(group_a), "b": acr(group_b),
-            "difference": difference, "low": difference - z * math.sqrt(variance),
-            "high": difference + z * math.sqrt(variance), "p_value": float(p_value), "images_a": len(terms_a),
-            "images_b": len(terms_b)}
+            "difference": difference, "low": float(low), "high": float(high), "p_value": float(p_value),
+            "images_a": len(terms_a), "images_b": len(terms_b)}
 
 
 def format_differences(frame: pd.DataFrame, a: Source, b: Source, confidence: float = 0.95) -> str:
@@ -159,7 +169,7 @@ def format_differences(frame: pd.DataFrame, a: Source, b: Source, confidence: fl
     if frame.empty:
         return f"no setting of {a.label} pairs with one of {b.label}"
     lines = [f"{b.label} - {a.label}: certified accuracy (and ACR) per setting, with {confidence:.0%} intervals "
-             f"(accuracy: Newcombe hybrid score; ACR: normal) and two-sided p-values (accuracy: Fisher exact)"]
+             f"(accuracy: Newcombe hybrid score; ACR: Welch t) and two-sided p-values (accuracy: Fisher exact)"]
     for norm, group in frame.groupby("norm", sort=True):
         shown = pd.DataFrame({
             "setting": group["setting"], "radius": group["figure"], a.label: group["a"].map(lambda v: f"{v:.3f}"),

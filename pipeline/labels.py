@@ -7,6 +7,9 @@ settings whose values differ between the settings of that certifier shown togeth
 `cohen sigma=0.25 n=2000` beside `cohen sigma=0.25 n=20000`; minor settings are added only where the main
 ones leave two settings with one name. The names are unique among the settings given; the full setting
 stays in the legend table beside each name.
+
+Names only: what a setting is (its norm, kind, largest radius, target radii) is read from the columns its
+certifier recorded in the rows (`pipeline.results`), never parsed from the setting string.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["parse_setting", "short_labels", "target_radii"]
+__all__ = ["parse_setting", "short_labels"]
 
 # Settings that say what a certificate is, in the order names show them; the rest tell apart only if needed.
 MAIN = ("k", "n", "n0", "alpha", "eps_in", "output", "metric", "centers", "reduce", "num_patches", "noise", "q",
@@ -24,8 +27,8 @@ _ITEM = re.compile(r",\s*(?=[A-Za-z_]\w*=)")
 
 
 def parse_setting(setting: str) -> tuple[str, dict[str, str]]:
-    """'name(key=value, ...)' -> (name, {key: value text}); values may hold commas, as `radii=(0.0, 0.5)`
-    does. A string of another shape is its own name, with no settings."""
+    """'name(key=value, ...)' -> (name, {key: value text}), for naming; values may hold commas, as
+    `radii=(0.0, 0.5)` does. A string of another shape is its own name, with no settings."""
     match = re.fullmatch(r"\s*([A-Za-z_]\w*)\((.*)\)\s*", setting, flags=re.DOTALL)
     if not match:
         return setting, {}
@@ -34,14 +37,6 @@ def parse_setting(setting: str) -> tuple[str, dict[str, str]]:
         key, _, value = item.partition("=")
         items[key.strip()] = value.strip()
     return match.group(1), items
-
-
-def target_radii(setting: str) -> tuple[float, ...] | None:
-    """The target radii of a setting in `mode=sequential` (it certifies only at those), else None."""
-    _, items = parse_setting(setting)
-    if items.get("mode") != "sequential" or "radii" not in items:
-        return None
-    return tuple(float(value) for value in re.findall(r"[-+0-9.eE]+", items["radii"]))
 
 
 def short_labels(settings: Iterable[str]) -> dict[str, str]:

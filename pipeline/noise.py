@@ -1,7 +1,7 @@
 """Seeded noise: every draw is a pure function of (run seed, image id, stage, draw index).
 
 Three kinds, each a `NoiseStream` that writes raw noise for a block of draws and then turns raw rows
-into noisy inputs in place:
+into noisy inputs in place (`NOISE_KINDS`; `register_noise` adds another, defined in its own module):
 
 - `Gaussian(sigma)`: x + sigma * eps, eps ~ N(0, I) (Cohen et al.).
 - `Splitting(sigma)`: splitting noise, SSN (Levine & Feizi 2021). Each coordinate gets a fresh split
@@ -33,9 +33,9 @@ import torch
 
 DRAWS_PER_BLOCK = 64
 
-__all__ = ["DRAWS_PER_BLOCK", "DerandomizedSplitting", "Gaussian", "NoiseStream", "Splitting", "SplittingAugment",
-           "block_seed", "dssn_levels", "dssn_table", "dssn_template", "gaussian_draws", "make_noise", "noise_scheme",
-           "split_cells", "splitting_lambda", "splitting_width"]
+__all__ = ["DRAWS_PER_BLOCK", "NOISE_KINDS", "DerandomizedSplitting", "Gaussian", "NoiseStream", "Splitting",
+           "SplittingAugment", "block_seed", "dssn_levels", "dssn_table", "dssn_template", "gaussian_draws",
+           "make_noise", "noise_scheme", "register_noise", "split_cells", "splitting_lambda", "splitting_width"]
 
 
 def block_seed(seed: int, image_id: str, stage: str, block: int) -> int:
@@ -219,12 +219,27 @@ def _doubled_table(levels: int, q: int, dtype: torch.dtype, device: torch.device
     return dssn_table(levels, q, dtype).repeat(1, 2).flatten().to(device)
 
 
+# Noise kind (a `Draws`'s `noise`) -> its stream class; `register_noise` adds one.
+NOISE_KINDS: dict[str, type[NoiseStream]] = {"gaussian": Gaussian, "ssn": Splitting, "dssn": DerandomizedSplitting}
+
+
+def register_noise(kind: str, stream: type[NoiseStream]) -> type[NoiseStream]:
+    """Makes `kind` name the noise stream class `stream` (built as stream(shape, device, sigma=..., **options));
+    returns it. Raises ValueError when the kind names another class."""
+    if not (isinstance(stream, type) and issubclass(stream, NoiseStream)):
+        raise ValueError(f"register_noise: expected a NoiseStream subclass, got {stream!r}")
+    if NOISE_KINDS.get(kind, stream) is not stream:
+        raise ValueError(f"register_noise: the noise kind {kind!r} is taken by {NOISE_KINDS[kind].__qualname__}")
+    NOISE_KINDS[kind] = stream
+    return stream
+
+
 def make_noise(kind: str, shape: Sequence[int], device, sigma: float, options: tuple = ()) -> NoiseStream:
-    """The noise stream of a kind ("gaussian", "ssn", "dssn") with its options ((name, value) pairs)."""
-    streams = {"gaussian": Gaussian, "ssn": Splitting, "dssn": DerandomizedSplitting}
-    if kind not in streams:
-        raise ValueError(f"unknown noise kind {kind!r}; known: {sorted(streams)}")
-    return streams[kind](shape, device, sigma=sigma, **dict(options))
+    """The noise stream of a kind (`NOISE_KINDS`: "gaussian", "ssn", "dssn", and those registered) with its
+    options ((name, value) pairs)."""
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"unknown noise kind {kind!r}; known: {sorted(NOISE_KINDS)}")
+    return NOISE_KINDS[kind](shape, device, sigma=sigma, **dict(options))
 
 
 class SplittingAugment:

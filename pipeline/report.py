@@ -4,13 +4,16 @@ Certified accuracy at radius r (Cohen et al.'s "approximate certified accuracy")
 labeled images whose certificate is correct with radius >= r; abstentions and error rows count as
 failures. Beside it: the average certified radius (ACR, radius times correctness, averaged), the
 abstention rate, and the Theorem 6 lower bound on the true certified accuracy at confidence 1 - rho.
-Output certifiers (center smoothing) certify outputs, not classes; their rows are the ones without a
-prediction, and get the distribution of eps_out and the median smoothing error over the images not
+Output certifiers (center smoothing) certify outputs, not classes; their rows are those of `kind`
+'output', and get the distribution of eps_out and the median smoothing error over the images not
 abstained on, as Kumar & Goldstein report them.
 
-A setting in `mode=sequential` decides only its target radii: its accuracy is reported at those radii
-and nowhere else (no ACR, no curve). A setting's largest certifiable radius (`certifiable_max`) is the
-radius its certificate has when every draw votes for one class; no image can be certified beyond it.
+What a setting is comes from the columns its certifier recorded, never from its setting string: a setting
+with `targets` (mode=sequential) decides only those radii, so its accuracy is reported at them and nowhere
+else (no ACR, no curve); `max_radius` is the largest radius it can certify (the certificate when every draw
+votes for one class), marked on the curves and bounding the tables' radii. Rows written before these columns
+existed read them as null: every radius, no marker. A norm's tables use `DEFAULT_RADII` where it has them,
+else a grid of round radii up to the largest radius its settings reach.
 
 Tables and plots name settings by short names (`pipeline.labels`); the legend table maps each to its full
 setting. Other sources (runs, or published logs read by `pipeline.results.read_certify_log`) can be
@@ -22,7 +25,6 @@ the nightly benchmark and the sweep's objective use them too.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import textwrap
@@ -33,18 +35,21 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+from matplotlib.ticker import MaxNLocator
 
 from pipeline import html_page, plots, stats
-from pipeline.certifiers import REGISTRY, SmoothReduce, cohen
-from pipeline.labels import short_labels, target_radii
+from pipeline.labels import short_labels
 from pipeline.storage import Location
 
 DEFAULT_RADII = {"l2": (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0), "l1": (0.0, 0.25, 0.5, 0.75, 1.0, 2.0, 3.0, 4.0)}
 RHO = 0.001
+OUTPUT = "output"  # the `kind` of an output certifier's rows (pipeline.certifiers.base.OUTPUT)
+DECLARED = ("kind", "max_radius", "targets")  # what certifiers record about themselves (pipeline.results)
 
-__all__ = ["Source", "accuracy_at", "accuracy_table", "acr", "brief", "certifiable_max", "certified_accuracy",
+__all__ = ["Source", "accuracy_at", "accuracy_table", "acr", "brief", "certified_accuracy",
            "certified_correct", "certified_counts", "certified_radius", "combined_rows", "curves_figure",
-           "legend_table", "plot_curves", "summary", "table_radii", "write_report"]
+           "legend_table", "plot_curves", "recorded_limit", "recorded_targets", "summary", "table_radii",
+           "write_report"]
 
 
 def certified_correct(rows: pd.DataFrame) -> pd.Series:
@@ -104,34 +109,14 @@ class Source:
     origin: str = ""
 
 
-def certifiable_max(params: dict, num_classes: int = 10) -> float | None:
-    """The largest radius a setting can certify (from a row's `params`): its certificate when every draw
-    votes for one class, for the fixed-n certifiers; Smooth-Reduce's is Cohen's times its radius factor.
-    None where there is no fixed maximum: sequential modes, PREDICT, center smoothing, unknown certifiers."""
-    cls = REGISTRY.get(params.get("certifier"))
-    if cls is None or not cls.classifies or params.get("mode", "certify") != "certify":
-        return None
-    if cls is SmoothReduce:
-        return cohen.max_radius(params["sigma"], params["n"], params["alpha"]) * params.get("radius_factor", 1.0)
-    names = {field.name for field in dataclasses.fields(cls)}
-    try:
-        certifier = cls(**{key: value for key, value in params.items() if key in names})
-        if certifier.self_sampling:
-            return None
-        counts = {role: np.eye(max(2, num_classes), dtype=np.int64)[0] * draws.n
-                  for role, draws in certifier.draws(labeled=True).items()}
-        return float(certifier.certify(counts, 0).radius)
-    except (TypeError, ValueError, KeyError):
-        return None
-
-
 def combined_rows(sources: Sequence[Source]) -> pd.DataFrame:
     """Every source's rows in one frame, with `source`, its position `order` and the setting's short `name`
     (named over all sources together, so one setting has one name everywhere)."""
     frames = []
     for order, source in enumerate(sources):
         frame = source.table.to_pandas()
-        frames.append(frame.assign(source=source.label, order=order))
+        missing = {column: None for column in DECLARED if column not in frame}  # rows of other tables
+        frames.append(frame.assign(source=source.label, order=order, **missing))
     rows = pd.concat(frames, ignore_index=True)
     return rows.assign(name=rows["setting"].map(short_labels(rows["setting"].unique())))
 
@@ -153,31 +138,41 @@ def _index(frame: pd.DataFrame, several: bool) -> pd.DataFrame:
     return frame
 
 
-def _limit(group: pd.DataFrame) -> float | None:
-    """The setting's largest certifiable radius; None for rows read from a published log, whose settings are
-    as stated, not recorded (the largest radii in Cohen et al.'s logs exceed the stated n and alpha's)."""
-    params = json.loads(group["params"].iloc[0])
-    if "source" in params:
-        return None
-    labels = group["label"].dropna()
-    return certifiable_max(params, int(labels.max()) + 1 if len(labels) else 10)
+def recorded_limit(group: pd.DataFrame) -> float | None:
+    """The setting's largest certifiable radius, as its rows recorded it (`max_radius`); None where none is."""
+    recorded = group["max_radius"].dropna()
+    return float(recorded.max()) if len(recorded) else None
+
+
+def recorded_targets(group: pd.DataFrame) -> tuple[float, ...] | None:
+    """The setting's target radii, as its rows recorded them (`targets`); None: it decides every radius."""
+    recorded = [tuple(targets) for targets in group["targets"] if targets is not None and len(targets)]
+    return tuple(sorted({float(t) for targets in recorded for t in targets})) or None
 
 
 def _classified_rows(rows: pd.DataFrame, norm: str) -> pd.DataFrame:
     return rows[rows["correct"].notna() & (rows["norm"] == norm)]
 
 
+def _reach(classified: pd.DataFrame) -> float:
+    """The largest radius the settings of these rows can certify, or did certify or target."""
+    groups = [group for _, _, group in _groups(classified)]
+    limits = [recorded_limit(group) for group in groups]
+    targets = [t for group in groups for t in recorded_targets(group) or ()]
+    return max([limit for limit in limits if limit is not None] + [float(classified["radius"].max() or 0)]
+               + targets)
+
+
 def table_radii(rows: pd.DataFrame, norm: str, radii: Sequence[float] | None = None) -> list[float]:
-    """The radii of a norm's tables: `radii` when given; else the default radii and the sequential targets,
-    up to the largest radius any setting of the norm can certify (beyond it every entry is 0)."""
+    """The radii of a norm's tables: `radii` when given; else the norm's default radii (for a norm without
+    defaults, round radii from 0 to the largest its settings reach) and the sequential targets, up to the
+    largest radius any setting of the norm can certify (beyond it every entry is 0)."""
     if radii:
         return list(radii)
-    default = DEFAULT_RADII.get(norm, DEFAULT_RADII["l2"])
     classified = _classified_rows(rows, norm)
-    targets = {t for setting in classified["setting"].unique() for t in target_radii(setting) or ()}
-    limits = [_limit(group) for _, _, group in _groups(classified)]
-    reach = max([limit for limit in limits if limit is not None] + [float(classified["radius"].max() or 0)]
-                + list(targets))
+    reach = _reach(classified)
+    default = DEFAULT_RADII.get(norm) or tuple(float(r) for r in MaxNLocator(nbins=8).tick_values(0.0, reach or 1.0))
+    targets = {t for _, _, group in _groups(classified) for t in recorded_targets(group) or ()}
     return sorted({r for r in (*default, *targets) if r <= reach} | {default[0]})
 
 
@@ -188,7 +183,7 @@ def accuracy_table(rows: pd.DataFrame, norm: str, radii: Sequence[float], bound:
     several = rows["source"].nunique() > 1
     out = {}
     for source, name, group in _groups(classified):
-        targets = target_radii(group["setting"].iloc[0])
+        targets = recorded_targets(group)
         counts = certified_counts(group, radii)
         alpha = float(group["alpha"].max())
         values = [stats.certified_accuracy_lower_bound(count, len(group), alpha, RHO) if bound else count / len(group)
@@ -241,10 +236,10 @@ def _errors(rows: pd.DataFrame) -> pd.DataFrame:
     return frame if rows["source"].nunique() > 1 else frame.drop(columns="source")
 
 
-def _center(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per center-smoothing setting: what was smoothed, the eps_out distribution over the images not abstained
-    on, and the median smoothing error."""
-    outputs = rows[rows["prediction"].isna()]
+def _outputs(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per setting of an output certifier (center smoothing): what was smoothed, the eps_out distribution over
+    the images not abstained on, and the median smoothing error."""
+    outputs = rows[rows["kind"] == OUTPUT]
     several = rows["source"].nunique() > 1
     out = {}
     for source, name, group in _groups(outputs):
@@ -274,12 +269,12 @@ def curves_figure(rows: pd.DataFrame, norm: str):
     with its Theorem 6 band and its largest certifiable radius, markers at the targets of sequential ones."""
     classified = _classified_rows(rows, norm)
     several = rows["source"].nunique() > 1
-    limits = {name: _limit(group) for _, name, group in _groups(classified)}
+    limits = {name: recorded_limit(group) for _, name, group in _groups(classified)}
     reach = max([v for v in limits.values() if v is not None] + [float(classified["radius"].max() or 0), 1e-3])
     grid = np.linspace(0, reach * 1.05, 800)
     curves = []
     for source, name, group in _groups(classified):
-        targets = target_radii(group["setting"].iloc[0])
+        targets = recorded_targets(group)
         x = np.asarray(targets) if targets is not None else grid
         alpha, counts = float(group["alpha"].max()), certified_counts(group, x)
         curves.append(plots.Curve(
@@ -315,12 +310,13 @@ def _markdown(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
 
 def summary(table: pa.Table, radii: Sequence[float] | None = None, compared: Sequence[Source] = (),
             label: str = "this run") -> str:
-    """Markdown: the cost and abstentions per setting, center smoothing's eps_out, certified accuracy at the
+    """Markdown: the cost and abstentions per setting, the output certificates' eps_out, certified accuracy at the
     radii and its Theorem 6 lower bound per norm, the error rows, and the legend of setting names."""
     rows = combined_rows([Source(label, table), *compared])
     parts = ["## Cost, errors and abstentions per setting", "", _markdown(_overview(rows), ".4g")]
-    if len(_center(rows)):
-        parts += ["", "## Center smoothing: eps_out over the images not abstained on", "", _markdown(_center(rows))]
+    if len(_outputs(rows)):
+        parts += ["", "## Output certificates: eps_out over the images not abstained on", "",
+                  _markdown(_outputs(rows))]
     for norm in _norms(rows):
         norm_radii = table_radii(rows, norm, radii)
         parts += ["", f"## Certified accuracy, {norm} radius", "", _markdown(accuracy_table(rows, norm, norm_radii)),
@@ -334,7 +330,7 @@ def summary(table: pa.Table, radii: Sequence[float] | None = None, compared: Seq
 
 def brief(table: pa.Table, radii: Sequence[float] | None = None, compared: Sequence[Source] = (),
           label: str = "this run") -> str:
-    """A few lines for the terminal: certified accuracy per norm with ACR, and center smoothing's median
+    """A few lines for the terminal: certified accuracy per norm with ACR, and each output certifier's median
     eps_out; the report holds the rest."""
     rows = combined_rows([Source(label, table), *compared])
     parts = []
@@ -342,9 +338,8 @@ def brief(table: pa.Table, radii: Sequence[float] | None = None, compared: Seque
         classified = _classified_rows(rows, norm)
         parts += [f"Certified accuracy, {norm} radius ({', '.join(_image_counts(classified))}):",
                   _markdown(accuracy_table(rows, norm, table_radii(rows, norm, radii)), floatfmt=".3f"), ""]
-    center = _center(rows)
-    for key, entry in center.iterrows():
-        parts.append(f"Center smoothing, {' '.join(key) if isinstance(key, tuple) else key}: median eps_out "
+    for key, entry in _outputs(rows).iterrows():
+        parts.append(f"Output certificate, {' '.join(key) if isinstance(key, tuple) else key}: median eps_out "
                      f"{entry['median_eps_out']:.3g} at eps_in {entry['eps_in']:g}, abstained on "
                      f"{entry['abstention_rate']:.0%}")
     errors = int((rows["status"] == "error").sum())
@@ -356,7 +351,7 @@ def brief(table: pa.Table, radii: Sequence[float] | None = None, compared: Seque
 def write_report(table: pa.Table, location: Location, radii: Sequence[float] | None = None,
                  manifest: dict | None = None, compared: Sequence[Source] = (), label: str | None = None) -> str:
     """Writes the report folder: index.html (everything, self-contained), summary.md, certified_accuracy.csv,
-    curves_<norm>.png per norm and eps_out.png for center smoothing; returns the Markdown summary. The run is
+    curves_<norm>.png per norm and eps_out.png for the output certifiers; returns the Markdown summary. The run is
     named `label`, else by its manifest's run id."""
     label = label or (manifest or {}).get("run_id") or "this run"
     rows = combined_rows([Source(label, table), *compared])
@@ -365,9 +360,9 @@ def write_report(table: pa.Table, location: Location, radii: Sequence[float] | N
     images = {}
     for norm in _norms(rows):
         images[f"curves_{norm}.png"] = plots.to_png(curves_figure(rows, norm))
-    center = _eps_out_figure(rows)
-    if center is not None:
-        images["eps_out.png"] = plots.to_png(center)
+    histogram = _eps_out_figure(rows)
+    if histogram is not None:
+        images["eps_out.png"] = plots.to_png(histogram)
     for name, png in images.items():
         location.write_bytes(name, png)
     frames = [accuracy_table(rows, norm, table_radii(rows, norm, radii)).assign(norm=norm) for norm in _norms(rows)]
@@ -378,7 +373,7 @@ def write_report(table: pa.Table, location: Location, radii: Sequence[float] | N
 
 
 def _eps_out_figure(rows: pd.DataFrame):
-    outputs = rows[rows["certifier"] == "center"]
+    outputs = rows[rows["kind"] == OUTPUT]
     certified = outputs[~outputs["abstained"] & (outputs["status"] == "ok")]
     if not len(certified):
         return None
@@ -387,12 +382,12 @@ def _eps_out_figure(rows: pd.DataFrame):
                for source, name, group in _groups(certified)}
     eps_in = ", ".join(f"{value:g}" for value in sorted(certified["eps_in"].unique()))
     return plots.histogram_figure(samples, "certified eps_out (output distance)",
-                                  f"Center smoothing: eps_out per image at eps_in {eps_in}")
+                                  f"Output certificates: eps_out per image at eps_in {eps_in}")
 
 
 def _page(rows: pd.DataFrame, radii, images: dict[str, bytes], manifest: dict | None, sources: Sequence[Source]) -> str:
-    """The self-contained index.html: accuracy per norm (tables, curves, lower bounds), center smoothing,
-    cost, abstentions and errors, the setting names, and the run's own settings."""
+    """The self-contained index.html: accuracy per norm (tables, curves, lower bounds), the output
+    certificates, cost, abstentions and errors, the setting names, and the run's own settings."""
     table = html_page.table
     accuracy = []
     for norm in _norms(rows):
@@ -405,8 +400,8 @@ def _page(rows: pd.DataFrame, radii, images: dict[str, bytes], manifest: dict | 
             '(abstentions and errors count as failures). – : not applicable (a sequential setting decides only '
             'its target radii). Names of settings: see Settings.</p>')
     sections = [("Certified accuracy", note + "".join(accuracy) if accuracy else "<p>No labeled rows.</p>")]
-    if len(_center(rows)):
-        sections.append(("Center smoothing", table(_center(rows), "{:.4g}") + (
+    if len(_outputs(rows)):
+        sections.append(("Output certificates", table(_outputs(rows), "{:.4g}") + (
             html_page.image(images["eps_out.png"], "distribution of eps_out") if "eps_out.png" in images else "")))
     abstentions, errors = _abstentions(rows), _errors(rows)
     sections.append(("Cost, abstentions and errors", "".join([

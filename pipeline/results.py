@@ -1,7 +1,9 @@
 """The result schema: one row per (image, certifier, setting), defined once as a pyarrow schema.
 
 Every column carries its description in the schema's field metadata (`describe()` lists them), so a
-Parquet file of results documents itself.
+Parquet file of results documents itself. Each row also records what its certifier declares (`norm`,
+`kind`, `max_radius`, `targets`), so readers need nothing but the rows. Files are read against this schema:
+a column that an older file lacks reads as null.
 """
 
 from __future__ import annotations
@@ -37,7 +39,20 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("abstained", pa.bool_(), False, "True when no certificate was issued (prediction -1, radius 0)."),
     ("radius", pa.float64(), False,
      "Certified input radius in the row's norm, in [0, 1] pixel units (center: eps_in); 0.0 on abstention."),
-    ("norm", pa.string(), False, "Norm of the certified ball: 'l2' (cohen, topk) or 'l1' (dssn, ssn)."),
+    ("norm", pa.string(), False,
+     "Norm of the certified ball, as the certifier declares it: 'l2' (cohen, topk, center, smooth_reduce) or "
+     "'l1' (dssn, ssn)."),
+    ("kind", pa.string(), True,
+     "What the certifier is (`pipeline.certifiers.base`): 'counting' (a class, from counts of draws), "
+     "'sampling' (a class, sampling on its own: sequential modes, smooth_reduce) or 'output' (outputs, not a "
+     "class: center). Null in rows written before it was recorded."),
+    ("max_radius", pa.float64(), True,
+     "The largest radius the setting can certify (its certificate when every draw votes for one class); null "
+     "where there is no fixed maximum (sequential modes, PREDICT, output certifiers, published logs) or in rows "
+     "written before it was recorded."),
+    ("targets", pa.list_(pa.float64()), True,
+     "The only radii the setting decides (mode=sequential's target radii); empty: every radius. Null in rows "
+     "written before it was recorded."),
     ("p_lower", pa.float64(), True,
      "Lower confidence bound on the probability under noise of the class examined (cohen, ssn: the selected "
      "top class; topk: the label), also when it abstains; dssn: the exact vote share c_A / L."),
@@ -67,12 +82,16 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("params", pa.string(), False,
      "JSON of the certifier's full settings plus the noise scheme, precision and batch size, and per-image "
      "details (dssn: the template's identity; smooth_reduce: the patch plan and radius factors)."),
-    ("eps_in", pa.float64(), True, "center: the l2 input radius the output bound is for."),
+    ("eps_in", pa.float64(), True, "Output certifiers (center): the input radius the output bound is for."),
     ("eps_out", pa.float64(), True,
-     "center: certified bound on the distance between the smoothed outputs at x and at any x' within eps_in."),
-    ("smoothing_error", pa.float64(), True, "center: distance between the smoothed output and the clean output f(x)."),
-    ("metric", pa.string(), True, "center: the output distance (l2, angular, total_variation, tv1, tv2, jaccard)."),
-    ("output", pa.string(), True, "center: what was smoothed (logits, probs, features, denoised)."),
+     "Output certifiers (center): certified bound on the distance between the smoothed outputs at x and at "
+     "any x' within eps_in."),
+    ("smoothing_error", pa.float64(), True,
+     "Output certifiers (center): distance between the smoothed output and the clean output f(x)."),
+    ("metric", pa.string(), True,
+     "Output certifiers: the output distance (center: l2, angular, total_variation, tv1, tv2, jaccard)."),
+    ("output", pa.string(), True,
+     "Output certifiers: what was smoothed (center: logits, probs, features, denoised)."),
     ("abstain_reason", pa.string(), True, "Why the certifier abstained, where it says (center: the check failed)."),
     ("run_id", pa.string(), True, "The run that wrote the row (null outside a run)."),
     ("model", pa.string(), True, "The classifier certified, as named in the run's config (its weights where the config "
@@ -83,7 +102,7 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("code_version", pa.string(), True, "Version of this package (and git commit, where known) that wrote the row."),
 ]
 
-# Columns that only some certifiers (center) or only runs fill; null elsewhere.
+# Columns that only some certifiers (the output certifiers) or only runs fill; null elsewhere.
 CERTIFIER_EXTRAS = ("eps_in", "eps_out", "smoothing_error", "metric", "output", "abstain_reason")
 RUN_COLUMNS = ("run_id", "model", "node", "code_version")
 
@@ -113,7 +132,8 @@ def to_table(rows: list[dict]) -> pa.Table:
 @dataclass(frozen=True)
 class RowContext:
     """What the rows of one certification call share: the seed, where and how the model ran (`settings`:
-    the noise scheme and engine settings, recorded in params), the run's columns and the input shape."""
+    the noise scheme and engine settings, recorded in params), the run's columns, the input shape and the
+    model's number of classes (None where not known)."""
 
     seed: int
     precision: str = "fp32"
@@ -121,12 +141,14 @@ class RowContext:
     settings: dict = field(default_factory=dict)
     run: dict = field(default_factory=dict)
     input_shape: tuple | None = None
+    num_classes: int | None = None
 
 
 def result_row(certifier, certificate, image_index: int, image_id: str, label: int | None, seconds: float,
                context: RowContext) -> dict:
     """The row of SCHEMA for one (image, certifier): the certificate with its cost, or, for a certificate
-    that `failed`, status 'error' with the reason. Every row is built here."""
+    that `failed`, status 'error' with the reason, and what the certifier declares about itself (norm, kind,
+    largest certifiable radius, target radii). Every row is built here."""
     classifies, failed, cost = certifier.classifies, certificate.error is not None, certificate.cost
     correct = None
     if classifies and label is not None:
@@ -137,7 +159,9 @@ def result_row(certifier, certificate, image_index: int, image_id: str, label: i
         "image_index": image_index, "image_id": image_id, "label": label, "certifier": certifier.name,
         "setting": certifier.setting, "sigma": float(certifier.sigma),
         "prediction": certificate.prediction if classifies else None, "abstained": certificate.abstained,
-        "radius": certificate.radius, "norm": certifier.norm, "p_lower": certificate.p_lower,
+        "radius": certificate.radius, "norm": certifier.norm, "kind": certifier.kind,
+        "max_radius": certifier.max_radius(context.num_classes, certificate.details),
+        "targets": list(certifier.targets), "p_lower": certificate.p_lower,
         "count": certificate.count, "n": cost.n, "n0": cost.n0, "alpha": float(certifier.failure_probability),
         "correct": correct, "topk_labels": certificate.topk_labels, "forward_passes": cost.forward_passes,
         "wall_time_s": seconds, "status": "error" if failed else "ok", "error": certificate.error,
@@ -181,7 +205,10 @@ def read_certify_log(path: str | Path, sigma: float, alpha: float = 0.001, n: in
         certificate = Certificate(prediction=int(predict), radius=float(radius), cost=Cost(n=n, n0=n0),
                                   topk_labels=None if int(predict) == -1 else [int(predict)],
                                   details={"source": str(path)})
-        rows.append(result_row(cohen, certificate, int(idx), idx, int(label), seconds(time), context))
+        row = result_row(cohen, certificate, int(idx), idx, int(label), seconds(time), context)
+        # the settings are as stated, not recorded (the largest radii in Cohen et al.'s logs exceed those
+        # their stated n and alpha allow), so no largest radius is claimed for them
+        rows.append({**row, "max_radius": None})
     return to_table(rows)
 
 

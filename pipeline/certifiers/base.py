@@ -1,16 +1,21 @@
-"""What every certifier shares: the certificate it returns, its cost, the noise stages and the checks on its
-settings.
+"""What every certifier shares: the certificate it returns, its cost, the noise stages, the checks on its
+settings, and what it declares about itself for the readers of its rows.
 
-A certifier is one of two kinds:
+A certifier is one of three kinds (`Certifier.kind`, written to every row's `kind` column):
 
-- counting (the default): it says which noise it needs, by role (`draws`), and turns the class counts the
+- COUNTING (the default): it says which noise it needs, by role (`draws`), and turns the class counts the
   engine returns for those roles into a `Certificate` (`certify`). The math lives in plain functions on
   counts, so it is testable on stored counts without a model.
-- sampling (`self_sampling` true: center smoothing, Smooth-Reduce, the sequential modes): later draws
-  depend on earlier ones, so it samples through the engine itself (`run`).
+- SAMPLING (`self_sampling` true: Smooth-Reduce, the sequential modes): later draws depend on earlier ones,
+  so it samples through the engine itself (`run`). It still certifies a class.
+- OUTPUT (`classifies` false: center smoothing): it certifies the model's outputs, not a class, sampling
+  through `run`. Its rows have no prediction; it fills `eps_in` (the input radius) and `eps_out` (the
+  certified bound on the output distance), and may fill `metric`, `output` and `smoothing_error`.
 
-Either way, every certificate states its own cost (`Cost`): the draws it rests on and the model
-evaluations behind them.
+Every certificate states its own cost (`Cost`): the draws it rests on and the model evaluations behind them.
+Every certifier also states its `norm`, its `max_radius` (the largest radius its settings can certify, None
+where there is none fixed) and its `targets` (the only radii a sequential mode decides), which the row
+builder records, so that reports read columns and never re-derive a certifier from its setting string.
 """
 
 from __future__ import annotations
@@ -37,8 +42,14 @@ CENTER_SEARCH = "center_search"  # the samples the centre is searched among (or 
 CENTER_CANDIDATES = "center_candidates"  # the candidate centres of `centers=k`
 CENTER_CHECK = "center_check"
 
-__all__ = ["ABSTAIN", "CENTER_CANDIDATES", "CENTER_CHECK", "CENTER_SEARCH", "DSSN_OFFSETS",
-           "ESTIMATION", "SELECTION", "Certificate", "Certifier", "Cost"]
+# Kinds of certifier (the rows' `kind` column; see the module docstring).
+COUNTING = "counting"
+SAMPLING = "sampling"
+OUTPUT = "output"
+KINDS = (COUNTING, SAMPLING, OUTPUT)
+
+__all__ = ["ABSTAIN", "CENTER_CANDIDATES", "CENTER_CHECK", "CENTER_SEARCH", "COUNTING", "DSSN_OFFSETS",
+           "ESTIMATION", "KINDS", "OUTPUT", "SAMPLING", "SELECTION", "Certificate", "Certifier", "Cost"]
 
 
 def _is_real(value) -> bool:
@@ -145,6 +156,30 @@ class Certifier:
     def self_sampling(self) -> bool:
         """True when later draws depend on earlier ones, so the certifier samples through `run`."""
         return False
+
+    # what readers of the rows need (recorded by `pipeline.results.result_row`)
+    @property
+    def kind(self) -> str:
+        """COUNTING, SAMPLING or OUTPUT: how it certifies, and whether it certifies a class at all."""
+        if not self.classifies:
+            return OUTPUT
+        return SAMPLING if self.self_sampling else COUNTING
+
+    @property
+    def targets(self) -> tuple[float, ...]:
+        """The only radii these settings decide (a sequential mode's target radii); empty: every radius."""
+        return ()
+
+    def max_radius(self, num_classes: int | None = None, details: Mapping | None = None) -> float | None:
+        """The largest radius these settings can certify, for a model of `num_classes` classes (None: not
+        known) and a certificate with these `details` (per-image values it may depend on); None where there
+        is no fixed maximum. A counting certifier's is its certificate when every draw votes for one class;
+        a sampling or output certifier has none unless it says so."""
+        if self.kind != COUNTING:
+            return None
+        unanimous = np.eye(max(2, num_classes or 2), dtype=np.int64)[0]
+        counts = {role: unanimous * draws.n for role, draws in self.draws(labeled=True).items()}
+        return float(self.certify(counts, 0).radius)
 
     # counting certifiers
     def draws(self, labeled: bool) -> dict[str, Draws]:

@@ -102,6 +102,11 @@ class Cohen(SequentialOptions, Certifier):
         self._require_choice("mode", ("certify", "predict", *SEQUENTIAL_MODES))
         self._check_sequential()
 
+    def max_radius(self, num_classes: int | None = None, details: Mapping | None = None) -> float | None:
+        """CERTIFY's radius when all n draws vote for the selected class (`max_radius`); PREDICT certifies
+        no radius and the sequential modes have no fixed maximum: None."""
+        return super().max_radius(num_classes, details) if self.mode == "certify" else None
+
     def draws(self, labeled: bool) -> dict[str, Draws]:
         estimation = Draws(ESTIMATION, self.sigma, self.n)
         if self.mode == "predict":

@@ -101,6 +101,11 @@ class SequentialOptions:
         """A sequential certifier decides per image how many draws to take, so it samples through `run`."""
         return self.sequential
 
+    @property
+    def targets(self) -> tuple[float, ...]:
+        """`mode="sequential"` decides only its target radii; every other mode, every radius (empty)."""
+        return tuple(self.radii) if self.mode == "sequential" else ()
+
     def _check_sequential(self) -> None:
         defaults = SequentialOptions()
         if not self.sequential:

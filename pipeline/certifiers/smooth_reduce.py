@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from pipeline.certifiers.base import ESTIMATION, SELECTION, Certificate, Certifier, Cost
 from pipeline.certifiers.cohen import certificate_from_counts, sequential_certificate
+from pipeline.certifiers.cohen import max_radius as cohen_max_radius
 from pipeline.certifiers.sequential import SEQUENTIAL_MODES, SequentialOptions, top_class
 from pipeline.engine import Draws, Engine
 
@@ -172,6 +173,15 @@ class SmoothReduce(SequentialOptions, Certifier):
     @property
     def self_sampling(self) -> bool:
         return True
+
+    def max_radius(self, num_classes: int | None = None, details: Mapping | None = None) -> float | None:
+        """Cohen's largest CERTIFY radius (all n votes for one class) times the certificate's radius factor
+        (1 for shared noise; recorded in `details` for independent noise, None without it). None in the
+        sequential modes."""
+        factor = 1.0 if self.noise == "shared" else (details or {}).get("radius_factor")
+        if self.sequential or factor is None:
+            return None
+        return cohen_max_radius(self.sigma, self.n, self.alpha) * factor
 
     def plan(self, image_shape: Sequence[int], seed: int) -> tuple[np.ndarray, int, int]:
         """(patch corners, resized side, largest pixel multiplicity) for images of this shape: one plan per

@@ -166,6 +166,11 @@ class TopK(SequentialOptions, Certifier):
             raise ValueError(f"{self.name}: tolerance must be > 0, got {self.tolerance!r}")
         self._check_sequential()
 
+    def max_radius(self, num_classes: int | None = None, details: Mapping | None = None) -> float | None:
+        """The radius when all n draws vote for the label; its bounds depend on the number of classes, so
+        None when that is not known (and in the sequential modes)."""
+        return None if num_classes is None else super().max_radius(num_classes, details)
+
     def check_num_classes(self, num_classes: int) -> None:
         if self.k >= num_classes:
             raise ValueError(f"{self.name}: k must be smaller than the number of classes ({num_classes}), "
