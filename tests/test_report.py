@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from pipeline import cli, compare, report
 from pipeline.certifiers import DSSN, SSN, Center, Certificate, Cohen, TopK, cohen
 from pipeline.certifiers.base import Cost
-from pipeline.labels import parse_setting, short_labels, target_radii
+from pipeline.labels import parse_setting, short_labels
 from pipeline.progress import Progress
 from pipeline.results import RowContext, result_row, to_table
 from pipeline.storage import open_location
@@ -43,7 +43,7 @@ def certificate(certifier, rng, label: int) -> Certificate:
 def results(images: int = 40, seed: int = 0, run_id: str = "small", certifiers=CERTIFIERS) -> pa.Table:
     """Rows of every certifier for `images` images, built by the one row builder (no model needed)."""
     rng = np.random.default_rng(seed)
-    context = RowContext(seed=0, run={"run_id": run_id, "model": "demo_cnn"})
+    context = RowContext(seed=0, run={"run_id": run_id, "model": "demo_cnn"}, num_classes=10)
     rows = []
     for index in range(images):
         label = int(rng.integers(0, 10))
@@ -94,15 +94,24 @@ def test_short_labels_name_the_settings_that_differ_and_stay_unique():
     twins = [Cohen(sigma=0.25, n=2000, alpha=0.001).setting, Cohen(sigma=0.25, n=2000, alpha=0.01).setting]
     assert sorted(short_labels(twins).values()) == ["cohen sigma=0.25 alpha=0.001", "cohen sigma=0.25 alpha=0.01"]
     assert parse_setting(SEQUENTIAL.setting)[1]["radii"] == "(0.0, 0.25, 0.5)"
-    assert target_radii(SEQUENTIAL.setting) == (0.0, 0.25, 0.5) and target_radii(CERTIFIERS[0].setting) is None
+    assert SEQUENTIAL.targets == (0.0, 0.25, 0.5) and CERTIFIERS[0].targets == ()
 
 
-def test_certifiable_max_is_the_certificate_of_unanimous_draws():
-    cohen_max = report.certifiable_max({"certifier": "cohen", "sigma": 0.25, "n": 2000, "n0": 100, "alpha": 0.001})
+def test_max_radius_is_the_certificate_of_unanimous_draws_and_rows_record_it():
+    cohen_max = Cohen(sigma=0.25, n=2000, n0=100, alpha=0.001).max_radius()
     assert cohen_max == pytest.approx(cohen.max_radius(0.25, 2000, 0.001))
-    assert report.certifiable_max({"certifier": "dssn", "sigma": 0.5, "q": 255}) == pytest.approx(220 / 255)
-    assert report.certifiable_max({"certifier": "cohen", "sigma": 0.25, "n": 20000, "mode": "sequential",
-                                   "radii": [0.5]}) is None
+    assert DSSN(sigma=0.5, q=255).max_radius() == pytest.approx(220 / 255)
+    assert Cohen(sigma=0.25, n=20000, mode="sequential", radii=(0.5,)).max_radius() is None
+    assert TopK(k=3, sigma=0.25, n=2000).max_radius() is None  # its bounds depend on the number of classes
+    rows = results(images=2).to_pandas().groupby("setting").first()
+    assert rows.loc[CERTIFIERS[0].setting, "max_radius"] == pytest.approx(cohen_max)
+    assert rows.loc[CERTIFIERS[2].setting, "max_radius"] == pytest.approx(
+        TopK(k=3, sigma=0.25, n=2000).max_radius(num_classes=10))
+    sequential = rows.loc[SEQUENTIAL.setting]
+    assert math.isnan(sequential["max_radius"]) and list(sequential["targets"]) == [0.0, 0.25, 0.5]
+    assert list(rows.loc[CERTIFIERS[0].setting, "targets"]) == []
+    kinds = [rows.loc[certifier.setting, "kind"] for certifier in CERTIFIERS]
+    assert kinds == ["counting", "counting", "counting", "sampling", "counting", "counting", "output"]
 
 
 def test_tables_use_short_names_and_a_sequential_setting_only_at_its_targets():
@@ -136,7 +145,7 @@ def test_report_html_is_self_contained_with_a_table_per_norm(tmp_path):
         position = next(position for heading, position in page.headings if heading == f"{norm} radius")
         assert "table" in page.tags[position:position + 3], f"no table under the {norm} heading"
     headings = {heading for heading, _ in page.headings}
-    assert {"Center smoothing", "Cost, abstentions and errors", "Settings", "Run", "Error rows"} <= headings
+    assert {"Output certificates", "Cost, abstentions and errors", "Settings", "Run", "Error rows"} <= headings
 
 
 def axes_width_fraction(figure) -> float:
