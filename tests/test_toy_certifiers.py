@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from scipy.stats import norm
+from scipy.stats import norm as gaussian
+from toy_certifiers import TOYS, Laplace, ToyLaplace, ToyLinf, ToyLipschitz
 
 import pipeline
 from pipeline import compare, report
@@ -17,7 +18,6 @@ from pipeline.models import load_demo_model
 from pipeline.noise import make_noise
 from pipeline.results import RowContext, result_row, to_table
 from pipeline.storage import open_location
-from toy_certifiers import TOYS, Laplace, ToyLaplace, ToyLinf, ToyLipschitz
 
 LAPLACE, LINF, LIPSCHITZ = ToyLaplace(sigma=0.5, n=1000), ToyLinf(sigma=0.5, n=1000), ToyLipschitz(sigma=0.5)
 CERTIFIERS = [Cohen(sigma=0.25, n0=100, n=1000), LAPLACE, LINF, LIPSCHITZ]
@@ -36,8 +36,9 @@ def certificate(certifier: Certifier, rng, label: int) -> Certificate:
 def results(seed: int = 0, images: int = 30):
     rng = np.random.default_rng(seed)
     context = RowContext(seed=seed, run={"run_id": f"toys{seed}"}, num_classes=10)
-    return to_table([result_row(certifier, certificate(certifier, rng, label), index, f"img{index}", label, 0.1, context)
-                     for index, label in enumerate(rng.integers(0, 10, images).tolist()) for certifier in CERTIFIERS])
+    labels = rng.integers(0, 10, images).tolist()
+    return to_table([result_row(certifier, certificate(certifier, rng, label), index, f"img{index}", label, 0.1,
+                                context) for index, label in enumerate(labels) for certifier in CERTIFIERS])
 
 
 def test_toys_register_and_declare_their_kind_norm_and_largest_radius():
@@ -50,7 +51,7 @@ def test_toys_register_and_declare_their_kind_norm_and_largest_radius():
         ("counting", "l1"), ("counting", "linf"), ("output", "l2")]
     unanimous = 0.001 ** (1 / 1000)  # the Clopper–Pearson lower bound of 1000 successes in 1000
     assert LAPLACE.max_radius() == pytest.approx(-0.5 / math.sqrt(2) * math.log(2 * (1 - unanimous)))
-    assert LINF.max_radius() == pytest.approx(0.5 * norm.ppf(unanimous) / math.sqrt(3 * 32 * 32))
+    assert LINF.max_radius() == pytest.approx(0.5 * gaussian.ppf(unanimous) / math.sqrt(3 * 32 * 32))
     assert LIPSCHITZ.max_radius() is None and LIPSCHITZ.targets == ()
     assert isinstance(make_noise("laplace", (3, 4, 4), "cpu", 0.5), Laplace)
 
