@@ -8,11 +8,13 @@ Examples:
   pipeline compare runs/demo runs/demo-bf16
   pipeline train-denoiser --config jobs/configs/denoiser_demo.yaml --set objective=decrop
   pipeline sweep --config jobs/configs/sweep_demo.yaml
+  pipeline nightly --config jobs/configs/nightly_demo.yaml --date 2026-11-20
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import sys
 
@@ -190,6 +192,58 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log debugging detail, with Ray's progress output and INFO logs")
 
 
+NIGHTLY_EXIT_CODES = """Exit codes:
+  0  no regression (or no earlier night to compare with)
+  1  a regression: the printed REGRESSION lines and report.md say which figures moved (an uncaught error,
+     a bad suite config or a failed run, also exits 1, with a traceback and no REGRESSION line)
+  2  bad command-line arguments
+  3  could not compare: the earlier night's figures.parquet is unreadable (named in the printed line and
+     in report.md); tonight's figures are still written"""
+
+
+def nightly_main(args: argparse.Namespace) -> int:
+    """Runs `pipeline nightly`: the suite's night (`pipeline.nightly.suite.night`); returns its exit code."""
+    setup_logging(args.verbose, "nightly")
+    from pipeline.config import NightlySuite, read_yaml
+    from pipeline.nightly.suite import night
+
+    _ray_verbosity(args.verbose)
+    return night(NightlySuite.from_dict(read_yaml(args.config, args.set)), args.date)
+
+
+def night_date(text: str) -> str:
+    """A --date value: a calendar date written YYYY-MM-DD (it names the night's folder)."""
+    try:
+        written = datetime.date.fromisoformat(text).isoformat()
+    except ValueError:
+        written = None
+    if written != text:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}")
+    return text
+
+
+def add_nightly_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help="YAML benchmark suite")
+    parser.add_argument("--date", type=night_date, default=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
+                        help="the night's date, YYYY-MM-DD (default: today, UTC)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a suite value, e.g. models.0.model.weights=PATH (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debugging detail, with Ray's progress output and INFO logs")
+
+
+def _add_nightly_command(commands) -> None:
+    nightly = commands.add_parser(
+        "nightly", help="run the nightly benchmark suite and compare with the last night",
+        description="Run the suite (the same dataset subset, certifiers and seeds for every model), write "
+                    "OUTPUT/nightly/DATE/ (figures.parquet, environment.json, report.md, accuracy.png and each "
+                    "model's run), compare with the most recent earlier night and print the figures that moved. "
+                    "Rerunning a date reuses its runs.", epilog=NIGHTLY_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_nightly_arguments(nightly)
+    nightly.set_defaults(handler=nightly_main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline", description="Certify the adversarial robustness of image classifiers.",
@@ -219,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser(
         "compare", help="per-setting differences of certified accuracy between two runs (or a run and a log)",
         description="Print B - A per setting and radius, with confidence intervals (Newcombe's hybrid score "
-                    "interval; normal for ACR) and Fisher exact p-values, treating the two as independent "
+                    "interval; Welch's t for ACR) and Fisher exact p-values, treating the two as independent "
                     "samples of images. Settings pair by full setting, else by certifier, norm, mode and sigma.")
     compare.add_argument("a", metavar="A", help="a run (directory or s3:// URI) or a log file (LOG,sigma=S)")
     compare.add_argument("b", metavar="B", help="the same for the other side")
@@ -241,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "objective.png, best_train.yaml and best_certify.yaml under STORAGE/NAME/.")
     add_sweep_arguments(sweep)
     sweep.set_defaults(handler=sweep_main)
+    _add_nightly_command(commands)
     return parser
 
 

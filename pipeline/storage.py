@@ -142,6 +142,10 @@ class Location:
     def write_parquet(self, name: str, table: pa.Table) -> None:
         self._atomic(name, lambda stream: pq.write_table(table, stream))
 
+    def read_parquet(self, name: str) -> pa.Table:
+        """The Parquet file `name` in this directory as a table (pyarrow's errors for a file that is not one)."""
+        return self.retrying(lambda: pq.read_table(self.join(name).path, filesystem=self.fs), f"reading {name} from")
+
     def _atomic(self, name: str, write) -> None:
         target = self.join(name).path
         if self.is_s3:  # an S3 object appears only once its upload completes; a retry uploads it anew

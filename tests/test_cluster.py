@@ -22,12 +22,11 @@ import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from pipeline import nightly
+from pipeline import cli, nightly
 from pipeline.results import read_results
 from pipeline.storage import open_location
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
 
 
 def project():
@@ -141,7 +140,8 @@ def test_nightly_records_nights_reuses_a_rerun_date_and_names_a_damaged_night(ra
     measured (not 40x faster) and the next date raises no throughput alarm against it. A planted regression
     (a broken classifier head) fails the night. An unreadable earlier figures.parquet still gives tonight's
     report, naming that night, and exit 3."""
-    from nightly import main
+    def main(argv: list[str]) -> int:
+        return cli.main(["nightly", *argv])
 
     from pipeline.models import load_demo_model
 

@@ -209,7 +209,6 @@ def test_bad_configs_and_files_get_one_line_messages(tmp_path):
 def test_names_that_become_paths_cannot_leave_their_roots(tmp_path, capsys):
     """A run id, a training run name, a sweep name, a nightly label or date is one path segment: '..', a
     separator or a hidden name is refused before anything is written, and no join leaves its root."""
-    import sys
 
     from pipeline import cli
     from pipeline.storage import Storage, StorageError
@@ -227,9 +226,7 @@ def test_names_that_become_paths_cannot_leave_their_roots(tmp_path, capsys):
                                "search": {"lr": {"choice": [0.1]}}, "objective": {"metric": "acr"}})
     with pytest.raises(StorageError, match="is not one path segment"):
         Storage().open(str(tmp_path)).join("..", "escape")
-    sys.path.insert(0, str(ROOT / "jobs"))
-    from nightly import main as nightly
-
     with pytest.raises(SystemExit) as exit_code:
-        nightly(["--config", str(ROOT / "jobs" / "configs" / "nightly_demo.yaml"), "--date", "../../esc-night"])
+        cli.main(["nightly", "--config", str(ROOT / "jobs" / "configs" / "nightly_demo.yaml"), "--date",
+                  "../../esc-night"])
     assert exit_code.value.code == 2 and "expected a date YYYY-MM-DD" in capsys.readouterr().err

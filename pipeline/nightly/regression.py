@@ -1,6 +1,7 @@
 """Nightly benchmark figures and the regression test between two nights.
 
-Figures per (model, setting): certified accuracy at the suite's radii and the abstention rate (proportions
+Figures per (model, setting), each with the setting's `norm` and `targets` as its rows recorded them (null
+for results without those columns): certified accuracy at the suite's radii and the abstention rate (proportions
 over all the run's images, with their counts), ACR, and cost: forward passes per image; per model, images/s,
 device-seconds per image and the cost per image at a configured price per device-hour. The throughput
 figures measure only the work done tonight: the images tonight's attempt certified over tonight's seconds,
@@ -24,22 +25,24 @@ import pandas as pd
 import pyarrow as pa
 from scipy.stats import fisher_exact
 
-from pipeline.report import acr, certified_counts
+from pipeline.report import acr, certified_counts, recorded_targets
 
 __all__ = ["THROUGHPUT_FIGURES", "compare", "figures", "is_reused"]
 
 WORSE_WHEN_LOWER = "lower"
 WORSE_WHEN_HIGHER = "higher"
 THROUGHPUT_FIGURES = ("images_per_s", "device_seconds_per_image", "cost_per_image")
-COLUMNS = ["setting", "figure", "value", "successes", "count", "kind", "worse_when"]
+COLUMNS = ["setting", "norm", "targets", "figure", "value", "successes", "count", "kind", "worse_when"]
 
 
 def figures(model: str, results: pa.Table, radii: Sequence[float], seconds: float, devices: int,
             price_per_device_hour: float, certified_tonight: int) -> pd.DataFrame:
-    """One row per figure: model, setting, figure, value, successes and count (for proportions), kind.
-    Accuracy and abstention come from all of `results`; throughput from the `certified_tonight` images that
-    tonight's attempt certified in `seconds` on `devices` devices (NaN when it certified none)."""
+    """One row per figure: model, setting, its norm and target radii, figure, value, successes and count (for
+    proportions), kind. Accuracy and abstention come from all of `results`; throughput from the
+    `certified_tonight` images that tonight's attempt certified in `seconds` on `devices` devices (NaN when
+    it certified none)."""
     rows = results.to_pandas()
+    rows = rows.assign(**{column: None for column in ("norm", "targets") if column not in rows})
     out = [row for setting, group in rows.groupby("setting", sort=True) for row in _setting_figures(
         setting, group, radii)]
     out += _throughput_figures(certified_tonight, seconds, devices, price_per_device_hour)
@@ -51,17 +54,17 @@ def figures(model: str, results: pa.Table, radii: Sequence[float], seconds: floa
 def _setting_figures(setting: str, group: pd.DataFrame, radii: Sequence[float]) -> list[tuple]:
     """Certified accuracy at `radii` and ACR (where the rows are labeled), abstention, forward passes."""
     images = len(group)
+    head = (setting, group["norm"].iloc[0], list(recorded_targets(group) or ()))
     out = []
     if group["correct"].notna().any():
         for radius, successes in zip(radii, certified_counts(group, radii), strict=True):
-            out.append((setting, f"certified_accuracy@{radius:g}", successes / images, successes, images,
+            out.append((*head, f"certified_accuracy@{radius:g}", successes / images, successes, images,
                         "proportion", WORSE_WHEN_LOWER))
-        out.append((setting, "acr", acr(group), None, images, "accuracy", None))
+        out.append((*head, "acr", acr(group), None, images, "accuracy", None))
     abstained = int(group["abstained"].sum())
-    out.append((setting, "abstention_rate", abstained / images, abstained, images, "proportion",
-                WORSE_WHEN_HIGHER))
-    out.append((setting, "forward_passes_per_image", float(group["forward_passes"].mean()), None, images,
-                "cost", None))
+    out.append((*head, "abstention_rate", abstained / images, abstained, images, "proportion", WORSE_WHEN_HIGHER))
+    out.append((*head, "forward_passes_per_image", float(group["forward_passes"].mean()), None, images, "cost",
+                None))
     return out
 
 
@@ -72,7 +75,8 @@ def _throughput_figures(certified: int, seconds: float, devices: int, price_per_
         values = (certified / seconds, device_seconds, device_seconds / 3600 * price_per_device_hour)
     else:
         values = (math.nan,) * len(THROUGHPUT_FIGURES)
-    return [("all", name, value, None, certified, "cost", WORSE_WHEN_LOWER if name == "images_per_s" else None)
+    return [("all", None, [], name, value, None, certified, "cost",
+             WORSE_WHEN_LOWER if name == "images_per_s" else None)
             for name, value in zip(THROUGHPUT_FIGURES, values, strict=True)]
 
 
