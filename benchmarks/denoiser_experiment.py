@@ -24,6 +24,7 @@ from pipeline.data.demo import load_demo
 from pipeline.distributed.train import train_denoiser
 from pipeline.models import ModelSpec, load_model
 from pipeline.models.denoisers import load_denoiser
+from pipeline.train_demo import train_demo_model
 
 RADII = (0.0, 0.25, 0.5)
 
@@ -35,15 +36,10 @@ def main() -> None:
     parser.add_argument("--second-epochs", type=int, default=50, help="epochs of the second stage (default 50)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-    from train_demo_model import main as train_classifier
-
     with tempfile.TemporaryDirectory() as scratch:
         target, surrogate = Path(scratch, "target.pt"), Path(scratch, "surrogate.pt")
-        train_classifier(["--noise", "none", "--epochs", "40", "--seed", "0", "--output", str(target)])
-        train_classifier(["--noise", "none", "--epochs", "40", "--seed", "1", "--output", str(surrogate)])
+        train_demo_model(noise=["none"], epochs=40, seed=0, output=target)
+        train_demo_model(noise=["none"], epochs=40, seed=1, output=surrogate)
         base = {"classifier": {"name": "demo_cnn", "weights": str(target)}, "sigma": 0.25,
                 "denoiser": {"depth": 5, "channels": 16}, "subset": {"per_class": 2, "seed": 3, "validation": 0.5},
                 "epochs": args.epochs, "second_epochs": args.second_epochs, "batch_size": 10, "lr": 1e-3,

@@ -7,6 +7,7 @@ Examples:
   pipeline report runs/imagenet --compare ../shared/data/reference/cohen/imagenet_resnet50_sigma0.50.tsv
   pipeline compare runs/demo runs/demo-bf16
   pipeline train-denoiser --config jobs/configs/denoiser_demo.yaml --set objective=decrop
+  pipeline train-classifier --config jobs/configs/train_cifar10.yaml --set arch=cifar_resnet20
   pipeline sweep --config jobs/configs/sweep_demo.yaml
   pipeline nightly --config jobs/configs/nightly_demo.yaml --date 2026-11-20
 """
@@ -158,6 +159,40 @@ def add_train_denoiser_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log debugging detail, with Ray's progress output and INFO logs")
 
 
+def train_classifier_main(args: argparse.Namespace) -> int:
+    """Runs `pipeline train-classifier`: a YAML config, overrides, then training (in this process, or on Ray
+    Train with workers >= 1); an invalid configuration exits with status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from pipeline.config import read_yaml
+    from pipeline.train_classifier import ClassifierTraining
+
+    try:
+        data = read_yaml(args.config, args.set)
+        if args.output:
+            data["output"] = args.output
+        config = ClassifierTraining.from_dict(data)
+    except ValueError as error:
+        print(f"train_classifier: invalid configuration: {error}", file=sys.stderr)
+        return 2
+    if config.workers:
+        from pipeline.distributed.train_classifier import train_classifier
+
+        uri = train_classifier(config)
+    else:
+        from pipeline.train_classifier import fit_local
+
+        uri = fit_local(config)
+    print(f"classifier: {uri}\ncertify with it: --set model.weights={uri}")
+    return 0
+
+
+def add_train_classifier_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help="YAML classifier training configuration")
+    parser.add_argument("--output", metavar="URI", help="directory or s3://bucket/prefix for the checkpoint")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. arch=cifar_resnet20 or epochs=1 (repeatable)")
+
+
 def sweep_main(args: argparse.Namespace) -> int:
     """Runs `pipeline sweep`: validates the sweep, then runs or resumes it on Ray Tune."""
     setup_logging(args.verbose)
@@ -232,6 +267,16 @@ def add_nightly_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log debugging detail, with Ray's progress output and INFO logs")
 
 
+def _add_train_classifier_command(commands) -> None:
+    train = commands.add_parser(
+        "train-classifier", help="train a base classifier with Gaussian or splitting noise augmentation",
+        description="Train a base classifier with noise augmentation, in this process or on Ray Train (workers >= "
+                    "1), and write it in the published checkpoint layout (OUTPUT/checkpoint.pth.tar). Certify it "
+                    "with model.weights=<that file>; its arch and normalisation are read back.")
+    add_train_classifier_arguments(train)
+    train.set_defaults(handler=train_classifier_main)
+
+
 def _add_nightly_command(commands) -> None:
     nightly = commands.add_parser(
         "nightly", help="run the nightly benchmark suite and compare with the last night",
@@ -295,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "objective.png, best_train.yaml and best_certify.yaml under STORAGE/NAME/.")
     add_sweep_arguments(sweep)
     sweep.set_defaults(handler=sweep_main)
+    _add_train_classifier_command(commands)
     _add_nightly_command(commands)
     return parser
 

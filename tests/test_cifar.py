@@ -4,7 +4,6 @@ over Ray on a CIFAR folder with the published ResNet-20 layout."""
 import io
 import json
 import pickle
-import sys
 import uuid
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 
 import pipeline
+from pipeline import cli
 from pipeline.certifiers import Cohen
 from pipeline.config import ConfigError, load_config, read_yaml, validate
 from pipeline.data.preprocess import decode, decode_batch
@@ -223,15 +223,12 @@ def test_certifies_a_cifar_folder_over_ray_with_the_published_resnet20(ray_clust
 
 
 def test_trains_a_noise_trained_cifar_classifier_that_loads_as_published(cifar_root, tmp_path):
-    sys.path.insert(0, str(ROOT / "jobs"))
-    from train_classifier import main
-
     root, arrays = cifar_root
     output = tmp_path / "mine"
-    assert main(["--config", str(ROOT / "jobs" / "configs" / "train_cifar10.yaml"), "--output", str(output),
-                 "--set", "arch=cifar_resnet20", "--set", f"dataset.root={root}", "--set", f"test.root={root}",
-                 "--set", "test.skip=1", "--set", "noise=[gaussian:0.25, dssn:0.5]", "--set", "epochs=1",
-                 "--set", "batch_size=4"]) == 0
+    assert cli.main(["train-classifier", "--config", str(ROOT / "jobs" / "configs" / "train_cifar10.yaml"),
+                     "--output", str(output), "--set", "arch=cifar_resnet20", "--set", f"dataset.root={root}",
+                     "--set", f"test.root={root}", "--set", "test.skip=1", "--set",
+                     "noise=[gaussian:0.25, dssn:0.5]", "--set", "epochs=1", "--set", "batch_size=4"]) == 0
     checkpoint = torch.load(output / "checkpoint.pth.tar", weights_only=True)
     assert checkpoint["arch"] == "cifar_resnet20" and checkpoint["epoch"] == 1
     assert checkpoint["noise"] == ["gaussian:0.25", "dssn:0.5"]

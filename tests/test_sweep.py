@@ -19,18 +19,15 @@ from pipeline import cli
 from pipeline.config import ConfigError, SweepConfig, load_sweep
 from pipeline.distributed.tune import run_sweep
 from pipeline.sweeps import SweepRecord, SweepRefused, plan_trials
+from pipeline.train_demo import train_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def clean_classifier(tmp_path_factory):
-    sys.path.insert(0, str(ROOT / "jobs"))
-    from train_demo_model import main as train_classifier
-
     path = tmp_path_factory.mktemp("classifier") / "clean.pt"
-    train_classifier(["--noise", "none", "--epochs", "8", "--output", str(path)])
-    return path
+    return train_demo_model(noise=["none"], epochs=8, output=path)
 
 
 def sweep_config(tmp_path, classifier, **overrides):
