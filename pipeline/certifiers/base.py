@@ -7,10 +7,12 @@ A certifier is one of two kinds:
   engine returns for those roles into a `Certificate` (`certify`). The math lives in plain functions on
   counts, so it is testable on stored counts without a model.
 - sampling (`self_sampling` true: center smoothing, Smooth-Reduce, the sequential modes): later draws
-  depend on earlier ones, so it samples through the engine itself (`run`).
+  depend on earlier ones, so it samples itself (`run`), through the session it is given
+  (`pipeline.sampling.Session`: the engine's sampling calls for one step, and their record).
 
 Either way, every certificate states its own cost (`Cost`): the draws it rests on and the model
-evaluations behind them.
+evaluations behind them, every forward pass included (a clean pass, one per patch): the row's
+`forward_passes` comes from the cost alone.
 """
 
 from __future__ import annotations
@@ -166,12 +168,14 @@ class Certifier:
     def reusable_draws(self, labeled: bool) -> list[Draws]:
         """The requests for the model's own top-1 votes this sampling certifier may make first (a sequential
         mode's selection and looks), whose counts it can take from the counting certifiers' pass when that
-        pass draws the same stream that far (`pipeline.engine.Engine.reusing`); none by default."""
+        pass draws the same stream that far (the batch's `pipeline.votes.VoteCache`); none by default."""
         return []
 
-    def run(self, engine, images, image_ids: list[str], seed: int,
+    def run(self, session, images, image_ids: list[str], seed: int,
             labels: list[int | None] | None = None) -> list[Certificate]:
-        """Sample through `engine` and certify every image (`labels`, when given, are the true classes)."""
+        """Sample through `session` (`pipeline.sampling.Session`; its `engine` holds the model) and certify
+        every image (`labels`, when given, are the true classes); every forward pass run goes into the
+        certificates' `Cost`."""
         raise NotImplementedError
 
     def _setting_items(self) -> dict:
