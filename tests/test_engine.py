@@ -14,6 +14,7 @@ from pipeline.batch_probe import probe_batch_size
 from pipeline.certifiers import SSN, Cohen, TopK
 from pipeline.engine import Draws, Engine
 from pipeline.noise import DRAWS_PER_BLOCK, gaussian_draws
+from pipeline.votes import VoteCache
 
 
 class SignOfMean(nn.Module):
@@ -189,3 +190,26 @@ def test_a_probe_that_runs_out_of_memory_falls_back_to_a_smaller_batch(images, f
         probe_batch_size(never_fits, torch.device("cuda"))
     with pytest.raises(ValueError, match="batch_size must be 'auto' or an integer"):
         Engine(SignOfMean(), batch_size="fast")
+
+
+def test_each_session_keeps_its_own_record_and_only_the_cache_it_is_given_carries_votes(images):
+    """A session records what it ran and nothing else does: a second session on the same engine starts
+    from zero, answers from the votes a first one kept only when it is given the same cache, and leaves
+    the first one's record as it was."""
+    ids = [f"img{i}" for i in range(len(images))]
+    request = Draws("estimation", 0.3, 100)
+    engine = Engine(SignOfMean(), batch_size=64)
+    votes = VoteCache({request.stream: [request.n]})
+    first = engine.session(votes)
+    counted = first.count(images, ids, 0, [request])
+    assert first.forward_passes == len(images) * 100 and first.reused == {} and first.seconds > 0
+    again = engine.session(votes)
+    answered = again.count(images, ids, 0, [request])
+    np.testing.assert_array_equal(answered[request], counted[request])
+    assert again.forward_passes == 0 and again.reused == {(image_id, request.stream): 100 for image_id in ids}
+    assert all(again.shared_passes(image_id) == 100 for image_id in ids)
+    fresh = engine.session()
+    np.testing.assert_array_equal(fresh.count(images, ids, 0, [request])[request], counted[request])
+    assert fresh.forward_passes == len(images) * 100 and fresh.reused == {}
+    assert first.forward_passes == len(images) * 100 and first.reused == {}
+    assert not first.nonfinite and not again.nonfinite and not fresh.nonfinite
