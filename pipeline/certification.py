@@ -100,6 +100,7 @@ def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Ce
     """
     engine = Engine(model, device=device, batch_size=batch_size, precision=precision, channels_last=channels_last,
                     compile=compile)
+    certifiers = list(certifiers)
     if not progress:
         return to_table(certify_rows(engine, images, labels, certifiers, seed=seed, image_ids=image_ids))
     with Progress(len(certifiers), "certifiers", f"certifying {len(images)} images", logger=log) as shown:
