@@ -45,7 +45,7 @@ def main() -> None:
         rows = table.to_pandas()
         engine = Engine(model, batch_size=args.batch_size)
         started = time.perf_counter()
-        certifier.smooth(engine, images, ids, 0, output_head(model, "features"))
+        certifier.smooth(engine.session(), images, ids, 0, output_head(model, "features"))
         search = (time.perf_counter() - started) / args.images
         print(f"| {centers} | {certifier.cost.forward_passes:,} | {seconds:.1f} | {search:.1f} "
               f"| {rows.eps_out.median():.3f} | {int(rows.abstained.sum())}/{len(rows)} |", flush=True)

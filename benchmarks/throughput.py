@@ -9,8 +9,8 @@ For each model and thread count it first sweeps the batch size, measuring noise 
   floor       fresh Gaussian noise, the add and the forward per batch: what any sampler must pay;
 and takes the batch size of the best floor as the baseline's. Then, at `batch_size="auto"` (the engine's
 own timed probe, `pipeline.batch_probe`), it measures in alternating rounds the floor at that best size and
-  engine      pipeline's Engine.count on several images (seeded blocks, packing, on-device counting);
-  sequential  Engine.sequential on the same draws asked for in looks (100, x1.5, ..., in whole blocks);
+  engine      pipeline's Session.count on several images (seeded blocks, packing, on-device counting);
+  sequential  Session.sequential on the same draws asked for in looks (100, x1.5, ..., in whole blocks);
   per-image   a per-image loop as in the reference code (one image per call, randn_like noise, a host sync
               and counting on the host per batch), at the same batch;
 and prints each against the best floor, with the engine's seconds per image at n0 + N = 100,100.
@@ -100,7 +100,7 @@ def size_runs(engine: Engine, image: torch.Tensor, size: int, passes: int) -> di
 
 def engine_rates(engine: Engine, shape: tuple, images: int, draws: int, repeats: int,
                  floor_size: int) -> dict[str, float]:
-    """Engine.count, Engine.sequential and a per-image loop at the engine's batch size, and the floor at
+    """Session.count, Session.sequential and a per-image loop at the engine's batch size, and the floor at
     `floor_size` in the same rounds, draws/s."""
     device = engine.device
     x = torch.rand(images, *shape, device=device)
@@ -108,14 +108,14 @@ def engine_rates(engine: Engine, shape: tuple, images: int, draws: int, repeats:
     looks = block_looks(min(100, draws), 1.5, draws)
 
     def engine_count():
-        engine.count(x, ids, seed=0, requests=[Draws("estimation", SIGMA, draws)])
+        engine.session().count(x, ids, seed=0, requests=[Draws("estimation", SIGMA, draws)])
 
     def engine_sequential():
         def procedure():
             for n in looks:
                 yield Draws("estimation", SIGMA, n)
 
-        engine.sequential(x, ids, 0, [procedure() for _ in ids])
+        engine.session().sequential(x, ids, 0, [procedure() for _ in ids])
 
     def per_image_loop():
         for image in x:

@@ -3,7 +3,7 @@
 On a CPU a small CNN runs two to three times faster at 64-128 rows per forward pass than at 1,000 (the
 activations of a large batch fall out of cache); on a GPU the best batch is the largest that still gains
 and fits. Neither can be known without running the model, so the engine times its own per-batch work
-(`Engine.count` on one image: seeded noise, the add and cast, the forward, the count) at 1, 2, 4, ...
+(a session's `count` on one image: seeded noise, the add and cast, the forward, the count) at 1, 2, 4, ...
 rows, on the device and in the precision it certifies with, and keeps the fastest.
 
 The probe is bounded. Past 8 rows it stops before a size that would not fit in the time budget (2 s)

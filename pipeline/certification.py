@@ -1,4 +1,8 @@
-"""Certify a batch of images in this process: the engine samples once, every certifier reads the counts."""
+"""Certify a batch of images in this process: the engine samples once, every certifier reads the counts.
+
+Each step (the counting pass, each sampling certifier) samples in a session of its own, whose record is
+read once for that step's rows; what the steps share (the model's votes kept for reuse, the non-finite
+outputs per image) belongs to the one call of `certify_rows` and is gone after it."""
 
 from __future__ import annotations
 
@@ -16,7 +20,10 @@ import torch
 from pipeline.certifiers.base import Certificate, Certifier
 from pipeline.engine import Engine
 from pipeline.noise import noise_scheme
+from pipeline.progress import Progress
 from pipeline.results import RowContext, result_row, to_table
+from pipeline.sampling import Session
+from pipeline.votes import Stream, VoteCache
 
 log = logging.getLogger(__name__)
 
@@ -89,38 +96,69 @@ def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Ce
     `batch_size` (rows per forward pass; "auto": the fastest of a short timed probe, `pipeline.batch_probe`)
     or on the order of the images. Certifiers asking for the same noise share forward passes
     (see `pipeline.certifiers`). `precision`, `channels_last` and `compile` as in `pipeline.engine.Engine`.
+    `progress` shows the certifiers done in the project's progress display (`pipeline.progress`).
     """
     engine = Engine(model, device=device, batch_size=batch_size, precision=precision, channels_last=channels_last,
-                    compile=compile, progress=progress)
-    return to_table(certify_rows(engine, images, labels, certifiers, seed=seed, image_ids=image_ids))
+                    compile=compile)
+    certifiers = list(certifiers)
+    if not progress:
+        return to_table(certify_rows(engine, images, labels, certifiers, seed=seed, image_ids=image_ids))
+    with Progress(len(certifiers), "certifiers", f"certifying {len(images)} images", logger=log) as shown:
+        return to_table(certify_rows(engine, images, labels, certifiers, seed=seed, image_ids=image_ids,
+                                     progress=shown))
+
+
+@dataclasses.dataclass
+class _Batch:
+    """One `certify_rows` call's images and what its steps add up: the model's votes kept for reuse
+    (`votes`) and the non-finite outputs per image id over every step (`nonfinite`)."""
+
+    engine: Engine
+    images: torch.Tensor
+    image_ids: list[str]
+    labels: list[int | None]
+    seed: int
+    votes: VoteCache
+    progress: Progress | None = None
+    nonfinite: Counter = dataclasses.field(default_factory=Counter)
+
+    def session(self) -> Session:
+        """A fresh record for one step (the counting pass, one sampling certifier) over the batch's votes."""
+        return self.engine.session(self.votes)
+
+    def done(self, session: Session, certifiers: int) -> None:
+        """Adds a finished step's non-finite outputs to the batch's, and its certifiers to the progress."""
+        self.nonfinite.update(session.nonfinite)
+        if self.progress is not None:
+            self.progress.update(certifiers)
 
 
 def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier], *, seed: int,
                  image_ids: Sequence[str] | None = None, run_info: dict | None = None,
-                 indices: Sequence[int] | None = None) -> list[dict]:
+                 indices: Sequence[int] | None = None, progress: Progress | None = None) -> list[dict]:
     """`certify` on an existing engine, as result rows, image by image in certifier order: check the
     inputs; let the certifiers that feed counts sample (center smoothing); sample once for the counting
     certifiers, answering what those draws already gave; let the other sampling ones sample, their looks
-    answered from all counts so far; build the rows. Each row's `shared_passes` (params) says how many
-    of its forward passes an earlier one in that order paid for, so the image's rows' forward_passes less
-    their shared_passes add up to the passes run.
-    `run_info` fills the run columns; `indices` (default: the positions) the `image_index` column."""
+    answered from all counts so far; build the rows. Each step runs in a session of its own, whose record
+    gives its rows' accounting: each row's `shared_passes` (params) says how many of its forward passes an
+    earlier one in that order paid for, so the image's rows' forward_passes less their shared_passes add
+    up to the passes run. `run_info` fills the run columns; `indices` (default: the positions) the
+    `image_index` column; `progress`, when given, counts the certifiers done."""
     certifiers = _check_certifiers(certifiers)
     images = _check_images(images)
     image_ids = content_ids(images) if image_ids is None else _check_ids(image_ids, len(images))
-    labels = _check_inputs(engine, images, image_ids, labels, certifiers)
-    for image_id in image_ids:  # counted afresh for this call
-        engine.nonfinite.pop(image_id, None)
+    labels, num_classes = _check_inputs(engine, images, image_ids, labels, certifiers)
     labeled = all(label is not None for label in labels)
-    with engine.reusing(_wanted(certifiers, labeled)):  # in this order, each pass reuses the votes before it
-        verdicts = _sampled(engine, images, image_ids, labels, seed, certifiers, feeding=True)
-        verdicts |= _counted(engine, images, image_ids, labels, seed, certifiers)
-        verdicts |= _sampled(engine, images, image_ids, labels, seed, certifiers, feeding=False)
-    _fail_nonfinite(engine, image_ids, verdicts)
+    # in this order, each step answers what the votes kept by the steps before it already drew
+    batch = _Batch(engine, images, image_ids, labels, seed, VoteCache(_wanted(certifiers, labeled)), progress)
+    verdicts = _sampled(batch, certifiers, feeding=True)
+    verdicts |= _counted(batch, certifiers)
+    verdicts |= _sampled(batch, certifiers, feeding=False)
+    _fail_nonfinite(batch.nonfinite, image_ids, verdicts)
     context = RowContext(seed=seed, precision=engine.precision, device=engine.device.type,
                          settings={"noise_scheme": noise_scheme(engine.device), **engine.settings()},
                          run=run_info or {}, input_shape=tuple(images.shape[1:]),
-                         num_classes=certifiers[0].num_classes(engine, images[0]))
+                         num_classes=num_classes)
     indices = range(len(images)) if indices is None else indices
     rows = []
     for index, (image_index, image_id, label) in enumerate(zip(indices, image_ids, labels, strict=True)):
@@ -130,27 +168,31 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
     return rows
 
 
-def _run(certifier: Certifier, engine: Engine, images, image_ids, seed, labels) -> list[Certificate]:
-    """A sampling certifier's certificates. When images with non-finite outputs stopped it (their counts miss
-    draws), it runs again on the others alone, which get the same noise and so the same certificates."""
+def _run(certifier: Certifier, batch: _Batch) -> tuple[list[Certificate], Session]:
+    """A sampling certifier's certificates and the session they were sampled in. When images with
+    non-finite outputs stopped it (their counts miss draws), it runs again on the others alone, in a fresh
+    session; they get the same noise and so the same certificates."""
+    images, image_ids, labels = batch.images, batch.image_ids, batch.labels
+    session = batch.session()
     try:
-        return certifier.run(engine, images, image_ids, seed, labels)
+        return certifier.run(session, images, image_ids, batch.seed, labels), session
     except ValueError:
-        finite = [i for i, image_id in enumerate(image_ids) if not engine.nonfinite.get(image_id)]
+        batch.nonfinite.update(session.nonfinite)
+        finite = [i for i, image_id in enumerate(image_ids) if not batch.nonfinite.get(image_id)]
         if len(finite) == len(image_ids):
             raise
-    engine.reused.clear()
-    certificates = certifier.run(engine, images[finite], [image_ids[i] for i in finite], seed,
+    session = batch.session()
+    certificates = certifier.run(session, images[finite], [image_ids[i] for i in finite], batch.seed,
                                  [labels[i] for i in finite]) if finite else []
     by_image = dict(zip(finite, certificates, strict=True))
-    return [by_image.get(index, NONFINITE) for index in range(len(image_ids))]
+    return [by_image.get(index, NONFINITE) for index in range(len(image_ids))], session
 
 
-def _fail_nonfinite(engine: Engine, image_ids: Sequence[str], verdicts: Verdicts) -> None:
+def _fail_nonfinite(nonfinite: Counter, image_ids: Sequence[str], verdicts: Verdicts) -> None:
     """An image on which the model returned NaN or infinite scores has no certificate (those draws cannot
     vote): every one of its certificates becomes a failed one naming the cause."""
     for index, image_id in enumerate(image_ids):
-        bad = engine.nonfinite.pop(image_id, 0)
+        bad = nonfinite.get(image_id, 0)
         if bad:
             failed = Certificate.failed(f"the model returned NaN or infinite outputs on {bad} of this image's "
                                         f"noisy copies; no certificate")
@@ -168,20 +210,21 @@ def _check_certifiers(certifiers: Sequence[Certifier]) -> list[Certifier]:
     return certifiers
 
 
-def _check_inputs(engine, images, image_ids, labels, certifiers) -> list[int | None]:
-    """The labels, checked against the model's classes; raises when a certifier cannot take the inputs."""
+def _check_inputs(engine, images, image_ids, labels, certifiers) -> tuple[list[int | None], int]:
+    """The labels, checked against the model's classes, and the class count; raises when a certifier cannot
+    take the inputs."""
     num_classes = certifiers[0].num_classes(engine, images[0])
     labels = _check_labels(labels, len(images), num_classes)
     for certifier in certifiers:
         certifier.check_num_classes(num_classes)
         certifier.check_images(images, image_ids)
-    return labels
+    return labels, num_classes
 
 
-def _wanted(certifiers: Sequence[Certifier], labeled: bool) -> dict[tuple, list[int]]:
+def _wanted(certifiers: Sequence[Certifier], labeled: bool) -> dict[Stream, list[int]]:
     """Per noise stream, the draw counts whose votes some certifier asks for: the counting certifiers'
     requests and the sampling certifiers' `reusable_draws`."""
-    wanted: dict[tuple, set[int]] = {}
+    wanted: dict[Stream, set[int]] = {}
     for certifier in certifiers:
         draws = certifier.reusable_draws(labeled) if certifier.self_sampling else certifier.draws(labeled).values()
         for request in draws:
@@ -189,7 +232,7 @@ def _wanted(certifiers: Sequence[Certifier], labeled: bool) -> dict[tuple, list[
     return {stream: sorted(ns) for stream, ns in wanted.items()}
 
 
-def _counted(engine, images, image_ids, labels, seed, certifiers) -> Verdicts:
+def _counted(batch: _Batch, certifiers: Sequence[Certifier]) -> Verdicts:
     """The counting certifiers' certificates from one sampling pass over all their requests (shared
     streams sampled once, prefixes that the feeding certifiers drew answered from their votes), plus the
     sampling certifiers' `reusable_draws` this pass draws anyway; each row's time is its share of the
@@ -197,31 +240,31 @@ def _counted(engine, images, image_ids, labels, seed, certifiers) -> Verdicts:
     counting = {position: certifier for position, certifier in enumerate(certifiers) if not certifier.self_sampling}
     if not counting:
         return {}
-    labeled = all(label is not None for label in labels)
+    labeled = all(label is not None for label in batch.labels)
     roles = {position: certifier.draws(labeled) for position, certifier in counting.items()}
     requests = list(dict.fromkeys(draws for group in roles.values() for draws in group.values()))
-    drawn: dict[tuple, int] = {}
+    drawn: dict[Stream, int] = {}
     for draws in requests:
         drawn[draws.stream] = max(drawn.get(draws.stream, 0), draws.n)
     requests += [draws for certifier in certifiers if certifier.self_sampling
                  for draws in certifier.reusable_draws(labeled) if draws.n <= drawn.get(draws.stream, 0)]
     requests = list(dict.fromkeys(requests))
-    log.debug("certifying %d images: %d noise streams, batch %s on %s", len(images),
-              len({draws.stream for draws in requests}), engine.batch_size, engine.device)
-    seconds_before, passes_before = engine.seconds, engine.forward_passes
-    engine.reused.clear()
-    counts = engine.count(images, image_ids, seed, requests)
-    seconds_per_pass = (engine.seconds - seconds_before) / max(1, engine.forward_passes - passes_before)
+    log.debug("certifying %d images: %d noise streams, batch %s on %s", len(batch.images),
+              len({draws.stream for draws in requests}), batch.engine.batch_size, batch.engine.device)
+    session = batch.session()
+    counts = session.count(batch.images, batch.image_ids, batch.seed, requests)
+    batch.done(session, len(counting))
+    seconds_per_pass = session.seconds / max(1, session.forward_passes)
     verdicts: Verdicts = {}
-    for index, image_id in enumerate(image_ids):
-        paid = {draws.stream: engine.reused.get((image_id, draws.stream), 0) for draws in requests}
+    for index, image_id in enumerate(batch.image_ids):
+        paid = {draws.stream: session.reused.get((image_id, draws.stream), 0) for draws in requests}
         for position, certifier in counting.items():
             started = time.perf_counter()
-            if engine.nonfinite.get(image_id):  # its counts miss the draws that could not vote
+            if batch.nonfinite.get(image_id):  # its counts miss the draws that could not vote
                 certificate = NONFINITE
             else:
                 certificate = certifier.certify({role: counts[draws][index] for role, draws in roles[position].items()},
-                                                labels[index])
+                                                batch.labels[index])
             shared = sum(min(draws.n, paid[draws.stream]) for draws in roles[position].values())
             new = sum(draws.n for draws in roles[position].values()) - shared
             for draws in roles[position].values():
@@ -239,19 +282,18 @@ def _with_shared(certificate: Certificate, shared: int) -> Certificate:
     return dataclasses.replace(certificate, details={**(certificate.details or {}), "shared_passes": shared})
 
 
-def _sampled(engine, images, image_ids, labels, seed, certifiers, feeding: bool) -> Verdicts:
+def _sampled(batch: _Batch, certifiers: Sequence[Certifier], feeding: bool) -> Verdicts:
     """The certificates of the sampling certifiers that feed counts (`feeding`) or of the others, each
-    certifier's time shared out by forward passes; `shared_passes` are the draws the engine answered from
-    earlier votes."""
+    certifier's time shared out by the forward passes its certificates' costs state; `shared_passes` are
+    the draws its session answered from earlier votes."""
     verdicts: Verdicts = {}
     for position, certifier in enumerate(certifiers):
         if certifier.self_sampling and certifier.feeds_counts == feeding:
             started = time.perf_counter()
-            engine.reused.clear()
-            certificates = _run(certifier, engine, images, image_ids, seed, labels)
-            certificates = [_with_shared(certificate, sum(n for (reused_id, _), n in engine.reused.items()
-                                                          if reused_id == image_id))
-                            for certificate, image_id in zip(certificates, image_ids, strict=True)]
+            certificates, session = _run(certifier, batch)
+            batch.done(session, 1)
+            certificates = [_with_shared(certificate, session.shared_passes(image_id))
+                            for certificate, image_id in zip(certificates, batch.image_ids, strict=True)]
             seconds = time.perf_counter() - started
             total = max(1, sum(certificate.cost.forward_passes for certificate in certificates))
             verdicts[position] = [(certificate, seconds * certificate.cost.forward_passes / total)

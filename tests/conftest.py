@@ -63,6 +63,19 @@ def linear_binary() -> type[LinearBinary]:
     return LinearBinary
 
 
+class CountingModel(nn.Module):
+    """Wraps a model and counts the rows (inputs) and the calls of its forward: the passes really run."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.rows, self.calls = inner, 0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows += len(x)
+        self.calls += 1
+        return self.inner(x)
+
+
 class Affine(nn.Module):
     """Class scores W x + b on flattened inputs (buffers, so .float() / .double() convert them)."""
 

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import CountingModel
 from scipy import stats as sps
 from torch import nn
 
@@ -49,13 +50,13 @@ def test_eps_out_bounds_the_centre_shift_on_a_linear_map(linear):
     images = 0.3 + 0.4 * torch.rand(count, 1, 4, 4, generator=generator)
     ids = [f"x{i}" for i in range(count)]
     rows = pipeline.certify(linear, images, None, [certifier], image_ids=ids, batch_size=2048).to_pylist()
-    centres, _, _ = certifier.smooth(engine, images, ids, 0, linear)
+    centres, _, _ = certifier.smooth(engine.session(), images, ids, 0, linear)
 
     worst = torch.linalg.svd(linear.matrix).Vh[0].view(1, 4, 4)
     directions = [worst, -worst, torch.randn(1, 4, 4, generator=generator)]
     shifted = torch.cat([images + eps_in * d / d.norm() for d in directions])
     shifted_ids = [f"x{i}+d{j}" for j in range(len(directions)) for i in range(count)]
-    moved, _, fractions = certifier.smooth(engine, shifted, shifted_ids, 0, linear)
+    moved, _, fractions = certifier.smooth(engine.session(), shifted, shifted_ids, 0, linear)
     accepted = [center.check_passes(f, certifier.n, certifier.alpha1, certifier.delta) for f in fractions.tolist()]
 
     failures, ratios = 0, []
@@ -76,8 +77,8 @@ def test_exact_and_candidate_centres_agree_on_an_easy_distribution(linear):
     engine = Engine(linear, batch_size=1024)
     exact = Center(sigma=0.25, eps_in=0.1, output="logits", n=2000, m=4000)
     candidates = Center(sigma=0.25, eps_in=0.1, output="logits", n=2000, m=4000, centers=30)
-    centre_exact, radius_exact, _ = exact.smooth(engine, images, ["a", "b"], 0, linear)
-    centre_30, radius_30, _ = candidates.smooth(engine, images, ["a", "b"], 0, linear)
+    centre_exact, radius_exact, _ = exact.smooth(engine.session(), images, ["a", "b"], 0, linear)
+    centre_30, radius_30, _ = candidates.smooth(engine.session(), images, ["a", "b"], 0, linear)
     truth = linear(images)
     assert ((centre_exact - truth).norm(dim=1) < radius_exact).all()
     assert ((centre_30 - centre_exact).norm(dim=1) < radius_exact).all()
@@ -208,9 +209,9 @@ def broken_bound_pairs(certifier: Center, pairs: int) -> int:
     x = torch.zeros(pairs, 1, 1, 1)
     ids = [f"x{i}" for i in range(pairs)]
     moved_ids = [f"x'{i}" for i in range(pairs)]
-    certificates = certifier.run(engine, x, ids, 0)
-    centres, _, _ = certifier.smooth(engine, x, ids, 0, model)
-    moved, _, fractions = certifier.smooth(engine, x + certifier.eps_in, moved_ids, 0, model)
+    certificates = certifier.run(engine.session(), x, ids, 0)
+    centres, _, _ = certifier.smooth(engine.session(), x, ids, 0, model)
+    moved, _, fractions = certifier.smooth(engine.session(), x + certifier.eps_in, moved_ids, 0, model)
     broken = 0
     for i, certificate in enumerate(certificates):
         accepted = center.check_passes(float(fractions[i]), certifier.n, certifier.alpha1, certifier.delta)
@@ -294,15 +295,15 @@ def test_angular_eps_out_of_a_bf16_model_is_the_exact_order_statistic():
     certifier = Center(sigma=0.25, eps_in=0.1, output="logits", metric="angular", n=4000, m=3000)
     engine = Engine(model, batch_size=1024, precision="bf16")
     images = 0.3 + 0.4 * torch.rand(2, 1, 4, 4)
-    certificates = certifier.run(engine, images, ["a", "b"], 0)
-    centres, _, _ = certifier.smooth(engine, images, ["a", "b"], 0, model)
+    certificates = certifier.run(engine.session(), images, ["a", "b"], 0)
+    centres, _, _ = certifier.smooth(engine.session(), images, ["a", "b"], 0, model)
     level = center.quantile_level(0.25, 0.1, 3000, 0.05, 0.005)
     outputs = torch.empty(2, 3000, 8)
 
     def keep(out, image, draw):
         outputs[image, draw] = out.float()
 
-    engine.outputs(images, ["a", "b"], 0, Draws(ESTIMATION, 0.25, 3000), model, keep)
+    engine.session().outputs(images, ["a", "b"], 0, Draws(ESTIMATION, 0.25, 3000), model, keep)
     for index, certificate in enumerate(certificates):
         cosine = torch.nn.functional.cosine_similarity(outputs[index].double(), centres[index:index + 1].double())
         distances = torch.arccos(cosine.clamp(-1, 1)) / math.pi
@@ -314,7 +315,7 @@ def test_angular_eps_out_of_a_bf16_model_is_the_exact_order_statistic():
 def test_center_beside_cohen_and_topk_gives_them_its_votes_and_changes_no_certificate():
     """Center's certification draws are Cohen's and TopK's estimation draws: one forward pass gives the
     features and the vote. Every certificate equals the one each certifier gives alone; the rows' forward
-    passes less their shared passes add up to the passes run."""
+    passes less their shared passes add up to the passes the model ran (center's clean pass in its cost)."""
     images, labels, ids = load_demo("test")
     images, labels, ids = images[:4].float() / 255, labels[:4].tolist(), ids[:4]
     model = load_demo_model()
@@ -322,8 +323,9 @@ def test_center_beside_cohen_and_topk_gives_them_its_votes_and_changes_no_certif
                   Center(sigma=0.25, eps_in=0.1, n=200, m=500),
                   Cohen(sigma=0.25, n0=50, n=2_000, mode="sequential", radii=[0.25])]
     columns = ["image_id", "setting", "prediction", "radius", "p_lower", "count", "n", "forward_passes", "eps_out"]
-    engine = Engine(model, batch_size=128)
-    together = to_table(certify_rows(engine, images, labels, certifiers, seed=0, image_ids=ids))
+    counted = CountingModel(model)
+    together = to_table(certify_rows(Engine(counted, batch_size=128), images, labels, certifiers, seed=0,
+                                     image_ids=ids))
     alone = to_table([row for certifier in certifiers for row in certify_rows(Engine(model, batch_size=128), images,
                                                                               labels, [certifier], seed=0,
                                                                               image_ids=ids)])
@@ -335,4 +337,4 @@ def test_center_beside_cohen_and_topk_gives_them_its_votes_and_changes_no_certif
     assert shared[certifiers[1].setting] == 500  # TopK certifies the label: center's 500, then 100 of its own
     assert shared[certifiers[2].setting] == 0
     paid = sum(row["forward_passes"] - json.loads(row["params"]).get("shared_passes", 0) for row in rows)
-    assert paid + 1 == engine.forward_passes  # plus center's one probe of the output's shape
+    assert paid + 2 == counted.rows  # plus center's one probe of the output's shape and the class count's

@@ -1,18 +1,21 @@
 """The public API: pipeline.certify on the demo model, its schema, its reproducibility, its errors."""
 
 import json
+import math
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import torch
-from conftest import without_batch
+from conftest import CountingModel, without_batch
 from torch import nn
 
 import pipeline
 from pipeline import results
-from pipeline.certifiers import Cohen, TopK
+from pipeline.certification import certify_rows
+from pipeline.certifiers import Center, Cohen, SmoothReduce, TopK
 from pipeline.data.demo import load_demo
+from pipeline.engine import Engine
 from pipeline.models import load_demo_model
 
 CERTIFIERS = [Cohen(sigma=0.25, n0=50, n=300, alpha=0.001), TopK(k=3, sigma=0.25, n=300, alpha=0.001)]
@@ -139,3 +142,62 @@ def test_invalid_run_arguments_are_rejected(demo):
 def test_readme_documents_every_result_column():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert [name for name in results.SCHEMA.names if f"| `{name}` |" not in readme] == []
+
+
+class MeanScores(nn.Module):
+    """Two class scores from the mean pixel, for inputs of any size; NaN where the mean exceeds `nan_above`."""
+
+    def __init__(self, nan_above: float = math.inf):
+        super().__init__()
+        self.nan_above = nan_above
+
+    def forward(self, x):
+        mean = x.flatten(1).mean(dim=1)
+        scores = torch.stack([10 * mean, 10 * (1 - mean)], dim=1)
+        return torch.where((mean > self.nan_above)[:, None], torch.full_like(scores, math.nan), scores)
+
+
+def test_accounting_is_per_call_two_calls_on_one_engine_share_nothing():
+    """Two `certify_rows` calls on one engine keep separate accounts: the second's rows equal a fresh
+    engine's (shared passes, error rows and certificates), whatever the first one reused or found
+    non-finite, even for an image id the first call saw with other pixels."""
+    certifiers = [Cohen(sigma=0.25, n0=30, n=300), TopK(sigma=0.25, k=1, n=300),
+                  Cohen(sigma=0.25, n0=30, n=3_000, mode="sequential", radii=[0.25])]
+    ids, labels = ["a", "b", "c"], [1, 0, 1]
+    first_images = torch.tensor([0.2, 0.7, 0.95]).view(3, 1, 1, 1).expand(3, 1, 4, 4).contiguous()
+    second_images = torch.tensor([0.2, 0.7, 0.3]).view(3, 1, 1, 1).expand(3, 1, 4, 4).contiguous()
+    model = MeanScores(nan_above=0.9)
+    engine = Engine(model, batch_size=64)
+
+    def comparable_rows(rows):
+        return [{key: value for key, value in row.items() if key != "wall_time_s"} for row in rows]
+
+    first = certify_rows(engine, first_images, labels, certifiers, seed=0, image_ids=ids)
+    second = certify_rows(engine, second_images, labels, certifiers, seed=0, image_ids=ids)
+    alone = certify_rows(Engine(model, batch_size=64), second_images, labels, certifiers, seed=0, image_ids=ids)
+    assert [row["status"] for row in first] == ["ok"] * 6 + ["error"] * 3  # "c" is NaN under noise at first
+    assert [row["status"] for row in second] == ["ok"] * 9
+    assert comparable_rows(second) == comparable_rows(alone)
+    assert comparable_rows(second[:6]) == comparable_rows(first[:6])  # shared passes counted again, not added
+    shared = [json.loads(row["params"]).get("shared_passes", 0) for row in second]
+    looks = max(n for n in certifiers[2].looks() if n <= 300)  # the looks that Cohen's pass answers
+    assert shared == [value for row in second[2::3] for value in (0, 300, 30 + min(row["n"], looks))]
+
+
+def test_a_sampling_certifiers_passes_reach_its_row_through_its_cost():
+    """Smooth-Reduce runs the model once per patch of each draw and center runs a clean pass per image
+    beside its draws: each row's forward_passes (its certificate's cost) counts them, so the rows add up
+    to the passes the model ran, less the probes of the class count and of the output's shape."""
+    images = torch.linspace(0.3, 0.7, 3).view(3, 1, 1, 1).expand(3, 1, 6, 6).contiguous()
+    reduce = SmoothReduce(sigma=0.25, patch_size=4, n0=20, n=100)
+    counted = CountingModel(MeanScores())
+    rows = pipeline.certify(counted, images, [1, 1, 0], [reduce], batch_size=64).to_pylist()
+    patches = len(json.loads(rows[0]["params"])["patch_corners"])
+    assert patches == 9 and [row["forward_passes"] for row in rows] == [patches * (20 + 100)] * 3
+    assert counted.rows == sum(row["forward_passes"] for row in rows) + 1 + patches  # class count, head probes
+
+    center = Center(sigma=0.25, eps_in=0.1, output="logits", n=100, m=200)
+    counted = CountingModel(MeanScores())
+    rows = pipeline.certify(counted, images, None, [center], batch_size=64).to_pylist()
+    assert [row["forward_passes"] for row in rows] == [2 * 100 + 1 + 200] * 3  # search, check, clean, m
+    assert counted.rows == sum(row["forward_passes"] for row in rows) + 2  # class count, output's shape

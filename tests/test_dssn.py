@@ -134,7 +134,7 @@ def test_enumeration_visits_every_offset_once(batch_size):
     images = torch.randint(0, 256, (2, 1, 3, 3)).float() / 255
     recorder = Recorder()
     draws = Draws("dssn", 0.4, dssn_levels(0.4, 255), noise="dssn", options=(("q", 255), ("template", "reference")))
-    Engine(recorder, batch_size=batch_size).count(images, ["a", "b"], 0, [draws])
+    Engine(recorder, batch_size=batch_size).session().count(images, ["a", "b"], 0, [draws])
     seen = torch.cat(recorder.seen[1:]).double().numpy()  # the first call is the clean probe
     expected = np.concatenate([enumerate_reference(image.double().numpy(), 0.4) for image in images])
     assert seen.shape == expected.shape == (2 * dssn_levels(0.4, 255), 1, 3, 3)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import without_batch
+from conftest import CountingModel, without_batch
 from torch import nn
 
 import pipeline
@@ -14,6 +14,7 @@ from pipeline.batch_probe import probe_batch_size
 from pipeline.certifiers import SSN, Cohen, TopK
 from pipeline.engine import Draws, Engine
 from pipeline.noise import DRAWS_PER_BLOCK, gaussian_draws
+from pipeline.votes import VoteCache
 
 
 class SignOfMean(nn.Module):
@@ -22,17 +23,6 @@ class SignOfMean(nn.Module):
     def forward(self, x):
         mean = x.flatten(1).mean(1)
         return torch.stack([-(mean - 0.45).abs(), -(mean - 0.5).abs(), -(mean - 0.55).abs()], dim=1)
-
-
-class CountingModel(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.rows, self.calls = inner, 0, 0
-
-    def forward(self, x):
-        self.rows += len(x)
-        self.calls += 1
-        return self.inner(x)
 
 
 def draw_by_draw(model, images, ids, seed, request):
@@ -54,7 +44,7 @@ def images():
 def test_counts_equal_a_draw_by_draw_loop(images, batch_size):
     ids = [f"img{i}" for i in range(len(images))]
     requests = [Draws("selection", 0.3, 37), Draws("estimation", 0.3, 150), Draws("estimation", 0.1, 90)]
-    counts = Engine(SignOfMean(), batch_size=batch_size).count(images, ids, seed=3, requests=requests)
+    counts = Engine(SignOfMean(), batch_size=batch_size).session().count(images, ids, seed=3, requests=requests)
     for request in requests:
         expected = draw_by_draw(SignOfMean(), images, ids, 3, request)
         np.testing.assert_array_equal(counts[request], expected)
@@ -66,7 +56,7 @@ def test_requests_on_one_stream_share_draws_and_fill_batches(images):
     model = CountingModel(SignOfMean())
     small, large = Draws("estimation", 0.3, 40), Draws("estimation", 0.3, 200)
     selection = Draws("selection", 0.3, 10)
-    counts = Engine(model, batch_size=64).count(images, ids, seed=0, requests=[small, large, selection])
+    counts = Engine(model, batch_size=64).session().count(images, ids, seed=0, requests=[small, large, selection])
     assert model.rows == len(images) * (200 + 10) + 1  # one probe of a clean image
     assert model.calls == 1 + -(-len(images) * 210 // 64)  # every batch full except the last
     np.testing.assert_array_equal(counts[small], draw_by_draw(SignOfMean(), images, ids, 0, small))
@@ -98,7 +88,7 @@ def test_bf16_runs_the_model_in_reduced_precision(images):
             seen["dtype"] = torch.nn.functional.linear(x.flatten(1), torch.ones(1, x[0].numel())).dtype
             return super().forward(x)
 
-    Engine(Spy(), precision="bf16").count(images, [str(i) for i in range(5)], 0, [Draws("s", 0.1, 10)])
+    Engine(Spy(), precision="bf16").session().count(images, [str(i) for i in range(5)], 0, [Draws("s", 0.1, 10)])
     assert seen["dtype"] == torch.bfloat16
 
 
@@ -121,7 +111,7 @@ def test_bf16_rounds_the_noisy_input_once_after_adding_the_noise(images):
             return super().forward(x.float())
 
     ids = [str(i) for i in range(len(images))]
-    Engine(Spy(), precision="bf16", batch_size=64).count(images, ids, 2, [Draws("s", 0.1, 10)])
+    Engine(Spy(), precision="bf16", batch_size=64).session().count(images, ids, 2, [Draws("s", 0.1, 10)])
     inputs = torch.cat(seen[1:])  # after the clean probe
     assert inputs.dtype == torch.bfloat16
     expected = torch.cat([(image + 0.1 * gaussian_draws(2, i, "s", 0, 10, image.shape)).to(torch.bfloat16)
@@ -140,9 +130,9 @@ def test_channels_last_and_compile_run_the_same_classifier(images):
 
     ids = [str(i) for i in range(len(images))]
     requests = [Draws("s", 0.2, 300)]
-    plain = Engine(SignOfMean(), batch_size=128).count(images, ids, 0, requests)
+    plain = Engine(SignOfMean(), batch_size=128).session().count(images, ids, 0, requests)
     engine = Engine(Spy(), batch_size=128, channels_last=True, compile="eager")
-    fast = engine.count(images, ids, 0, requests)
+    fast = engine.session().count(images, ids, 0, requests)
     assert seen["channels_last"]
     np.testing.assert_array_equal(plain[requests[0]], fast[requests[0]])
     assert engine.settings() == {"precision": "fp32", "channels_last": True, "compile": "eager",
@@ -189,7 +179,7 @@ def test_a_probe_that_runs_out_of_memory_falls_back_to_a_smaller_batch(images, f
     ids = [f"img{i}" for i in range(len(images))]
     request = Draws("estimation", 0.3, 150)
     engine = Engine(OutOfMemoryAbove(fits))
-    counts = engine.count(images, ids, seed=3, requests=[request])
+    counts = engine.session().count(images, ids, seed=3, requests=[request])
     assert engine.batch_size <= fits and engine.probe["out_of_memory"] > fits
     np.testing.assert_array_equal(counts[request], draw_by_draw(SignOfMean(), images, ids, 3, request))
 
@@ -200,3 +190,26 @@ def test_a_probe_that_runs_out_of_memory_falls_back_to_a_smaller_batch(images, f
         probe_batch_size(never_fits, torch.device("cuda"))
     with pytest.raises(ValueError, match="batch_size must be 'auto' or an integer"):
         Engine(SignOfMean(), batch_size="fast")
+
+
+def test_each_session_keeps_its_own_record_and_only_the_cache_it_is_given_carries_votes(images):
+    """A session records what it ran and nothing else does: a second session on the same engine starts
+    from zero, answers from the votes a first one kept only when it is given the same cache, and leaves
+    the first one's record as it was."""
+    ids = [f"img{i}" for i in range(len(images))]
+    request = Draws("estimation", 0.3, 100)
+    engine = Engine(SignOfMean(), batch_size=64)
+    votes = VoteCache({request.stream: [request.n]})
+    first = engine.session(votes)
+    counted = first.count(images, ids, 0, [request])
+    assert first.forward_passes == len(images) * 100 and first.reused == {} and first.seconds > 0
+    again = engine.session(votes)
+    answered = again.count(images, ids, 0, [request])
+    np.testing.assert_array_equal(answered[request], counted[request])
+    assert again.forward_passes == 0 and again.reused == {(image_id, request.stream): 100 for image_id in ids}
+    assert all(again.shared_passes(image_id) == 100 for image_id in ids)
+    fresh = engine.session()
+    np.testing.assert_array_equal(fresh.count(images, ids, 0, [request])[request], counted[request])
+    assert fresh.forward_passes == len(images) * 100 and fresh.reused == {}
+    assert first.forward_passes == len(images) * 100 and first.reused == {}
+    assert not first.nonfinite and not again.nonfinite and not fresh.nonfinite

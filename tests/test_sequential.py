@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import scipy.stats as sps
 import torch
-from conftest import Affine, without_batch
+from conftest import Affine, CountingModel, without_batch
 from scipy.special import ndtr
 
 import pipeline
@@ -106,7 +106,7 @@ def drive(procedure, rng, probabilities):
 
 
 class _Capture:
-    """Stands in for the engine to hand back the per-image procedures a certifier's `run` builds."""
+    """Stands in for the session to hand back the per-image procedures a certifier's `run` builds."""
 
     def sequential(self, images, ids, seed, procedures, **_):
         return procedures
@@ -275,7 +275,7 @@ def test_engine_sequential_counts_exactly_the_requested_draws(linear_images):
             seen[image].append((request, (yield request)))
         return image
 
-    results = Engine(model, batch_size=50).sequential(images, ["a", "b"], 4, [procedure(0), procedure(1)])
+    results = Engine(model, batch_size=50).session().sequential(images, ["a", "b"], 4, [procedure(0), procedure(1)])
     assert results == [0, 1]
     for image, image_id in enumerate(["a", "b"]):
         for request, counts in seen[image]:
@@ -288,7 +288,7 @@ def test_engine_sequential_counts_exactly_the_requested_draws(linear_images):
         yield Draws("estimation", 0.5, 50)
 
     with pytest.raises(ValueError, match="only ask for more"):
-        Engine(model).sequential(images[:1], ["a"], 0, [backwards()])
+        Engine(model).session().sequential(images[:1], ["a"], 0, [backwards()])
 
 
 def test_sequential_smooth_reduce_with_one_whole_patch_is_sequential_cohen(linear_images):
@@ -337,9 +337,10 @@ def test_sequential_looks_reuse_the_fixed_certifiers_draws_with_the_same_certifi
     passes = {}
 
     def certified(certifiers):
-        engine = Engine(model, batch_size=64)
-        rows = pd.DataFrame(certify_rows(engine, images, labels, certifiers, seed=1, image_ids=ids))
-        passes[len(certifiers)] = engine.forward_passes
+        counted = CountingModel(model)
+        rows = pd.DataFrame(certify_rows(Engine(counted, batch_size=64), images, labels, certifiers, seed=1,
+                                         image_ids=ids))
+        passes[len(certifiers)] = counted.rows
         return rows[rows.setting != fixed.setting].reset_index(drop=True)
 
     alone, beside = certified(sequential), certified([fixed, *sequential])

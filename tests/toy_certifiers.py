@@ -124,7 +124,7 @@ class ToyLipschitz(Certifier):
     def self_sampling(self) -> bool:
         return True
 
-    def run(self, engine, images, image_ids: list[str], seed: int,
+    def run(self, session, images, image_ids: list[str], seed: int,
             labels: list[int | None] | None = None) -> list[Certificate]:
         eps_out = math.sqrt(2 / math.pi) * self.eps_in / self.sigma
         return [Certificate(prediction=None, radius=float(self.eps_in), cost=Cost(0), abstained=False,

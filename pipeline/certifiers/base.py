@@ -7,15 +7,19 @@ A certifier is one of three kinds (`Certifier.kind`, written to every row's `kin
   engine returns for those roles into a `Certificate` (`certify`). The math lives in plain functions on
   counts, so it is testable on stored counts without a model.
 - SAMPLING (`self_sampling` true: Smooth-Reduce, the sequential modes): later draws depend on earlier ones,
-  so it samples through the engine itself (`run`). It still certifies a class.
+  so it samples itself (`run`), through the session it is given (`pipeline.sampling.Session`: the engine's
+  sampling calls for one step, and their record). It still certifies a class.
 - OUTPUT (`classifies` false: center smoothing): it certifies the model's outputs, not a class, sampling
-  through `run`. Its rows have no prediction; it fills `eps_in` (the input radius) and `eps_out` (the
-  certified bound on the output distance), and may fill `metric`, `output` and `smoothing_error`.
+  through `run` as the sampling kind does. Its rows have no prediction; it fills `eps_in` (the input radius)
+  and `eps_out` (the certified bound on the output distance), and may fill `metric`, `output` and
+  `smoothing_error`.
 
-Every certificate states its own cost (`Cost`): the draws it rests on and the model evaluations behind them.
-Every certifier also states its `norm`, its `max_radius` (the largest radius its settings can certify, None
-where there is none fixed) and its `targets` (the only radii a sequential mode decides), which the row
-builder records, so that reports read columns and never re-derive a certifier from its setting string.
+Every certificate states its own cost (`Cost`): the draws it rests on and the model evaluations behind them,
+every forward pass included (a clean pass, one per patch): the row's `forward_passes` comes from the cost
+alone. Every certifier also states its `norm`, its `max_radius` (the largest radius its settings can
+certify, None where there is none fixed) and its `targets` (the only radii a sequential mode decides),
+which the row builder records, so that reports read columns and never re-derive a certifier from its
+setting string.
 """
 
 from __future__ import annotations
@@ -201,12 +205,14 @@ class Certifier:
     def reusable_draws(self, labeled: bool) -> list[Draws]:
         """The requests for the model's own top-1 votes this sampling certifier may make first (a sequential
         mode's selection and looks), whose counts it can take from the counting certifiers' pass when that
-        pass draws the same stream that far (`pipeline.engine.Engine.reusing`); none by default."""
+        pass draws the same stream that far (the batch's `pipeline.votes.VoteCache`); none by default."""
         return []
 
-    def run(self, engine, images, image_ids: list[str], seed: int,
+    def run(self, session, images, image_ids: list[str], seed: int,
             labels: list[int | None] | None = None) -> list[Certificate]:
-        """Sample through `engine` and certify every image (`labels`, when given, are the true classes)."""
+        """Sample through `session` (`pipeline.sampling.Session`; its `engine` holds the model) and certify
+        every image (`labels`, when given, are the true classes); every forward pass run goes into the
+        certificates' `Cost`."""
         raise NotImplementedError
 
     def _setting_items(self) -> dict:

@@ -41,8 +41,9 @@ from pipeline.certifiers.base import (
     Cost,
 )
 from pipeline.distances import METRICS, get_metric
-from pipeline.engine import Draws, Engine
+from pipeline.engine import Draws
 from pipeline.models import WithFeatures
+from pipeline.sampling import Session
 
 OUTPUTS = ("logits", "probs", "features", "denoised")
 ROW_BLOCK = 256  # centre rows per block of the exact median-distance search
@@ -198,28 +199,29 @@ class Center(Certifier):
                 "candidate_miss": self.candidate_miss, "failure_probability": self.failure_probability,
                 "triangle_constant": distance.triangle_constant, "radius_coefficient": distance.radius_coefficient}
 
-    def smooth(self, engine: Engine, images: torch.Tensor, image_ids: list[str], seed: int,
+    def smooth(self, session: Session, images: torch.Tensor, image_ids: list[str], seed: int,
                head) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stages 1 and 2 (Kumar & Goldstein's "Smooth"): per image the centre output, its median
         distance r, and the fraction of n fresh samples within r of it."""
         distance = get_metric(self.metric)
-        centres, radii = self._centres(engine, images, image_ids, seed, head, distance)
-        within = torch.zeros(len(images), dtype=torch.int64, device=engine.device)
+        centres, radii = self._centres(session, images, image_ids, seed, head, distance)
+        within = torch.zeros(len(images), dtype=torch.int64, device=session.engine.device)
 
         def count_within(outputs, image, draw):
             within.index_add_(0, image, (distance.paired(outputs, centres[image]) <= radii[image]).long())
 
-        engine.outputs(images, image_ids, seed, Draws(CENTER_CHECK, self.sigma, self.n), head, count_within)
+        session.outputs(images, image_ids, seed, Draws(CENTER_CHECK, self.sigma, self.n), head, count_within)
         return centres, radii, within.double() / self.n
 
-    def run(self, engine: Engine, images: torch.Tensor, image_ids: list[str], seed: int,
+    def run(self, session: Session, images: torch.Tensor, image_ids: list[str], seed: int,
             labels: list[int | None] | None = None) -> list[Certificate]:
-        """The three stages for every image, each batched across the images through the engine."""
+        """The three stages for every image, each batched across the images through the session; the clean
+        pass is in every certificate's cost (`cost`)."""
+        engine = session.engine
         distance = get_metric(self.metric)
         head = output_head(engine.model, self.output)
         clean = engine.forward(head, images.to(engine.device, torch.float32))
-        engine.forward_passes += len(images)
-        centres, _, fractions = self.smooth(engine, images, image_ids, seed, head)
+        centres, _, fractions = self.smooth(session, images, image_ids, seed, head)
 
         level = quantile_level(self.sigma, self.eps_in, self.m, self.delta, self.alpha2)
         distances = torch.empty((len(images), self.m), device=engine.device)
@@ -230,9 +232,9 @@ class Center(Certifier):
         # the m certification draws are the estimation stream at sigma: one forward pass gives this stage its
         # outputs and the model's votes, which answer Cohen's and TopK's estimation draws at the same sigma
         voting = self.feeds_counts and not engine.compile
-        engine.outputs(images, image_ids, seed, Draws(ESTIMATION, self.sigma, self.m),
-                       output_head(engine.model, self.output, with_logits=True) if voting else head, keep_distances,
-                       votes=voting)
+        session.outputs(images, image_ids, seed, Draws(ESTIMATION, self.sigma, self.m),
+                        output_head(engine.model, self.output, with_logits=True) if voting else head, keep_distances,
+                        votes=voting)
 
         certificates = []
         errors = distance.paired(clean.float(), centres).tolist()
@@ -249,10 +251,10 @@ class Center(Certifier):
                                             abstained=False, extra={**extra, "eps_out": eps_out}))
         return certificates
 
-    def _centres(self, engine, images, image_ids, seed, head, distance) -> tuple[torch.Tensor, torch.Tensor]:
+    def _centres(self, session, images, image_ids, seed, head, distance) -> tuple[torch.Tensor, torch.Tensor]:
         """(centre output, its median distance) per image."""
-        sample = engine.forward(head, images[:1].to(engine.device, torch.float32))
-        engine.forward_passes += 1
+        engine = session.engine
+        sample = engine.forward(head, images[:1].to(engine.device, torch.float32))  # the output's shape
         shape = tuple(sample.shape[1:])
         candidates_count = self.n if self.centers == "exact" else self.centers
         candidates = torch.empty((len(images), candidates_count, *shape), device=engine.device)
@@ -261,7 +263,7 @@ class Center(Certifier):
             candidates[image, draw] = outputs.float()
 
         stage = CENTER_SEARCH if self.centers == "exact" else CENTER_CANDIDATES
-        engine.outputs(images, image_ids, seed, Draws(stage, self.sigma, candidates_count), head, keep)
+        session.outputs(images, image_ids, seed, Draws(stage, self.sigma, candidates_count), head, keep)
         if self.centers == "exact":
             medians = torch.stack([median_distances(distance, candidates[i], candidates[i])
                                    for i in range(len(images))])
@@ -274,7 +276,7 @@ class Center(Certifier):
                                          outputs[:, None].expand(rows, candidates_count, *shape).flatten(0, 1))
                 to_samples[image, :, draw] = paired.view(rows, candidates_count).float()
 
-            engine.outputs(images, image_ids, seed, Draws(CENTER_SEARCH, self.sigma, self.n), head, measure)
+            session.outputs(images, image_ids, seed, Draws(CENTER_SEARCH, self.sigma, self.n), head, measure)
             medians = to_samples.median(dim=2).values
         best = medians.argmin(dim=1)
         index = torch.arange(len(images), device=engine.device)

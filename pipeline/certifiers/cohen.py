@@ -120,7 +120,7 @@ class Cohen(SequentialOptions, Certifier):
                                topk_labels=None if prediction == ABSTAIN else [prediction])
         return certificate_from_counts(counts[SELECTION], counts[ESTIMATION], self.sigma, self.alpha)
 
-    def run(self, engine, images, image_ids: list[str], seed: int,
+    def run(self, session, images, image_ids: list[str], seed: int,
             labels: list[int | None] | None = None) -> list[Certificate]:
         """The sequential modes: every image's looks through the engine's continuous batching."""
 
@@ -128,4 +128,4 @@ class Cohen(SequentialOptions, Certifier):
             top, outcome = yield from top_class(self)
             return sequential_certificate(top, outcome, self.sigma, self.n0)
 
-        return engine.sequential(images, image_ids, seed, [procedure() for _ in image_ids])
+        return session.sequential(images, image_ids, seed, [procedure() for _ in image_ids])

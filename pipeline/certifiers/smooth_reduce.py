@@ -34,6 +34,7 @@ from pipeline.certifiers.cohen import certificate_from_counts, sequential_certif
 from pipeline.certifiers.cohen import max_radius as cohen_max_radius
 from pipeline.certifiers.sequential import SEQUENTIAL_MODES, SequentialOptions, top_class
 from pipeline.engine import Draws, Engine
+from pipeline.sampling import Session
 
 REDUCTIONS = ("mean", "max")
 
@@ -203,8 +204,11 @@ class SmoothReduce(SequentialOptions, Certifier):
         """None: the votes are the patch ensemble's, not the base model's."""
         return []
 
-    def run(self, engine: Engine, images: torch.Tensor, image_ids: list[str], seed: int,
+    def run(self, session: Session, images: torch.Tensor, image_ids: list[str], seed: int,
             labels: list[int | None] | None = None) -> list[Certificate]:
+        """Votes of the patch ensemble through the session; each draw's forward pass per patch is in its
+        certificate's cost."""
+        engine = session.engine
         plan, size, overlap = self.plan(images.shape[1:], seed)
         corners = torch.as_tensor(plan, device=engine.device).expand(len(images), *plan.shape)
         patches_per_draw = len(plan)
@@ -225,11 +229,11 @@ class SmoothReduce(SequentialOptions, Certifier):
                 top, outcome = yield from top_class(self, scale=factor)
                 return sequential_certificate(top, outcome, self.sigma, self.n0, scale=factor)
 
-            voted = engine.sequential(inputs, image_ids, seed, [procedure() for _ in image_ids], head=head,
-                                      batch_size=batch_size)
+            voted = session.sequential(inputs, image_ids, seed, [procedure() for _ in image_ids], head=head,
+                                       batch_size=batch_size)
         else:
             selection, estimation = Draws(SELECTION, self.sigma, self.n0), Draws(ESTIMATION, self.sigma, self.n)
-            counts = engine.count(inputs, image_ids, seed, [selection, estimation], head=head, batch_size=batch_size)
+            counts = session.count(inputs, image_ids, seed, [selection, estimation], head=head, batch_size=batch_size)
             voted = [certificate_from_counts(counts[selection][index], counts[estimation][index], self.sigma,
                                              self.alpha) for index in range(len(images))]
         details = {"patch_corners": plan.tolist(), "placement_seed": seed if self.placement == "random" else None,
@@ -238,7 +242,6 @@ class SmoothReduce(SequentialOptions, Certifier):
         certificates = []
         for certificate in voted:
             votes = certificate.cost  # one vote per draw, each a forward pass per patch
-            engine.forward_passes += (patches_per_draw - 1) * votes.forward_passes
             radius = certificate.radius  # the sequential radius is in input space already
             extra = {} if self.sequential else {"uncorrected_radius": radius}
             if not self.sequential:

@@ -195,7 +195,7 @@ class TopK(SequentialOptions, Certifier):
                            count=int(estimation[label]),
                            topk_labels=predict_from_counts(estimation, self.k, self.alpha))
 
-    def run(self, engine, images, image_ids: list[str], seed: int,
+    def run(self, session, images, image_ids: list[str], seed: int,
             labels: list[int | None] | None = None) -> list[Certificate]:
         """The sequential modes: every image's looks through the engine's continuous batching."""
         labels = [None] * len(image_ids) if labels is None else labels
@@ -220,4 +220,4 @@ class TopK(SequentialOptions, Certifier):
                                count=int(outcome.counts[label]), details=outcome.details(),
                                extra=None if certified else {"abstain_reason": outcome.abstain_reason})
 
-        return engine.sequential(images, image_ids, seed, [procedure(label) for label in labels])
+        return session.sequential(images, image_ids, seed, [procedure(label) for label in labels])
