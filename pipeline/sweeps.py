@@ -31,7 +31,6 @@ __all__ = ["FORMAT", "SweepFailed", "SweepRecord", "SweepRefused", "plan_trials"
            "trial_config", "trial_table"]
 
 FORMAT = "pipeline-sweep/1"
-IDENTITY = ("train", "search", "objective", "certification", "scheduler", "search_algorithm", "num_samples")
 
 
 class SweepRefused(ValueError):
@@ -43,9 +42,8 @@ class SweepFailed(RuntimeError):
 
 
 def definition(sweep: SweepConfig) -> dict:
-    """What defines the experiment (not where or how wide it runs): the base config, the search space, the
-    objective, its certification, the scheduler, the search algorithm and the number of samples."""
-    return json.loads(json.dumps({key: getattr(sweep, key) for key in IDENTITY}, sort_keys=True, default=str))
+    """What defines the experiment (`SweepConfig.definition`), as JSON data."""
+    return json.loads(json.dumps(sweep.definition(), sort_keys=True, default=str))
 
 
 def sweep_digest(sweep: SweepConfig) -> str:

@@ -170,7 +170,7 @@ def test_a_lost_results_file_makes_the_run_incomplete_and_a_rerun_fills_it(tmp_p
 def test_bad_configs_and_files_get_one_line_messages(tmp_path):
     demo = ROOT / "jobs" / "configs" / "demo.yaml"
     config = load_config(demo, ["certifiers.0.n=1e5"])
-    assert config.build_certifiers()[0].n == 100_000  # YAML 1.1 would read 1e5 as a string
+    assert config.certifiers[0].n == 100_000  # YAML 1.1 would read 1e5 as a string
     with pytest.raises(ConfigError, match=r"storage: unknown key\(s\) \['access_key'\]"):
         load_config(demo, ["storage.access_key=x"])
     with pytest.raises(ConfigError, match=r"--set .*the value is not valid YAML"):

@@ -79,7 +79,7 @@ def _trainable(config: dict, sweep: SweepConfig, plan: dict[str, dict], verbose:
     set_verbose(verbose)  # the trial's own process: Ray's INFO lines only with -v
     key = config["trial"] if "trial" in config else tune.get_context().get_trial_id()
     train = DenoiserConfig.from_dict({**trial_config(sweep, plan.get(key, config)), "workers": 0})
-    certification, radius, metric = sweep.certification, sweep.objective.get("radius", 0.0), sweep.metric
+    certification, radius, metric = sweep.certification.model_dump(), sweep.objective.radius or 0.0, sweep.metric
 
     def evaluate(denoiser, data) -> dict:
         denoiser.eval()
@@ -112,11 +112,10 @@ class _Recorder(tune.Callback):
 
 def _scheduler(sweep: SweepConfig, epochs: int):
     settings = sweep.scheduler
-    if settings["name"] == "fifo":
+    if settings.name == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="epoch", max_t=settings.get("max_t", epochs),
-                         grace_period=settings.get("grace_period", 1),
-                         reduction_factor=settings.get("reduction_factor", 2))
+    return ASHAScheduler(time_attr="epoch", max_t=settings.max_t or epochs, grace_period=settings.grace_period or 1,
+                         reduction_factor=settings.reduction_factor or 2)
 
 
 def _search_algorithm(sweep: SweepConfig):
@@ -160,7 +159,7 @@ def _run_trials(sweep: SweepConfig, record: SweepRecord, todo: list[str]) -> Non
     tune_storage = record.location.join("tune")
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trainable, sweep=sweep, plan=plan, verbose=is_verbose()),
-                            sweep.resources),
+                            sweep.resources.model_dump()),
         param_space=_space(sweep.search) if optuna else {"trial": tune.grid_search(todo)},
         tune_config=tune.TuneConfig(metric=sweep.metric, mode="max",
                                     scheduler=_scheduler(sweep, base.epochs + base.second_epochs),
