@@ -8,6 +8,7 @@ Examples:
   pipeline compare runs/demo runs/demo-bf16
   pipeline train-denoiser --config jobs/configs/denoiser_demo.yaml --set objective=decrop
   pipeline sweep --config jobs/configs/sweep_demo.yaml
+  pipeline config-schema > run_config.schema.json
 """
 
 from __future__ import annotations
@@ -190,6 +191,25 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log debugging detail, with Ray's progress output and INFO logs")
 
 
+def config_schema_main(args: argparse.Namespace) -> int:
+    """Runs `pipeline config-schema`: prints the JSON schema of a run config (or of another config kind)."""
+    import json
+
+    from pipeline.config import DenoiserConfig, NightlySuite, SweepConfig, schema
+
+    if args.kind == "run":
+        found = schema()
+    elif args.kind == "classifier":
+        from pipeline.train_classifier import ClassifierTraining
+
+        found = ClassifierTraining.model_json_schema()
+    else:
+        kinds = {"denoiser": DenoiserConfig, "sweep": SweepConfig, "nightly": NightlySuite}
+        found = kinds[args.kind].model_json_schema()
+    print(json.dumps(found, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline", description="Certify the adversarial robustness of image classifiers.",
@@ -241,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "objective.png, best_train.yaml and best_certify.yaml under STORAGE/NAME/.")
     add_sweep_arguments(sweep)
     sweep.set_defaults(handler=sweep_main)
+    config_schema = commands.add_parser(
+        "config-schema", help="print the JSON schema of a run config (every key, its type, default and rules)",
+        description="Print the JSON schema (pydantic's) of a certification run config, or with --kind of a "
+                    "denoiser training, a sweep, a nightly suite or a classifier training.")
+    config_schema.add_argument("--kind", choices=["run", "denoiser", "sweep", "nightly", "classifier"],
+                               default="run", help="which config (default: run)")
+    config_schema.set_defaults(handler=config_schema_main)
     return parser
 
 

@@ -21,7 +21,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BeforeValidator, Field, PlainSerializer, PlainValidator, PrivateAttr, TypeAdapter, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    PrivateAttr,
+    TypeAdapter,
+    WithJsonSchema,
+    model_validator,
+)
 
 from pipeline.certifiers import REGISTRY, Certifier
 from pipeline.certifiers.cohen import max_radius
@@ -250,7 +260,7 @@ class NightlySuite(Section):
     output: str = "runs"
     storage: Storage = Storage()
     seed: int = 0
-    radii: list[NonNegative] = [0.0, 0.25, 0.5]
+    radii: list[NonNegative] = Field(default_factory=lambda: [0.0, 0.25, 0.5])
     price_per_device_hour: NonNegative = 0.0
     accuracy_alpha: Annotated[Number, Field(gt=0.0, lt=1.0)] = 0.001
     throughput_tolerance: NonNegative = 0.3
@@ -353,7 +363,7 @@ class SweepConfig(Section):
     resources: Resources = Resources()
     max_concurrent: Count | None = Field(None, ge=1)
     final_certify: bool = False
-    final: dict[str, Any] = {}
+    final: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:

@@ -31,7 +31,6 @@ under `<output>/<run_name>/best`.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -45,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.denoise.config import DenoiserConfig
 from pipeline.denoise import losses
+from pipeline.denoise.config import DenoiserConfig
 from pipeline.denoise.data import few_sample_subset, load_training_images
 from pipeline.denoise.generate import generate_cached
 from pipeline.models import ModelSpec, WithFeatures, load_model
