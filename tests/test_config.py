@@ -45,7 +45,8 @@ def test_a_count_given_as_1e5_is_taken_as_100000(key):
     owner = config.certifiers[0] if section == "certifiers.0" else getattr(config, section) if section else config
     value = getattr(owner, name)
     assert value == 100_000 and type(value) is int
-    with pytest.raises(ConfigError, match=rf"^{re.escape(section.replace('.0', '[0]'))}.*\b{name} must be .*an integer"):
+    where = re.escape(section.replace(".0", "[0]"))
+    with pytest.raises(ConfigError, match=rf"^{where}.*\b{name} must be .*an integer"):
         load_config(DEMO, [f"{key}=2.5"])
 
 
