@@ -70,7 +70,7 @@ def _certifier(entry: Any) -> Certifier:
         raise ValueError("{where}: every entry must be a mapping with a 'name'")
     settings = dict(entry)
     name = settings.pop("name", None)
-    if name not in REGISTRY:
+    if not isinstance(name, str) or name not in REGISTRY:
         raise ValueError(f"{{where}}.name: unknown certifier {name!r}; known: {sorted(REGISTRY)}")
     known = {field.name for field in dataclasses.fields(REGISTRY[name])}
     unknown = sorted(set(settings) - known)
@@ -164,8 +164,10 @@ class RunConfig(Section):
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain data (YAML / JSON), the certifiers' settings as given; `validate` reads
         it back."""
-        given = self._given if self._given is not None else [_settings(c) for c in self.certifiers]
-        return {"certifiers": [dict(entry) for entry in given], **self.model_dump(mode="json", exclude={"certifiers"})}
+        data = self.model_dump(mode="json")
+        if self._given is not None:
+            data["certifiers"] = [dict(entry) for entry in self._given]
+        return {"certifiers": data.pop("certifiers"), **data}
 
 
 def validate(data: dict[str, Any]) -> RunConfig:

@@ -47,7 +47,7 @@ class Run:
     """A prepared run: its settings, where it writes, what it lists and what is still pending."""
 
     config: RunConfig
-    certifiers: list[Certifier]
+    certifiers: tuple[Certifier, ...]
     location: Location
     listing: pa.Table
     pending: pa.Table
