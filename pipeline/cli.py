@@ -160,10 +160,10 @@ def add_train_denoiser_arguments(parser: argparse.ArgumentParser) -> None:
 def sweep_main(args: argparse.Namespace) -> int:
     """Runs `pipeline sweep`: validates the sweep, then runs or resumes it on Ray Tune."""
     setup_logging(args.verbose)
-    from pipeline.config import ConfigError, load_sweep
+    from pipeline.config import ConfigError
     from pipeline.distributed.tune import run_sweep
     from pipeline.storage import StorageError
-    from pipeline.sweeps import SweepFailed, SweepRefused
+    from pipeline.sweeps import SweepFailed, SweepRefused, load_sweep
 
     try:
         sweep = load_sweep(args.config, args.set)
@@ -195,7 +195,8 @@ def config_schema_main(args: argparse.Namespace) -> int:
     """Runs `pipeline config-schema`: prints the JSON schema of a run config (or of another config kind)."""
     import json
 
-    from pipeline.config import DenoiserConfig, NightlySuite, SweepConfig, schema
+    from pipeline.config import DenoiserConfig, NightlySuite, schema
+    from pipeline.sweeps import SweepConfig
 
     if args.kind == "run":
         found = schema()

@@ -9,8 +9,9 @@ import pytest
 
 from pipeline import cli
 from pipeline.certifiers import Cohen, TopK
-from pipeline.config import ConfigError, NightlySuite, RunConfig, SweepConfig, load_config, schema, validate
+from pipeline.config import ConfigError, NightlySuite, RunConfig, load_config, schema, validate
 from pipeline.results import manifest_matches
+from pipeline.sweeps import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs" / "configs" / "demo.yaml"

@@ -19,12 +19,13 @@ from torch import nn
 import pipeline
 from pipeline import run as lifecycle
 from pipeline.certifiers import DSSN, Center, Cohen, TopK
-from pipeline.config import ConfigError, DenoiserConfig, SweepConfig, load_config, load_sweep, validate
+from pipeline.config import ConfigError, DenoiserConfig, load_config, validate
 from pipeline.data.preprocess import ImageError, Transform, decode, decode_batch
 from pipeline.data.sources import DatasetSpec, list_images
 from pipeline.engine import Engine
 from pipeline.models import ModelSpec, load_model
 from pipeline.models.denoisers import load_denoiser
+from pipeline.sweeps import SweepConfig, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ of it (`search`: {key: {grid | choice: [...]} or {uniform | loguniform: [low, hi
 of the held-out validation split with `certification` n0 / n / alpha), the scheduler (ASHA over epochs by
 default, or FIFO), the search algorithm (grid and random built in, Optuna when installed), resources per
 trial (fractional GPUs allowed) and where the sweep is written (`output`, local or s3://, with `storage`).
-The sweep config is `pipeline.config.SweepConfig`; this module only wires it to Ray Tune.
+The sweep config is `pipeline.sweeps.SweepConfig`; this module only wires it to Ray Tune.
 
 Every trial reports its metrics every epoch (ASHA stops weak trials, counting epochs) and trains resumably
 into the sweep's own record (`pipeline.sweeps`), so an interrupted sweep resumes exactly: finished trials
@@ -34,13 +34,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 import pipeline
 from pipeline import plots
 from pipeline.certifiers import Cohen
-from pipeline.config import ConfigError, DenoiserConfig, SweepConfig, validate
+from pipeline.config import ConfigError, DenoiserConfig, validate
 from pipeline.denoise.train import fit_resumable
 from pipeline.distributed import init_ray, is_verbose, set_verbose
 from pipeline.distributed.certify import run
 from pipeline.distributed.progress import SweepProgress
 from pipeline.models.denoisers import Denoised
-from pipeline.sweeps import SweepFailed, SweepRecord, sweep_metrics, trial_config, trial_table
+from pipeline.sweeps import SweepConfig, SweepFailed, SweepRecord, sweep_metrics, trial_config, trial_table
 
 CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 
