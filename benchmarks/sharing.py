@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--batch-size", default="128", help="rows per forward pass, or auto (default 128)")
     args = parser.parse_args()
     config = load_config(args.config, [])
-    certifiers = config.build_certifiers()
+    certifiers = config.certifiers
     model = load_model(config.model, config.storage)
     pixels, labels, ids = load_demo("test")
     images, labels, ids = pixels[: args.images].float() / 255, labels[: args.images].tolist(), ids[: args.images]

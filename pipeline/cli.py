@@ -10,6 +10,7 @@ Examples:
   pipeline train-classifier --config jobs/configs/train_cifar10.yaml --set arch=cifar_resnet20
   pipeline sweep --config jobs/configs/sweep_demo.yaml
   pipeline nightly --config jobs/configs/nightly_demo.yaml --date 2026-11-20
+  pipeline config-schema > run_config.schema.json
 """
 
 from __future__ import annotations
@@ -196,10 +197,10 @@ def add_train_classifier_arguments(parser: argparse.ArgumentParser) -> None:
 def sweep_main(args: argparse.Namespace) -> int:
     """Runs `pipeline sweep`: validates the sweep, then runs or resumes it on Ray Tune."""
     setup_logging(args.verbose)
-    from pipeline.config import ConfigError, load_sweep
+    from pipeline.config import ConfigError
     from pipeline.distributed.tune import run_sweep
     from pipeline.storage import StorageError
-    from pipeline.sweeps import SweepFailed, SweepRefused
+    from pipeline.sweeps import SweepFailed, SweepRefused, load_sweep
 
     try:
         sweep = load_sweep(args.config, args.set)
@@ -289,6 +290,36 @@ def _add_nightly_command(commands) -> None:
     nightly.set_defaults(handler=nightly_main)
 
 
+def config_schema_main(args: argparse.Namespace) -> int:
+    """Runs `pipeline config-schema`: prints the JSON schema of a run config (or of another config kind)."""
+    import json
+
+    from pipeline.config import DenoiserConfig, NightlySuite, schema
+    from pipeline.sweeps import SweepConfig
+
+    if args.kind == "run":
+        found = schema()
+    elif args.kind == "classifier":
+        from pipeline.train_classifier import ClassifierTraining
+
+        found = ClassifierTraining.model_json_schema()
+    else:
+        kinds = {"denoiser": DenoiserConfig, "sweep": SweepConfig, "nightly": NightlySuite}
+        found = kinds[args.kind].model_json_schema()
+    print(json.dumps(found, indent=2))
+    return 0
+
+
+def _add_config_schema_command(commands) -> None:
+    config_schema = commands.add_parser(
+        "config-schema", help="print the JSON schema of a run config (every key, its type, default and rules)",
+        description="Print the JSON schema (pydantic's) of a certification run config, or with --kind of a "
+                    "denoiser training, a sweep, a nightly suite or a classifier training.")
+    config_schema.add_argument("--kind", choices=["run", "denoiser", "sweep", "nightly", "classifier"],
+                               default="run", help="which config (default: run)")
+    config_schema.set_defaults(handler=config_schema_main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline", description="Certify the adversarial robustness of image classifiers.",
@@ -342,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(handler=sweep_main)
     _add_train_classifier_command(commands)
     _add_nightly_command(commands)
+    _add_config_schema_command(commands)
     return parser
 
 

@@ -47,7 +47,7 @@ class Run:
     """A prepared run: its settings, where it writes, what it lists and what is still pending."""
 
     config: RunConfig
-    certifiers: list[Certifier]
+    certifiers: tuple[Certifier, ...]
     location: Location
     listing: pa.Table
     pending: pa.Table
@@ -69,7 +69,7 @@ def prepare(config: RunConfig) -> Run:
     """Checks, manifest and the pending images of a run (see the module docstring)."""
     location = config.storage.open(config.output).join(config.run_id)
     check_writable(location)
-    certifiers = config.build_certifiers()
+    certifiers = config.certifiers
     num_classes = check_model(load_model(config.model, config.storage), config.dataset.transform.shape, certifiers)
     listing = list_images(config.dataset, config.storage)
     _warn_of_labels(listing, num_classes)

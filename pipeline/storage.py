@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -24,11 +23,13 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import Field
+
+from pipeline.sections import Number, Section, is_name
 
 __all__ = ["DEFAULT_STORAGE", "RETRY_SECONDS", "Location", "Storage", "StorageError", "StorageOutage", "check_writable",
            "is_name", "is_transient", "open_location", "retrying"]
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 RETRY_SECONDS = 120.0
 # what pyarrow's S3 layer says when the store is unreachable or overloaded, as opposed to a refusal
 TRANSIENT = ("NETWORK_CONNECTION", "curlCode", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "SLOW_DOWN",
@@ -36,12 +37,6 @@ TRANSIENT = ("NETWORK_CONNECTION", "curlCode", "SERVICE_UNAVAILABLE", "INTERNAL_
              "Couldn't connect", "Could not connect", "Broken pipe")
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-
-def is_name(value) -> bool:
-    """True for a name that may become one path segment (a run id, a sweep or training name): letters, digits,
-    '.', '_' and '-', starting with a letter or digit, so never '.', '..', hidden, or a path."""
-    return isinstance(value, str) and NAME.fullmatch(value) is not None
 
 
 class StorageError(OSError):
@@ -188,8 +183,7 @@ def open_location(uri: str, endpoint_url: str | None = None, region: str | None 
     return Location(pafs.LocalFileSystem(), path, path)
 
 
-@dataclass(frozen=True)
-class Storage:
+class Storage(Section):
     """How to reach object storage: the `endpoint_url` of an S3-speaking server (default: AWS_ENDPOINT_URL,
     else AWS), the `region`, and how long an unreachable store is retried (`retry_seconds`); credentials
     always come from the standard AWS chain. Local paths need none of it. Every URI a configuration names is
@@ -197,7 +191,7 @@ class Storage:
 
     endpoint_url: str | None = None
     region: str | None = None
-    retry_seconds: float = RETRY_SECONDS
+    retry_seconds: Number = Field(RETRY_SECONDS, ge=0.0)
 
     def open(self, uri: str) -> Location:
         """The directory (or file) at a local path or `s3://bucket/prefix`."""

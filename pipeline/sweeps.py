@@ -1,4 +1,5 @@
-"""A sweep's own record, so an interrupted sweep resumes into exactly the experiment it started, or refuses.
+"""A sweep's definition (`SweepConfig`, `load_sweep`, each section typed with its rules) and its own
+record, so an interrupted sweep resumes into exactly the experiment it started, or refuses.
 
 The trials of a grid or random search are drawn here, once, from the search space and the base config's seed
 (`plan_trials`), and written with a digest of the sweep's definition to `<output>/<name>/sweep.json` before
@@ -17,21 +18,160 @@ import hashlib
 import itertools
 import json
 import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import yaml
+from pydantic import AfterValidator, BeforeValidator, Field, PlainValidator, model_validator
 
-from pipeline.config import DenoiserConfig, SweepConfig, set_dotted
+from pipeline.certifiers.cohen import max_radius
+from pipeline.config import (
+    ConfigError,
+    DenoiserConfig,
+    NonNegative,
+    apply_overrides,
+    read_yaml,
+    set_dotted,
+)
 from pipeline.denoise.train import training_record
 from pipeline.report import accuracy_at, acr
+from pipeline.sections import Count, Name, Number, Section
+from pipeline.storage import Storage
 
-__all__ = ["FORMAT", "SweepFailed", "SweepRecord", "SweepRefused", "plan_trials", "sweep_digest", "sweep_metrics",
-           "trial_config", "trial_table"]
+__all__ = ["FORMAT", "SweepConfig", "SweepFailed", "SweepRecord", "SweepRefused", "load_sweep", "plan_trials",
+           "sweep_digest", "sweep_metrics", "trial_config", "trial_table"]
 
 FORMAT = "pipeline-sweep/1"
-IDENTITY = ("train", "search", "objective", "certification", "scheduler", "search_algorithm", "num_samples")
+SWEEP_METRICS = ("certified_accuracy", "acr")
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
+
+
+class Objective(Section):
+    """What a sweep maximises: `certified_accuracy` at `radius`, or `acr`."""
+
+    metric: Literal[SWEEP_METRICS]
+    radius: NonNegative | None = None
+
+    @model_validator(mode="after")
+    def _radius(self) -> Objective:
+        if self.metric == "certified_accuracy" and self.radius is None:
+            raise ValueError("{where}.radius must be a number >= 0, got None")
+        return self
+
+
+class Certification(Section):
+    """The cheap Cohen certification of the validation split that measures the objective every epoch."""
+
+    n0: Count = Field(20, ge=1)
+    n: Count = Field(100, ge=1)
+    alpha: Annotated[Number, Field(gt=0.0, lt=1.0)] = 0.001
+
+
+class Scheduler(Section):
+    """Tune's trial scheduler: ASHA over epochs (`max_t`: the training's epochs by default) or FIFO."""
+
+    name: Literal["asha", "fifo"] = "asha"
+    max_t: Count | None = Field(None, ge=1)
+    grace_period: Count | None = Field(None, ge=1)
+    reduction_factor: Count | None = Field(None, ge=2)
+
+
+class Resources(Section):
+    """Resources per trial (fractional GPUs allowed)."""
+
+    cpu: NonNegative = 1
+    gpu: NonNegative = 0
+
+
+def _distribution(spec: Any) -> dict[str, Any]:
+    if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
+        raise ValueError(f"{{where}}: give one of {list(DISTRIBUTIONS)}, e.g. {{choice: [0.25, 0.5]}}")
+    return spec
+
+
+def _training(train: dict[str, Any]) -> dict[str, Any]:
+    try:
+        DenoiserConfig.from_dict(train)
+    except ConfigError as error:
+        raise ValueError(f"{{where}}: {error}") from None
+    return train
+
+
+def _storage_options(value: Any) -> Any:
+    if isinstance(value, str):
+        raise ValueError("{where}: the sweep's folder is `output`; `storage` holds the object storage options, "
+                         "e.g. {endpoint_url: ...}")
+    return value
+
+
+class SweepConfig(Section):
+    """A sweep campaign over denoiser training (see jobs/configs/sweep_demo.yaml and
+    `pipeline.distributed.tune`): the base `train` config, the `search` space over its dotted keys, the
+    `objective` measured every epoch by a cheap Cohen `certification` of the validation split, the
+    scheduler and search algorithm, resources per trial, where the sweep is written (`output`, with
+    `storage`), and the `final` certification of the best trial."""
+
+    unknown_keys = "unknown sweep key(s)"
+
+    train: Annotated[dict[str, Any], AfterValidator(_training)]
+    search: dict[str, Annotated[dict[str, Any], PlainValidator(_distribution)]]
+    objective: Objective
+    name: Name = "sweep"
+    output: str = "runs/sweeps"
+    storage: Annotated[Storage, BeforeValidator(_storage_options)] = Storage()
+    certification: Certification = Certification()
+    scheduler: Scheduler = Scheduler()
+    search_algorithm: Literal["grid", "random", "optuna"] = "random"
+    num_samples: Count = Field(4, ge=1)
+    resources: Resources = Resources()
+    max_concurrent: Count | None = Field(None, ge=1)
+    final_certify: bool = False
+    final: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        if not self.search:
+            raise ValueError("search: the search space is empty; name at least one hyperparameter, e.g. "
+                             "{lr: {loguniform: [1e-4, 1e-2]}}")
+        if self.objective.metric == "certified_accuracy":
+            self._check_radius()
+        return self
+
+    def _check_radius(self) -> None:
+        radius, certification = self.objective.radius, self.certification
+        sigmas = list(next(iter(self.search["sigma"].values()))) if "sigma" in self.search else [
+            self.train.get("sigma", 0.25)]
+        reach = max_radius(max(sigmas), certification.n, certification.alpha)
+        if radius >= reach:
+            raise ValueError(f"objective.radius={radius} cannot be certified: with n={certification.n} and "
+                             f"alpha={certification.alpha} the largest radius is {reach:.3f} (at sigma "
+                             f"{max(sigmas)}); raise certification.n or lower the radius")
+
+    @property
+    def metric(self) -> str:
+        """The name of the objective in the trials' reports."""
+        radius = self.objective.radius
+        return f"certified_accuracy@{radius:g}" if self.objective.metric == "certified_accuracy" else "acr"
+
+    def definition(self) -> dict[str, Any]:
+        """What defines the experiment (not where or how wide it runs): the base config, the search space, the
+        objective, its certification, the scheduler, the search algorithm and the number of samples; the
+        sections as plain data, as they were recorded before they were typed (for the sweep's digest)."""
+        return {"train": self.train, "search": self.search, "objective": self.objective.model_dump(exclude_none=True),
+                "certification": self.certification.model_dump(), "scheduler": self.scheduler.model_dump(
+                    exclude_none=True), "search_algorithm": self.search_algorithm, "num_samples": self.num_samples}
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
+    """The sweep from YAML, with `key=value` overrides applied after a `train` path is read (so
+    `train.epochs=3` reaches the training config)."""
+    data = read_yaml(path)
+    if isinstance(data.get("train"), str):  # a path, relative to the working directory
+        data["train"] = read_yaml(data["train"])
+    return SweepConfig.from_dict(apply_overrides(data, overrides))
 
 
 class SweepRefused(ValueError):
@@ -43,9 +183,8 @@ class SweepFailed(RuntimeError):
 
 
 def definition(sweep: SweepConfig) -> dict:
-    """What defines the experiment (not where or how wide it runs): the base config, the search space, the
-    objective, its certification, the scheduler, the search algorithm and the number of samples."""
-    return json.loads(json.dumps({key: getattr(sweep, key) for key in IDENTITY}, sort_keys=True, default=str))
+    """What defines the experiment (`SweepConfig.definition`), as JSON data."""
+    return json.loads(json.dumps(sweep.definition(), sort_keys=True, default=str))
 
 
 def sweep_digest(sweep: SweepConfig) -> str:

@@ -16,20 +16,18 @@ epoch's metrics). `fit_local` is `fit` in this process.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator, Field
 from torch import nn
 
-from pipeline.config import ConfigError, check_dataset, section
 from pipeline.data.preprocess import ImageError, decode
 from pipeline.data.sources import DatasetSpec, list_images, read_encoded
 from pipeline.denoise.train import unwrap
@@ -37,6 +35,7 @@ from pipeline.models import Normalize
 from pipeline.models.architectures import CLASSIFIER, architecture
 from pipeline.models.checkpoints import save_checkpoint
 from pipeline.noise import SplittingAugment
+from pipeline.sections import Count, Listed, Number, Section
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -64,89 +63,45 @@ def training_noise(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return SplittingAugment(kind, sigma)
 
 
-@dataclass(frozen=True)
-class ClassifierTraining:
+def _noise(spec: str) -> str:
+    training_noise(spec)  # ValueError naming the spec
+    return spec
+
+
+def _classifier(arch: str) -> str:
+    if architecture(arch).kind != CLASSIFIER:  # ValueError for an unknown name
+        raise ValueError(f"{arch} is a denoiser, not a classifier")
+    return arch
+
+
+class ClassifierTraining(Section):
     """A classifier training (see jobs/configs/train_cifar10.yaml): the architecture `arch` (a project name,
     e.g. cifar_resnet110, or a torchvision classifier), the training images (`dataset`, its train split),
     optionally `test` images whose noisy accuracy is reported every epoch, the `noise` shares, the SGD
     schedule, `augment`, the seed, where the checkpoint goes (`output`, a directory or s3:// prefix, with
     `storage`) and `workers` (0: this process; N: Ray Train with N workers, `use_gpu`)."""
 
-    arch: str
+    unknown_keys = "unknown classifier training key(s)"
+
+    arch: Annotated[str, AfterValidator(_classifier)]
     dataset: DatasetSpec
     test: DatasetSpec | None = None
-    noise: tuple[str, ...] = ("gaussian:0.25",)
-    num_classes: int | None = None
-    epochs: int = 90
-    batch_size: int = 256
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    step_size: int = 30
-    gamma: float = 0.1
+    noise: Annotated[tuple[Annotated[str, AfterValidator(_noise)], ...], Listed, Field(min_length=1)] = (
+        "gaussian:0.25",)
+    num_classes: Count | None = Field(None, ge=2)
+    epochs: Count = Field(90, ge=1)
+    batch_size: Count = Field(256, ge=1)
+    lr: Annotated[Number, Field(gt=0.0)] = 0.1
+    momentum: Annotated[Number, Field(ge=0.0)] = 0.9
+    weight_decay: Annotated[Number, Field(ge=0.0)] = 1e-4
+    step_size: Count = Field(30, ge=1)
+    gamma: Annotated[Number, Field(gt=0.0)] = 0.1
     augment: bool = True
     seed: int = 0
-    output: str = "runs/classifiers/model"
-    storage: Storage = field(default_factory=Storage)
-    workers: int = 0
+    output: Annotated[str, Field(min_length=1)] = "runs/classifiers/model"
+    storage: Storage = Storage()
+    workers: Count = Field(0, ge=0)
     use_gpu: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "noise", tuple(self.noise) if isinstance(self.noise, list | tuple) else self.noise)
-        try:
-            kind = architecture(self.arch).kind
-        except ValueError as error:
-            raise ConfigError(f"arch: {error}") from error
-        _require(kind == CLASSIFIER, f"arch: {self.arch} is a denoiser, not a classifier")
-        _require(isinstance(self.noise, tuple) and bool(self.noise), "noise: give a list, e.g. [gaussian:0.25]")
-        for spec in self.noise:
-            try:
-                training_noise(spec)
-            except ValueError as error:
-                raise ConfigError(str(error)) from error
-        for key in ("epochs", "batch_size", "step_size"):
-            _require(_is_count(getattr(self, key), 1), f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
-        _require(_is_count(self.workers, 0), f"workers must be an integer >= 0, got {self.workers!r}")
-        _require(self.num_classes is None or _is_count(self.num_classes, 2),
-                 f"num_classes must be an integer >= 2, got {self.num_classes!r}")
-        for key in ("lr", "gamma"):
-            _require(_positive(getattr(self, key)), f"{key} must be a number > 0, got {getattr(self, key)!r}")
-        for key in ("momentum", "weight_decay"):
-            _require(_positive(getattr(self, key)) or getattr(self, key) == 0,
-                     f"{key} must be a number >= 0, got {getattr(self, key)!r}")
-        _require(isinstance(self.output, str) and bool(self.output), "output: give a directory or s3:// prefix")
-        check_dataset(self.dataset)
-        if self.test is not None:
-            check_dataset(self.test, "test")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ClassifierTraining:
-        """The training from YAML data; ConfigError naming the first bad key."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        _require(not set(data) - known, f"unknown classifier training key(s) {sorted(set(data) - known)}; known: "
-                                        f"{sorted(known)}")
-        _require("arch" in data and "dataset" in data, "arch and dataset: name the architecture and the images")
-        sections = {"dataset": section(DatasetSpec, "dataset", data["dataset"]),
-                    "storage": section(Storage, "storage", data.get("storage", {}))}
-        if data.get("test") is not None:
-            sections["test"] = section(DatasetSpec, "test", data["test"])
-        return cls(**{**data, **sections})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def _is_count(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _positive(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:

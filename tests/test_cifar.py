@@ -260,17 +260,17 @@ def test_cifar10_configs_are_the_papers_settings():
     configs = ROOT / "jobs" / "configs"
     paths = ["dataset.root=s3://bucket/cifar10", "model.weights=models/cifar10/resnet110/noise_0.50/checkpoint.pth.tar"]
     cohen = load_config(configs / "cifar10.yaml", paths)
-    assert [c.sigma for c in cohen.build_certifiers()] == [0.12, 0.25, 0.5, 1.0]
-    assert {(c.name, c.n0, c.n, c.alpha) for c in cohen.build_certifiers()} == {("cohen", 100, 100_000, 0.001)}
+    assert [c.sigma for c in cohen.certifiers] == [0.12, 0.25, 0.5, 1.0]
+    assert {(c.name, c.n0, c.n, c.alpha) for c in cohen.certifiers} == {("cohen", 100, 100_000, 0.001)}
     assert (cohen.dataset.layout, cohen.dataset.split, cohen.dataset.skip) == ("cifar10", "test", 20)
     assert cohen.dataset.transform.shape == (3, 32, 32) and cohen.model.name == "cifar_resnet110"
     assert cohen.dataset.root == "s3://bucket/cifar10" and cohen.model.mean == (0.4914, 0.4822, 0.4465)
     salman = load_config(configs / "cifar10_denoised.yaml", paths[:1])
-    assert {(c.n0, c.n, c.alpha) for c in salman.build_certifiers()} == {(100, 10_000, 0.001)}
+    assert {(c.n0, c.n, c.alpha) for c in salman.certifiers} == {(100, 10_000, 0.001)}
     assert salman.model.name is None and salman.model.weights.endswith("noise_0.00/checkpoint.pth.tar")
     assert "dncnn" in salman.model.denoiser and salman.dataset.skip == 20
     dssn = load_config(configs / "cifar10_dssn.yaml", paths[:1])
-    assert [(c.name, c.sigma, c.q) for c in dssn.build_certifiers()] == [("dssn", 0.5, 255), ("dssn", 3.5, 255)]
+    assert [(c.name, c.sigma, c.q) for c in dssn.certifiers] == [("dssn", 0.5, 255), ("dssn", 3.5, 255)]
     assert dssn.dataset.skip == 1 and dssn.model.name == "cifar_wrn40_10"
     training = ClassifierTraining.from_dict(read_yaml(configs / "train_cifar10.yaml"))
     assert (training.arch, training.epochs, training.lr, training.noise) == ("cifar_resnet110", 90, 0.1,

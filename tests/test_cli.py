@@ -21,7 +21,7 @@ SMALL = ["dataset.skip=1", "dataset.max=8", "certifiers.0.n=200", "certifiers.1.
 
 def test_demo_config_loads_and_overrides_apply():
     config = load_config(DEMO, ["certifiers.0.sigma=0.5", "seed=3"])
-    cohen, topk, dssn, ssn, center, reduce, sequential = config.build_certifiers()
+    cohen, topk, dssn, ssn, center, reduce, sequential = config.certifiers
     assert (cohen.name, cohen.sigma, topk.k, config.seed) == ("cohen", 0.5, 3, 3)
     assert (sequential.mode, sequential.radii, sequential.n) == ("sequential", (0.0, 0.25, 0.5), 10000)
     assert (dssn.name, dssn.levels, ssn.name, center.output) == ("dssn", 441, "ssn", "features")

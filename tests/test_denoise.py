@@ -1,6 +1,5 @@
 """Denoisers: the losses and sample generation on known inputs, the artifact, Ray Train to S3, clear errors."""
 
-import dataclasses
 import json
 import uuid
 from pathlib import Path
@@ -73,7 +72,8 @@ def test_interpolation_moves_logits_toward_the_target_and_reference_mode_takes_o
         before = (classifier(images) - target).pow(2).mean(1)
         after = (classifier(moved) - target).pow(2).mean(1)
     assert (after < before).all()
-    reference = interpolated_samples(classifier, images, boundary, dataclasses.replace(paper, interp_mode="reference"))
+    reference = interpolated_samples(classifier, images, boundary,
+                                     paper.model_copy(update={"interp_mode": "reference"}))
     assert (reference - images).abs().max() <= paper.interp_lr * 1.01
 
 
@@ -85,7 +85,7 @@ def test_cache_key_changes_with_the_classifier_and_every_setting(classifier):
     assert cache_key(other, GenerationSettings(), ids) != base
     changes = {"eps": 4 / 255, "step": 1 / 255, "steps": 10, "random_start": False, "mix": 0.7, "interp_steps": 20,
                "interp_lr": 1e-2, "interp_tolerance": 1e-4, "interp_mode": "reference", "seed": 1}
-    assert set(changes) == {field.name for field in dataclasses.fields(GenerationSettings)}
+    assert set(changes) == set(GenerationSettings.model_fields)
     for name, value in changes.items():
         assert cache_key(classifier, GenerationSettings(**{name: value}), ids) != base, name
     assert cache_key(classifier, GenerationSettings(), ["a", "c"]) != base
@@ -241,7 +241,7 @@ def test_in_process_training_resumes_after_a_kill_and_best_never_gets_worse(tmp_
     assert (after["selection_score"], after["val_accuracy"]) >= (before["selection_score"], before["val_accuracy"])
     assert [path.name for path in (folder / "epochs").iterdir()] == ["5"]
     with pytest.raises(ValueError, match="comes from a training with another config"):
-        train.fit_local(dataclasses.replace(config, lr=0.5))
+        train.fit_local(config.model_copy(update={"lr": 0.5}))
     # a changed weights file is refused before anything loads it
     (folder / "epochs" / "5" / "denoiser.pt").write_bytes(b"not the weights this training wrote")
     with pytest.raises(ValueError, match=r"denoiser\.pt differs from the file this training wrote"):

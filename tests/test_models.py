@@ -38,7 +38,7 @@ def test_unreadable_or_mismatched_weights_name_the_file(tmp_path):
 
 def test_imagenet_config_is_the_papers_setting():
     config = load_config(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "imagenet.yaml")
-    assert [c.sigma for c in config.build_certifiers()] == [0.25, 0.5, 1.0]
-    assert {(c.n0, c.n, c.alpha) for c in config.build_certifiers()} == {(100, 100_000, 0.001)}
+    assert [c.sigma for c in config.certifiers] == [0.25, 0.5, 1.0]
+    assert {(c.n0, c.n, c.alpha) for c in config.certifiers} == {(100, 100_000, 0.001)}
     assert config.dataset.skip == 100 and config.dataset.transform.shape == (3, 224, 224)
     assert config.dataset.transform.resize == 256 and config.model.name == "resnet50"

@@ -19,12 +19,13 @@ from torch import nn
 import pipeline
 from pipeline import run as lifecycle
 from pipeline.certifiers import DSSN, Center, Cohen, TopK
-from pipeline.config import ConfigError, DenoiserConfig, SweepConfig, load_config, load_sweep, validate
+from pipeline.config import ConfigError, DenoiserConfig, load_config, validate
 from pipeline.data.preprocess import ImageError, Transform, decode, decode_batch
 from pipeline.data.sources import DatasetSpec, list_images
 from pipeline.engine import Engine
 from pipeline.models import ModelSpec, load_model
 from pipeline.models.denoisers import load_denoiser
+from pipeline.sweeps import SweepConfig, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,7 +171,7 @@ def test_a_lost_results_file_makes_the_run_incomplete_and_a_rerun_fills_it(tmp_p
 def test_bad_configs_and_files_get_one_line_messages(tmp_path):
     demo = ROOT / "jobs" / "configs" / "demo.yaml"
     config = load_config(demo, ["certifiers.0.n=1e5"])
-    assert config.build_certifiers()[0].n == 100_000  # YAML 1.1 would read 1e5 as a string
+    assert config.certifiers[0].n == 100_000  # YAML 1.1 would read 1e5 as a string
     with pytest.raises(ConfigError, match=r"storage: unknown key\(s\) \['access_key'\]"):
         load_config(demo, ["storage.access_key=x"])
     with pytest.raises(ConfigError, match=r"--set .*the value is not valid YAML"):

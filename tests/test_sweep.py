@@ -16,9 +16,9 @@ import ray
 import yaml
 
 from pipeline import cli
-from pipeline.config import ConfigError, SweepConfig, load_sweep
+from pipeline.config import ConfigError
 from pipeline.distributed.tune import run_sweep
-from pipeline.sweeps import SweepRecord, SweepRefused, plan_trials
+from pipeline.sweeps import SweepConfig, SweepRecord, SweepRefused, load_sweep, plan_trials
 from pipeline.train_demo import train_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,24 +24,25 @@ image below index max, e.g. `skip: 20` for every 20th CIFAR-10 test image) count
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from PIL import Image
+from pydantic import Field, model_validator
 
 from pipeline.data import cifar
 from pipeline.data.demo import load_demo
 from pipeline.data.hub import HubError, open_shards
 from pipeline.data.preprocess import MAX_PIXELS, Transform
+from pipeline.sections import Count, Section
 from pipeline.storage import DEFAULT_STORAGE, Location, Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -61,33 +62,56 @@ class DatasetError(ValueError):
     """A dataset that cannot be read as configured; the message names the file or key."""
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
+class DatasetSpec(Section):
     """A dataset entry of a config: where the images are (`layout`, `root` and the layout's files), which of
     them (`skip`, `max`, the papers' subsample; `split` of the demo digits, of CIFAR and of hub shards) and how
     they become model inputs (`transform`); `image_column` and `label_column` name the columns of
-    `hf_parquet` shards."""
+    `hf_parquet` shards. A spec that exists is valid: the rules below run when it is made."""
 
-    layout: str = "demo"
+    layout: Annotated[str, Field(json_schema_extra={"enum": list(LAYOUTS)})] = "demo"
     root: str | None = None
-    split: str = "test"
-    skip: int = 1
-    max: int | None = None
-    size: int | None = None  # the square centre crop; the demo digits' 32 by default, required otherwise
-    resize: int | None = None
-    channels: int = 3
+    split: Annotated[str, Field(min_length=1)] = "test"
+    skip: Count = Field(1, ge=1)
+    max: Count | None = Field(None, ge=1)
+    size: Count | None = None  # the square centre crop; the demo digits' 32 by default, required otherwise
+    resize: Count | None = None
+    channels: Count = Field(3, ge=1)
     mode: str | None = "RGB"
-    max_pixels: int = MAX_PIXELS  # larger images become error rows before they are decoded
+    max_pixels: Count = Field(MAX_PIXELS, ge=1)  # larger images become error rows before they are decoded
     ground_truth: str | None = None
     meta: str | None = None
     synsets: str | None = None
-    id: str = "name"
-    image_column: str | None = None
-    label_column: str | None = "label"
+    id: Literal["name", "relative_path"] = "name"
+    image_column: Annotated[str, Field(min_length=1)] | None = None
+    label_column: Annotated[str, Field(min_length=1)] | None = "label"
 
     @classmethod
     def keys(cls) -> set[str]:
-        return {field.name for field in dataclasses.fields(cls)}
+        return set(cls.model_fields)
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetSpec:
+        """The rules between keys; every message names its key."""
+        transform, layout = self.transform, self.layout
+        if layout not in LAYOUTS:
+            raise ValueError(f"{{where}}.layout: unknown layout {layout!r}; known: {list(LAYOUTS)}")
+        if layout != "demo" and not self.root:
+            raise ValueError(f"{{where}}.root: the {layout} layout needs a root path or s3:// URI")
+        if layout in cifar.LAYOUTS and self.split not in cifar.SPLITS:
+            raise ValueError(f"{{where}}.split: {layout} has the splits {list(cifar.SPLITS)}, got {self.split!r}")
+        if transform.size is None or transform.size < 1:
+            raise ValueError(f"{{where}}.size (the centre-crop side) must be an integer >= 1, got {transform.size!r}")
+        if transform.resize is not None and transform.resize < transform.size:
+            raise ValueError(f"{{where}}.resize must be an integer >= {{where}}.size, got {transform.resize!r}")
+        if self.mode is not None:
+            if self.mode not in Image.MODES:
+                raise ValueError(f"{{where}}.mode: unknown image mode {self.mode!r}; use one of PIL's, e.g. RGB or L "
+                                 f"(or null)")
+            bands = Image.getmodebands(self.mode)
+            if bands != transform.channels:
+                raise ValueError(f"{{where}}.mode {self.mode} has {bands} channel(s), but {{where}}.channels is "
+                                 f"{transform.channels}")
+        return self
 
     @property
     def transform(self) -> Transform:

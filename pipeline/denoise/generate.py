@@ -14,40 +14,19 @@ classifier's weights and every generation setting (`cache_key`).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from pipeline.denoise.config import GenerationSettings
 from pipeline.models.denoisers import classifier_digest
 from pipeline.storage import Location
 
 __all__ = ["GenerationSettings", "boundary_samples", "cache_key", "generate", "generate_cached",
            "interpolated_samples", "random_starts"]
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    eps: float = 8 / 255
-    step: float = 2 / 255
-    steps: int = 20
-    random_start: bool = True
-    mix: float = 0.8
-    interp_steps: int = 50
-    interp_lr: float = 1e-3
-    interp_tolerance: float = 1e-3
-    interp_mode: str = "paper"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.interp_mode not in ("paper", "reference"):
-            raise ValueError(f"generation.interp_mode must be 'paper' or 'reference', got {self.interp_mode!r}")
-        if not (self.eps >= 0 and self.step > 0 and self.steps >= 0 and 0 <= self.mix <= 1):
-            raise ValueError(f"generation: need eps >= 0, step > 0, steps >= 0 and mix in [0, 1], got {self}")
 
 
 def random_starts(shape, image_ids: list[str], seed: int) -> torch.Tensor:
@@ -129,7 +108,7 @@ def generate(model, images: torch.Tensor, labels: torch.Tensor, image_ids: list[
 def cache_key(model: torch.nn.Module, settings: GenerationSettings, image_ids: list[str]) -> str:
     """sha256 over the classifier's weights, every generation setting and the images' ids."""
     digest = hashlib.sha256(classifier_digest(model).encode())
-    digest.update(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
+    digest.update(json.dumps(settings.model_dump(), sort_keys=True).encode())
     digest.update("\n".join(image_ids).encode())
     return digest.hexdigest()[:24]
 
@@ -147,6 +126,6 @@ def generate_cached(model, images: torch.Tensor, labels: torch.Tensor, image_ids
     if cache is not None:
         buffer = io.BytesIO()
         torch.save({"boundary": boundary.cpu(), "interpolated": interpolated.cpu(), "image_ids": image_ids,
-                    "settings": dataclasses.asdict(settings)}, buffer)
+                    "settings": settings.model_dump()}, buffer)
         cache.write_bytes(name, buffer.getvalue())
     return boundary, interpolated

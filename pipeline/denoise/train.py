@@ -31,7 +31,6 @@ under `<output>/<run_name>/best`.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -45,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import DenoiserConfig
 from pipeline.denoise import losses
+from pipeline.denoise.config import DenoiserConfig
 from pipeline.denoise.data import few_sample_subset, load_training_images
 from pipeline.denoise.generate import generate_cached
 from pipeline.models import ModelSpec, WithFeatures, load_model
@@ -66,8 +65,9 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 def describe(config: DenoiserConfig, metrics: dict, subset: dict) -> dict:
     """What a checkpoint of this training is and how it was made (the artifact's description)."""
-    surrogate = config.surrogate and dataclasses.asdict(config.surrogate)
-    return {"architecture": {"name": "dncnn", **config.denoiser}, "classifier": dataclasses.asdict(config.classifier),
+    surrogate = config.surrogate and config.surrogate.model_dump()
+    return {"architecture": {"name": "dncnn", **config.to_dict()["denoiser"]},
+            "classifier": config.classifier.model_dump(),
             "objective": config.objective, "access": config.access, "sigma": config.sigma,
             "surrogate": surrogate, "subset": subset, "seed": config.seed, "metrics": metrics,
             "stage": metrics.get("stage"), "phase": metrics.get("phase"), "config": config.to_dict()}
@@ -115,9 +115,9 @@ def prepare_training(config: DenoiserConfig, device: str = "cpu") -> TrainingDat
         for parameter in model.parameters():
             parameter.requires_grad_(False)
     images, labels, ids = load_training_images(config.dataset, config.storage)
-    train_index, validation_index = few_sample_subset(labels.numpy(), **dataclasses.asdict(config.subset))
+    train_index, validation_index = few_sample_subset(labels.numpy(), **config.subset.model_dump())
     subset = {"train_ids": [ids[i] for i in train_index], "validation_ids": [ids[i] for i in validation_index],
-              **dataclasses.asdict(config.subset)}
+              **config.subset.model_dump()}
     return TrainingData(target, gradient_model, images[train_index].to(device), labels[train_index].to(device),
                         images[validation_index].to(device), labels[validation_index].to(device), subset)
 
@@ -229,7 +229,7 @@ class TrainingRun:
 def _denoiser(config: DenoiserConfig, image_channels: int, resume_from: Path | None) -> tuple[DnCNN, int]:
     """A freshly initialised DnCNN and 0, or, resuming, that DnCNN with the artifact's weights and the epoch
     the artifact records."""
-    network = DnCNN(image_channels=image_channels, **config.denoiser)
+    network = DnCNN(image_channels=image_channels, **config.to_dict()["denoiser"])
     if resume_from is None:
         return network, 0
     network.load_state_dict(torch.load(resume_from / "denoiser.pt", map_location="cpu", weights_only=True))

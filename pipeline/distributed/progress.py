@@ -64,7 +64,7 @@ class SweepProgress(tune.Callback):
 
     @classmethod
     def of(cls, sweep, record=None) -> SweepProgress:
-        """The callback for a `pipeline.config.SweepConfig`: its trial count (the trials of its
+        """The callback for a `pipeline.sweeps.SweepConfig`: its trial count (the trials of its
         `pipeline.sweeps.SweepRecord`, else of its plan), the trials the record already has finished, its
         metric and its searched keys."""
         if record is None or not record.trials:

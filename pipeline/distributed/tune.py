@@ -7,7 +7,7 @@ of it (`search`: {key: {grid | choice: [...]} or {uniform | loguniform: [low, hi
 of the held-out validation split with `certification` n0 / n / alpha), the scheduler (ASHA over epochs by
 default, or FIFO), the search algorithm (grid and random built in, Optuna when installed), resources per
 trial (fractional GPUs allowed) and where the sweep is written (`output`, local or s3://, with `storage`).
-The sweep config is `pipeline.config.SweepConfig`; this module only wires it to Ray Tune.
+The sweep config is `pipeline.sweeps.SweepConfig`; this module only wires it to Ray Tune.
 
 Every trial reports its metrics every epoch (ASHA stops weak trials, counting epochs) and trains resumably
 into the sweep's own record (`pipeline.sweeps`), so an interrupted sweep resumes exactly: finished trials
@@ -34,13 +34,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 import pipeline
 from pipeline import plots
 from pipeline.certifiers import Cohen
-from pipeline.config import ConfigError, DenoiserConfig, SweepConfig, validate
+from pipeline.config import ConfigError, DenoiserConfig, validate
 from pipeline.denoise.train import fit_resumable
 from pipeline.distributed import init_ray, is_verbose, set_verbose
 from pipeline.distributed.certify import run
 from pipeline.distributed.progress import SweepProgress
 from pipeline.models.denoisers import Denoised
-from pipeline.sweeps import SweepFailed, SweepRecord, sweep_metrics, trial_config, trial_table
+from pipeline.sweeps import SweepConfig, SweepFailed, SweepRecord, sweep_metrics, trial_config, trial_table
 
 CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 
@@ -79,7 +79,7 @@ def _trainable(config: dict, sweep: SweepConfig, plan: dict[str, dict], verbose:
     set_verbose(verbose)  # the trial's own process: Ray's INFO lines only with -v
     key = config["trial"] if "trial" in config else tune.get_context().get_trial_id()
     train = DenoiserConfig.from_dict({**trial_config(sweep, plan.get(key, config)), "workers": 0})
-    certification, radius, metric = sweep.certification, sweep.objective.get("radius", 0.0), sweep.metric
+    certification, radius, metric = sweep.certification.model_dump(), sweep.objective.radius or 0.0, sweep.metric
 
     def evaluate(denoiser, data) -> dict:
         denoiser.eval()
@@ -112,11 +112,10 @@ class _Recorder(tune.Callback):
 
 def _scheduler(sweep: SweepConfig, epochs: int):
     settings = sweep.scheduler
-    if settings["name"] == "fifo":
+    if settings.name == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="epoch", max_t=settings.get("max_t", epochs),
-                         grace_period=settings.get("grace_period", 1),
-                         reduction_factor=settings.get("reduction_factor", 2))
+    return ASHAScheduler(time_attr="epoch", max_t=settings.max_t or epochs, grace_period=settings.grace_period or 1,
+                         reduction_factor=settings.reduction_factor or 2)
 
 
 def _search_algorithm(sweep: SweepConfig):
@@ -160,7 +159,7 @@ def _run_trials(sweep: SweepConfig, record: SweepRecord, todo: list[str]) -> Non
     tune_storage = record.location.join("tune")
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trainable, sweep=sweep, plan=plan, verbose=is_verbose()),
-                            sweep.resources),
+                            sweep.resources.model_dump()),
         param_space=_space(sweep.search) if optuna else {"trial": tune.grid_search(todo)},
         tune_config=tune.TuneConfig(metric=sweep.metric, mode="max",
                                     scheduler=_scheduler(sweep, base.epochs + base.second_epochs),

@@ -10,12 +10,12 @@ DataParallel wrappers removed. `model: {weights: PATH}` alone builds the checkpo
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import dataclass
+from typing import Annotated
 
 import pyarrow.fs as pafs
 import torch
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from pipeline.models.architectures import (
@@ -29,6 +29,7 @@ from pipeline.models.architectures import (
 from pipeline.models.checkpoints import Checkpoint, build_to_load, fit_state, read_checkpoint, strip_wrappers
 from pipeline.models.demo import WEIGHTS, DemoCNN, Normalize, load_demo_model
 from pipeline.models.denoisers import Denoised, classifier_digest, load_denoiser
+from pipeline.sections import Count, Listed, Number, Section
 from pipeline.storage import DEFAULT_STORAGE, Storage
 
 log = logging.getLogger(__name__)
@@ -37,45 +38,69 @@ __all__ = ["DemoCNN", "ModelSpec", "Normalize", "WithFeatures", "load_any_denois
            "load_demo_model", "load_model", "load_state_dict", "model_names"]
 
 
-@dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(Section):
     """A model entry of a config: a registry `name` (`model_names()`; none with `weights`: the checkpoint's
     `arch`; neither: the demo CNN), `weights` (a path or URI; none: the demo's shipped weights, or a random
     network), the normalisation put in front (`mean`, `std`; default: the architecture's, CIFAR-10's or
     ImageNet's), `num_classes` (default: the architecture's), and a `denoiser` in front of the classifier (a
-    project artifact or a published denoiser checkpoint)."""
+    project artifact or a published denoiser checkpoint). A spec that exists is valid (its weights are read
+    when the model is loaded: without a name, their `arch` names the architecture)."""
 
     name: str | None = None
-    weights: str | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    num_classes: int | None = None
-    denoiser: str | None = None
+    weights: Annotated[str, Field(min_length=1)] | None = None
+    mean: Annotated[tuple[Number, ...], Listed] | None = None
+    std: Annotated[tuple[Number, ...], Listed] | None = None
+    num_classes: Count | None = Field(None, ge=1)
+    denoiser: Annotated[str, Field(min_length=1)] | None = None
 
-    def __post_init__(self) -> None:
-        for key in ("mean", "std"):
-            value = getattr(self, key)
-            if isinstance(value, list | tuple):
-                object.__setattr__(self, key, tuple(value))
-        if self.name is None and self.weights is None:
-            object.__setattr__(self, "name", "demo_cnn")
-        if self.name is not None:
-            self._fill_defaults()
-
-    def _fill_defaults(self) -> None:
-        """The architecture's normalisation and class count where the entry gives none (an unknown name is
-        left for the config check to report)."""
-        try:
-            arch = architecture(self.name)
-        except ValueError:
-            return
-        for key in ("mean", "std", "num_classes"):
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, getattr(arch, key))
+    def __init__(self, name: str | None = None, /, **values):
+        super().__init__(**({"name": name} if name is not None else {}), **values)
 
     @classmethod
     def keys(cls) -> set[str]:
-        return {field.name for field in dataclasses.fields(cls)}
+        return set(cls.model_fields)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data):
+        """The demo CNN without a name or weights; the architecture's normalisation and class count where the
+        entry gives none (an unknown name is left for `_check` to report)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("name") is None and data.get("weights") is None:
+            data["name"] = "demo_cnn"
+        if data.get("name") == "demo_cnn" and (data.get("mean") is not None or data.get("std") is not None):
+            raise ValueError("{where}: demo_cnn normalises inside itself; remove {where}.mean and {where}.std")
+        try:
+            arch = architecture(data["name"]) if isinstance(data.get("name"), str) else None
+        except ValueError:
+            arch = None
+        for key in ("mean", "std", "num_classes") if arch else ():
+            if data.get(key) is None:
+                data[key] = getattr(arch, key)
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str | None) -> str | None:
+        if name is not None and name not in model_names():
+            raise ValueError(f"{{where}}: unknown model {name!r}; use demo_cnn, a CIFAR architecture (cifar_resnet20, "
+                             f"cifar_resnet110, cifar_wrn28_10, cifar_wrn40_10) or a torchvision classifier name")
+        return name
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("{where}: give both mean and std, or neither")
+        if self.std is not None:
+            if not all(value > 0 for value in self.std):
+                raise ValueError(f"{{where}}.std must hold finite numbers > 0 (the input is divided by it), got "
+                                 f"{list(self.std)}")
+            if len(self.mean) != len(self.std):
+                raise ValueError(f"{{where}}: mean and std must have one value per channel, got {len(self.mean)} and "
+                                 f"{len(self.std)}")
+        return self
 
 
 class WithFeatures(nn.Module):

@@ -63,9 +63,9 @@ def run_suite(suite: NightlySuite, date: str) -> tuple[pd.DataFrame, dict]:
         results = read_results(location.join("results"))
         certified_tonight = location.read_json("manifest.json")["counts"]["certified"]
         count = config.actors.count * max(1, int(config.actors.gpus))
-        devices.append({"model": entry["label"], "devices": count, "device": "gpu" if config.actors.gpus else "cpu",
+        devices.append({"model": entry.label, "devices": count, "device": "gpu" if config.actors.gpus else "cpu",
                         "nodes": sorted(set(results["node"].to_pylist())), "certified_tonight": certified_tonight})
-        frames.append(regression.figures(entry["label"], results, suite.radii, seconds, count,
+        frames.append(regression.figures(entry.label, results, suite.radii, seconds, count,
                                          suite.price_per_device_hour, certified_tonight))
     return pd.concat(frames, ignore_index=True), {**environment(), "date": date, "devices": devices}
 
