@@ -67,7 +67,7 @@ def run_suite(suite: NightlySuite, date: str) -> tuple[pd.DataFrame, dict]:
     for entry in suite.models:
         config = suite.run_config(entry, night.join("runs").uri)
         started = time.perf_counter()
-        location = config.storage.open(run(config))
+        location = run(config).location
         seconds = time.perf_counter() - started
         results = read_results(location.join("results"))
         certified_tonight = location.read_json("manifest.json")["counts"]["certified"]

@@ -62,7 +62,7 @@ def certify_main(args: argparse.Namespace) -> int:
         _ray_verbosity(args.verbose)
         from pipeline.distributed.certify import run
 
-        uri = run(config)
+        summary = run(config)
     except (IncompleteRun, RunBusy, StorageOutage) as error:
         print(f"pipeline: {error}", file=sys.stderr)
         return 1
@@ -72,14 +72,10 @@ def certify_main(args: argparse.Namespace) -> int:
         print(f"pipeline: {'invalid configuration: ' if isinstance(error, ConfigError) else ''}{error}",
               file=sys.stderr)
         return 2
-
-    from pipeline import report
-    from pipeline.results import read_results
-
-    run = config.storage.open(uri)
-    print(report.brief(read_results(run.join("results")), config.report_radii, label=config.run_id))
-    print(f"report: {run.join('report', 'index.html').uri} (also summary.md, certified_accuracy.csv, PNGs)")
-    print(f"results: {run.join('results').uri}")
+    print(summary.brief)
+    print(f"report: {summary.location.join('report', 'index.html').uri} (also summary.md, certified_accuracy.csv, "
+          f"PNGs)")
+    print(f"results: {summary.location.join('results').uri}")
     return 0
 
 
