@@ -7,6 +7,7 @@ Examples:
   pipeline report runs/imagenet --compare ../shared/data/reference/cohen/imagenet_resnet50_sigma0.50.tsv
   pipeline compare runs/demo runs/demo-bf16
   pipeline train-denoiser --config jobs/configs/denoiser_demo.yaml --set objective=decrop
+  pipeline train-classifier --config jobs/configs/train_cifar10.yaml --set dataset.root=/data/cifar10
   pipeline sweep --config jobs/configs/sweep_demo.yaml
 """
 
@@ -122,23 +123,47 @@ def compare_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def train(config) -> str:
+    """Trains what `config` describes (a `DenoiserConfig` or a `ClassifierTraining`): in this process when its
+    `workers` is 0, without importing Ray, else on Ray Train (`pipeline.distributed.train`); returns the
+    URI of the artifact (the best denoiser, or the classifier's checkpoint)."""
+    from pipeline.config import DenoiserConfig
+
+    denoiser = isinstance(config, DenoiserConfig)
+    if config.workers == 0:
+        if denoiser:
+            from pipeline.denoise.train import fit_local
+        else:
+            from pipeline.train_classifier import fit_local
+        return fit_local(config)
+    from pipeline.distributed import train as on_ray
+
+    return on_ray.train_denoiser(config) if denoiser else on_ray.train_classifier(config)
+
+
+def _training_config(args: argparse.Namespace, kind: type):
+    """The training config of `--config`, `--set` and `--output`; ValueError when it is invalid."""
+    from pipeline.config import read_yaml
+
+    data = read_yaml(args.config, args.set)
+    if args.output:
+        data["output"] = args.output
+    return kind.from_dict(data)
+
+
 def train_denoiser_main(args: argparse.Namespace) -> int:
     """Runs `pipeline train-denoiser`: a YAML config, overrides, then training (Ray Train with workers >= 1)."""
     setup_logging(args.verbose)
-    from pipeline.config import DenoiserConfig, read_yaml
+    from pipeline.config import DenoiserConfig
 
     try:
-        data = read_yaml(args.config, args.set)
-        if args.output:
-            data["output"] = args.output
-        config = DenoiserConfig.from_dict(data)
+        config = _training_config(args, DenoiserConfig)
     except ValueError as error:
         print(f"pipeline: invalid denoiser configuration: {error}", file=sys.stderr)
         return 2
-    from pipeline.distributed.train import train_denoiser
-
-    _ray_verbosity(args.verbose)
-    uri = train_denoiser(config)
+    if config.workers:
+        _ray_verbosity(args.verbose)
+    uri = train(config)
     print(f"denoiser: {uri}\ncertify with it: --set model.denoiser={uri}")
     return 0
 
@@ -148,6 +173,32 @@ def add_train_denoiser_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="URI", help="directory or s3://bucket/prefix for runs and artifacts")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. objective=decrop or workers=2 (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debugging detail, with Ray's progress output and INFO logs")
+
+
+def train_classifier_main(args: argparse.Namespace) -> int:
+    """Runs `pipeline train-classifier`: a YAML config, overrides, then training (Ray Train with workers >= 1)."""
+    setup_logging(args.verbose)
+    from pipeline.train_classifier import ClassifierTraining
+
+    try:
+        config = _training_config(args, ClassifierTraining)
+    except ValueError as error:
+        print(f"pipeline: invalid classifier training configuration: {error}", file=sys.stderr)
+        return 2
+    if config.workers:
+        _ray_verbosity(args.verbose)
+    uri = train(config)
+    print(f"classifier: {uri}\ncertify with it: --set model.weights={uri}")
+    return 0
+
+
+def add_train_classifier_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help="YAML classifier training configuration")
+    parser.add_argument("--output", metavar="URI", help="directory or s3://bucket/prefix for the checkpoint")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. arch=cifar_resnet20 or epochs=1 (repeatable)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log debugging detail, with Ray's progress output and INFO logs")
 
@@ -231,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "of a certification config accepts.")
     add_train_denoiser_arguments(train)
     train.set_defaults(handler=train_denoiser_main)
+    classifier = commands.add_parser(
+        "train-classifier", help="train a base classifier with noise augmentation (Gaussian, SSN or DSSN noise)",
+        description="Train a base classifier with Gaussian or splitting noise, in this process or on Ray Train "
+                    "(workers >= 1). Writes OUTPUT/checkpoint.pth.tar in the published layout after every epoch "
+                    "(and training.json), which `model.weights` of a certification config accepts.")
+    add_train_classifier_arguments(classifier)
+    classifier.set_defaults(handler=train_classifier_main)
     sweep = commands.add_parser(
         "sweep", help="sweep sigma and training hyperparameters with Ray Tune (ASHA)",
         description="Run or resume a Ray Tune sweep over denoiser training settings. Writes trials.parquet, "
