@@ -141,66 +141,57 @@ def train(config) -> str:
     return on_ray.train_denoiser(config) if denoiser else on_ray.train_classifier(config)
 
 
-def _training_config(args: argparse.Namespace, kind: type):
-    """The training config of `--config`, `--set` and `--output`; ValueError when it is invalid."""
+def _train_main(args: argparse.Namespace, kind: type, artifact: str, what: str, flag: str) -> int:
+    """A training sub-command: a YAML config of `kind` (`what` in messages), `--set` overrides and
+    `--output`, then `train`; an invalid config exits with status 2 before any work. Prints the URI of the
+    `artifact` and the `--set` (of `flag`) that certifies with it."""
+    setup_logging(args.verbose)
     from pipeline.config import read_yaml
 
-    data = read_yaml(args.config, args.set)
-    if args.output:
-        data["output"] = args.output
-    return kind.from_dict(data)
+    try:
+        data = read_yaml(args.config, args.set)
+        if args.output:
+            data["output"] = args.output
+        config = kind.from_dict(data)
+    except ValueError as error:
+        print(f"pipeline: invalid {what} configuration: {error}", file=sys.stderr)
+        return 2
+    if config.workers:
+        _ray_verbosity(args.verbose)
+    uri = train(config)
+    print(f"{artifact}: {uri}\ncertify with it: --set {flag}={uri}")
+    return 0
 
 
 def train_denoiser_main(args: argparse.Namespace) -> int:
     """Runs `pipeline train-denoiser`: a YAML config, overrides, then training (Ray Train with workers >= 1)."""
-    setup_logging(args.verbose)
     from pipeline.config import DenoiserConfig
 
-    try:
-        config = _training_config(args, DenoiserConfig)
-    except ValueError as error:
-        print(f"pipeline: invalid denoiser configuration: {error}", file=sys.stderr)
-        return 2
-    if config.workers:
-        _ray_verbosity(args.verbose)
-    uri = train(config)
-    print(f"denoiser: {uri}\ncertify with it: --set model.denoiser={uri}")
-    return 0
-
-
-def add_train_denoiser_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, metavar="FILE", help="YAML denoiser training configuration")
-    parser.add_argument("--output", metavar="URI", help="directory or s3://bucket/prefix for runs and artifacts")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. objective=decrop or workers=2 (repeatable)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log debugging detail, with Ray's progress output and INFO logs")
+    return _train_main(args, DenoiserConfig, "denoiser", "denoiser", "model.denoiser")
 
 
 def train_classifier_main(args: argparse.Namespace) -> int:
     """Runs `pipeline train-classifier`: a YAML config, overrides, then training (Ray Train with workers >= 1)."""
-    setup_logging(args.verbose)
     from pipeline.train_classifier import ClassifierTraining
 
-    try:
-        config = _training_config(args, ClassifierTraining)
-    except ValueError as error:
-        print(f"pipeline: invalid classifier training configuration: {error}", file=sys.stderr)
-        return 2
-    if config.workers:
-        _ray_verbosity(args.verbose)
-    uri = train(config)
-    print(f"classifier: {uri}\ncertify with it: --set model.weights={uri}")
-    return 0
+    return _train_main(args, ClassifierTraining, "classifier", "classifier training", "model.weights")
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser, what: str, output: str, example: str) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help=f"YAML {what} training configuration")
+    parser.add_argument("--output", metavar="URI", help=f"directory or s3://bucket/prefix for {output}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config value, e.g. {example} (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debugging detail, with Ray's progress output and INFO logs")
+
+
+def add_train_denoiser_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_training_arguments(parser, "denoiser", "runs and artifacts", "objective=decrop or workers=2")
 
 
 def add_train_classifier_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, metavar="FILE", help="YAML classifier training configuration")
-    parser.add_argument("--output", metavar="URI", help="directory or s3://bucket/prefix for the checkpoint")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. arch=cifar_resnet20 or epochs=1 (repeatable)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log debugging detail, with Ray's progress output and INFO logs")
+    _add_training_arguments(parser, "classifier", "the checkpoint", "arch=cifar_resnet20 or epochs=1")
 
 
 def sweep_main(args: argparse.Namespace) -> int:
