@@ -2,13 +2,13 @@
 
     pending listing (driver) -> decode (Ray Data) -> CertifyActor pool (GPU, or CPU) -> Parquet files
 
-The driver prepares the run (`pipeline.run.prepare`) and streams the pending images through an actor
-pool. Each actor loads the model once, certifies a batch (`pipeline.run.certify_batch`) and writes its
-rows as one Parquet file under `<run>/results/`, named by the batch's image ids. A file appears whole or
-not at all, and every file holds all settings of its images, so a killed run, restarted, certifies each
-missing image once and never duplicates a row. The run's bookkeeping and failure policy are
-`pipeline.run.execute`'s; this module only moves the batches, and gives back the StorageOutage that Ray
-Data reports as a task error (`_typed_outage`).
+`run` hands `certify_pending` to `pipeline.run.execute`, which prepares the run and calls it to stream
+the pending images through an actor pool. Each actor loads the model once, certifies a batch
+(`pipeline.run.certify_batch`) and writes its rows as one Parquet file under `<run>/results/`, named by
+the batch's image ids. A file appears whole or not at all, and every file holds all settings of its
+images, so a killed run, restarted, certifies each missing image once and never duplicates a row. The
+run's bookkeeping and failure policy are `pipeline.run.execute`'s; this module only moves the batches,
+and gives back the StorageOutage that Ray Data reports as a task error (`_typed_outage`).
 """
 
 from __future__ import annotations
