@@ -21,7 +21,7 @@ from pipeline import report
 from pipeline.certifiers import Cohen
 from pipeline.config import DenoiserConfig
 from pipeline.data.demo import load_demo
-from pipeline.distributed.train import train_denoiser
+from pipeline.denoise.train import fit_local
 from pipeline.models import ModelSpec, load_model
 from pipeline.models.denoisers import load_denoiser
 from pipeline.train_demo import train_demo_model
@@ -51,7 +51,7 @@ def main() -> None:
             "DE-CROP, black-box": {"objective": "decrop", "access": "black_box",
                                    "surrogate": {"name": "demo_cnn", "weights": str(surrogate)}},
         }
-        denoisers = {name: train_denoiser(DenoiserConfig.from_dict({**base, **settings, "run_name": f"run{i}"}))
+        denoisers = {name: fit_local(DenoiserConfig.from_dict({**base, **settings, "run_name": f"run{i}"}))
                      for i, (name, settings) in enumerate(variants.items())}
 
         images, labels, ids = load_demo("test")

@@ -7,7 +7,7 @@ Examples:
   pipeline report runs/imagenet --compare ../shared/data/reference/cohen/imagenet_resnet50_sigma0.50.tsv
   pipeline compare runs/demo runs/demo-bf16
   pipeline train-denoiser --config jobs/configs/denoiser_demo.yaml --set objective=decrop
-  pipeline train-classifier --config jobs/configs/train_cifar10.yaml --set arch=cifar_resnet20
+  pipeline train-classifier --config jobs/configs/train_cifar10.yaml --set dataset.root=/data/cifar10
   pipeline sweep --config jobs/configs/sweep_demo.yaml
   pipeline nightly --config jobs/configs/nightly_demo.yaml --date 2026-11-20
   pipeline config-schema > run_config.schema.json
@@ -66,7 +66,7 @@ def certify_main(args: argparse.Namespace) -> int:
         _ray_verbosity(args.verbose)
         from pipeline.distributed.certify import run
 
-        uri = run(config)
+        summary = run(config)
     except (IncompleteRun, RunBusy, StorageOutage) as error:
         print(f"pipeline: {error}", file=sys.stderr)
         return 1
@@ -76,14 +76,10 @@ def certify_main(args: argparse.Namespace) -> int:
         print(f"pipeline: {'invalid configuration: ' if isinstance(error, ConfigError) else ''}{error}",
               file=sys.stderr)
         return 2
-
-    from pipeline import report
-    from pipeline.results import read_results
-
-    run = config.storage.open(uri)
-    print(report.brief(read_results(run.join("results")), config.report_radii, label=config.run_id))
-    print(f"report: {run.join('report', 'index.html').uri} (also summary.md, certified_accuracy.csv, PNGs)")
-    print(f"results: {run.join('results').uri}")
+    print(summary.brief)
+    print(f"report: {summary.location.join('report', 'index.html').uri} (also summary.md, certified_accuracy.csv, "
+          f"PNGs)")
+    print(f"results: {summary.location.join('results').uri}")
     return 0
 
 
@@ -130,68 +126,75 @@ def compare_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_denoiser_main(args: argparse.Namespace) -> int:
-    """Runs `pipeline train-denoiser`: a YAML config, overrides, then training (Ray Train with workers >= 1)."""
+def train(config) -> str:
+    """Trains what `config` describes (a `DenoiserConfig` or a `ClassifierTraining`): in this process when its
+    `workers` is 0, without importing Ray, else on Ray Train (`pipeline.distributed.train`); returns the
+    URI of the artifact (the best denoiser, or the classifier's checkpoint)."""
+    from pipeline.config import DenoiserConfig
+
+    denoiser = isinstance(config, DenoiserConfig)
+    if config.workers == 0:
+        if denoiser:
+            from pipeline.denoise.train import fit_local
+        else:
+            from pipeline.train_classifier import fit_local
+        return fit_local(config)
+    from pipeline.distributed import train as on_ray
+
+    return on_ray.train_denoiser(config) if denoiser else on_ray.train_classifier(config)
+
+
+def _train_main(args: argparse.Namespace, kind: type, artifact: str, what: str, flag: str) -> int:
+    """A training sub-command: a YAML config of `kind` (`what` in messages), `--set` overrides and
+    `--output`, then `train`; an invalid config exits with status 2 before any work. Prints the URI of the
+    `artifact` and the `--set` (of `flag`) that certifies with it."""
     setup_logging(args.verbose)
-    from pipeline.config import DenoiserConfig, read_yaml
+    from pipeline.config import read_yaml
 
     try:
         data = read_yaml(args.config, args.set)
         if args.output:
             data["output"] = args.output
-        config = DenoiserConfig.from_dict(data)
+        config = kind.from_dict(data)
     except ValueError as error:
-        print(f"pipeline: invalid denoiser configuration: {error}", file=sys.stderr)
+        print(f"pipeline: invalid {what} configuration: {error}", file=sys.stderr)
         return 2
-    from pipeline.distributed.train import train_denoiser
-
-    _ray_verbosity(args.verbose)
-    uri = train_denoiser(config)
-    print(f"denoiser: {uri}\ncertify with it: --set model.denoiser={uri}")
+    if config.workers:
+        _ray_verbosity(args.verbose)
+    uri = train(config)
+    print(f"{artifact}: {uri}\ncertify with it: --set {flag}={uri}")
     return 0
 
 
-def add_train_denoiser_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, metavar="FILE", help="YAML denoiser training configuration")
-    parser.add_argument("--output", metavar="URI", help="directory or s3://bucket/prefix for runs and artifacts")
+def train_denoiser_main(args: argparse.Namespace) -> int:
+    """Runs `pipeline train-denoiser`: a YAML config, overrides, then training (Ray Train with workers >= 1)."""
+    from pipeline.config import DenoiserConfig
+
+    return _train_main(args, DenoiserConfig, "denoiser", "denoiser", "model.denoiser")
+
+
+def train_classifier_main(args: argparse.Namespace) -> int:
+    """Runs `pipeline train-classifier`: a YAML config, overrides, then training (Ray Train with workers >= 1)."""
+    from pipeline.train_classifier import ClassifierTraining
+
+    return _train_main(args, ClassifierTraining, "classifier", "classifier training", "model.weights")
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser, what: str, output: str, example: str) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help=f"YAML {what} training configuration")
+    parser.add_argument("--output", metavar="URI", help=f"directory or s3://bucket/prefix for {output}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. objective=decrop or workers=2 (repeatable)")
+                        help=f"override a config value, e.g. {example} (repeatable)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log debugging detail, with Ray's progress output and INFO logs")
 
 
-def train_classifier_main(args: argparse.Namespace) -> int:
-    """Runs `pipeline train-classifier`: a YAML config, overrides, then training (in this process, or on Ray
-    Train with workers >= 1); an invalid configuration exits with status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from pipeline.config import read_yaml
-    from pipeline.train_classifier import ClassifierTraining
-
-    try:
-        data = read_yaml(args.config, args.set)
-        if args.output:
-            data["output"] = args.output
-        config = ClassifierTraining.from_dict(data)
-    except ValueError as error:
-        print(f"train_classifier: invalid configuration: {error}", file=sys.stderr)
-        return 2
-    if config.workers:
-        from pipeline.distributed.train_classifier import train_classifier
-
-        uri = train_classifier(config)
-    else:
-        from pipeline.train_classifier import fit_local
-
-        uri = fit_local(config)
-    print(f"classifier: {uri}\ncertify with it: --set model.weights={uri}")
-    return 0
+def add_train_denoiser_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_training_arguments(parser, "denoiser", "runs and artifacts", "objective=decrop or workers=2")
 
 
 def add_train_classifier_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, metavar="FILE", help="YAML classifier training configuration")
-    parser.add_argument("--output", metavar="URI", help="directory or s3://bucket/prefix for the checkpoint")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. arch=cifar_resnet20 or epochs=1 (repeatable)")
+    _add_training_arguments(parser, "classifier", "the checkpoint", "arch=cifar_resnet20 or epochs=1")
 
 
 def sweep_main(args: argparse.Namespace) -> int:
@@ -268,16 +271,6 @@ def add_nightly_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log debugging detail, with Ray's progress output and INFO logs")
 
 
-def _add_train_classifier_command(commands) -> None:
-    train = commands.add_parser(
-        "train-classifier", help="train a base classifier with Gaussian or splitting noise augmentation",
-        description="Train a base classifier with noise augmentation, in this process or on Ray Train (workers >= "
-                    "1), and write it in the published checkpoint layout (OUTPUT/checkpoint.pth.tar). Certify it "
-                    "with model.weights=<that file>; its arch and normalisation are read back.")
-    add_train_classifier_arguments(train)
-    train.set_defaults(handler=train_classifier_main)
-
-
 def _add_nightly_command(commands) -> None:
     nightly = commands.add_parser(
         "nightly", help="run the nightly benchmark suite and compare with the last night",
@@ -320,6 +313,23 @@ def _add_config_schema_command(commands) -> None:
     config_schema.set_defaults(handler=config_schema_main)
 
 
+def _add_training_commands(commands) -> None:
+    train = commands.add_parser(
+        "train-denoiser", help="train a denoiser for a frozen classifier (Salman et al. objectives, DE-CROP)",
+        description="Train a DnCNN denoiser in front of a frozen classifier on a few-sample subset, in this process "
+                    "or on Ray Train (workers >= 1). Prints the URI of the best artifact, which `model.denoiser` "
+                    "of a certification config accepts.")
+    add_train_denoiser_arguments(train)
+    train.set_defaults(handler=train_denoiser_main)
+    classifier = commands.add_parser(
+        "train-classifier", help="train a base classifier with noise augmentation (Gaussian, SSN or DSSN noise)",
+        description="Train a base classifier with Gaussian or splitting noise, in this process or on Ray Train "
+                    "(workers >= 1). Writes OUTPUT/checkpoint.pth.tar in the published layout after every epoch "
+                    "(and training.json), which `model.weights` of a certification config accepts.")
+    add_train_classifier_arguments(classifier)
+    classifier.set_defaults(handler=train_classifier_main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline", description="Certify the adversarial robustness of image classifiers.",
@@ -358,20 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: the AWS chain)")
     compare.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     compare.set_defaults(handler=compare_main)
-    train = commands.add_parser(
-        "train-denoiser", help="train a denoiser for a frozen classifier (Salman et al. objectives, DE-CROP)",
-        description="Train a DnCNN denoiser in front of a frozen classifier on a few-sample subset, in this process "
-                    "or on Ray Train (workers >= 1). Prints the URI of the best artifact, which `model.denoiser` "
-                    "of a certification config accepts.")
-    add_train_denoiser_arguments(train)
-    train.set_defaults(handler=train_denoiser_main)
+    _add_training_commands(commands)
     sweep = commands.add_parser(
         "sweep", help="sweep sigma and training hyperparameters with Ray Tune (ASHA)",
         description="Run or resume a Ray Tune sweep over denoiser training settings. Writes trials.parquet, "
                     "objective.png, best_train.yaml and best_certify.yaml under STORAGE/NAME/.")
     add_sweep_arguments(sweep)
     sweep.set_defaults(handler=sweep_main)
-    _add_train_classifier_command(commands)
     _add_nightly_command(commands)
     _add_config_schema_command(commands)
     return parser

@@ -7,17 +7,23 @@
 - `certify_batch` turns one decoded batch into its rows: certificates for the images that decoded, an
   error row per setting for each that did not. `batch_file` names the batch's Parquet file by its image
   ids, so a retried batch overwrites its own file and never duplicates a row.
-- `finish` checks that no (image, setting) has two rows, completes the manifest and writes the report.
+- `finish` checks that no (image, setting) has two rows, completes the manifest (with each actor's batch
+  size, read from the rows' params) and writes the report; it returns the run's `RunSummary`.
+- `execute(config, certify_pending)` is the whole run and its failure policy: a run that stops with an error
+  marks its manifest `failed` (with the reason) and releases its lease; a storage outage anywhere in the
+  error's chain becomes one `StorageOutage` line that says to rerun; an `IncompleteRun` (manifest
+  `incomplete`) passes through as it is.
 
-Whoever runs the batches (`pipeline.distributed.certify` over Ray Data) only moves them.
+Whoever runs the batches (`certify_pending`: `pipeline.distributed.certify` over Ray Data) only moves them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,12 +40,12 @@ from pipeline.engine import Engine
 from pipeline.lease import Lease, acquire
 from pipeline.models import load_model
 from pipeline.results import RowContext, environment, manifest_matches, read_results, result_row, to_table
-from pipeline.storage import Location, check_writable
+from pipeline.storage import Location, StorageOutage, check_writable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IncompleteRun", "Run", "batch_file", "certify_batch", "check_model", "done_image_ids", "fail", "finish",
-           "prepare"]
+__all__ = ["IncompleteRun", "Run", "RunSummary", "batch_file", "certify_batch", "check_model", "done_image_ids",
+           "execute", "fail", "finish", "outage_behind", "prepare"]
 
 
 @dataclass
@@ -63,6 +69,25 @@ class Run:
         """The run columns of its rows (the node is added where a batch is certified)."""
         return {"run_id": self.config.run_id, "model": self.config.model.name or self.config.model.weights,
                 "code_version": self.manifest["code_version"]}
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished run wrote, as `finish` saw it: where (`location`, `uri`), its status, the manifest's
+    counts (listed, already_done, certified, failed this attempt; rows, images, error_rows in all), the
+    report's Markdown summary, the terminal's brief and the result rows themselves."""
+
+    run_id: str
+    location: Location
+    status: str
+    counts: dict
+    summary: str
+    brief: str
+    results: pa.Table
+
+    @property
+    def uri(self) -> str:
+        return self.location.uri
 
 
 def prepare(config: RunConfig) -> Run:
@@ -179,6 +204,52 @@ def batch_file(image_ids: Sequence[str]) -> str:
     return f"part-{digest}.parquet"
 
 
+def execute(config: RunConfig, certify_pending: Callable[[Run], dict[str, int]]) -> RunSummary:
+    """The whole run: `prepare`, `certify_pending(run)` when images are pending (it writes their rows and
+    returns the counts `certified` and `failed` of this attempt), `finish`. Its failure policy is in the
+    module docstring: the manifest says `failed` or `incomplete`, the lease is released, and an outage is
+    raised as one line."""
+    run = prepare(config)
+    with run.lease.kept():  # renewed while the run works; a second run of the id refuses meanwhile
+        try:
+            counts = {"listed": run.listing.num_rows, "already_done": run.listing.num_rows - run.pending.num_rows,
+                      "certified": 0, "failed": 0}
+            if run.pending.num_rows:
+                counts.update(certify_pending(run))
+            return finish(run, counts)
+        except IncompleteRun:  # finish marked the manifest "incomplete" itself
+            raise
+        except Exception as error:  # an outage while certifying or finishing marks the manifest "failed"
+            outage = outage_behind(error)
+            fail(run, outage or error)
+            if outage is not None:  # one line, not the traceback of the task it happened in
+                raise StorageOutage(f"run {config.run_id} stopped: {outage}; rerun the same command to go on "
+                                    f"where it stopped") from None
+            raise
+
+
+def outage_behind(error: BaseException) -> StorageOutage | None:
+    """The StorageOutage in `error`'s chain (itself, its `__cause__` and `__context__`, and the `cause` a
+    task error of a distributed runner carries), if there is one. An exception that is a StorageOutage only
+    as a wrapper of one (it has a `cause`) stands for its cause, whose message is the outage's own."""
+    for link in _chain(error):
+        if isinstance(link, StorageOutage) and not isinstance(getattr(link, "cause", None), BaseException):
+            return link
+    return None
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen, todo = set(), [error]
+    while todo:
+        link = todo.pop(0)
+        if link is None or id(link) in seen:
+            continue
+        seen.add(id(link))
+        yield link
+        cause = getattr(link, "cause", None)
+        todo += [cause if isinstance(cause, BaseException) else None, link.__cause__, link.__context__]
+
+
 def fail(run: Run, error: BaseException) -> None:
     """Marks the manifest `failed` with the reason (retried as long as any write, should the storage be what
     failed) and releases the lease."""
@@ -194,8 +265,8 @@ class IncompleteRun(RuntimeError):
     """A run that ended without a row for every listed image and setting; a rerun certifies the missing ones."""
 
 
-def finish(run: Run, counts: dict[str, int]) -> str:
-    """The exactly-once and completeness checks, the finished manifest and the report; returns the report's
+def finish(run: Run, counts: dict[str, int]) -> RunSummary:
+    """The exactly-once and completeness checks, the finished manifest and the report; returns the run's
     summary. IncompleteRun (manifest status "incomplete") when listed images lack rows, as when a results
     file was lost during the run."""
     results = read_results(run.results)
@@ -203,6 +274,8 @@ def finish(run: Run, counts: dict[str, int]) -> str:
     unique = keys.group_by(["image_id", "setting"]).aggregate([]).num_rows
     if unique != results.num_rows:
         raise RuntimeError(f"{run.location.uri}: {results.num_rows - unique} duplicated result rows")
+    if run.pending.num_rows:
+        run.manifest["batch"] = batch_sizes(results, run.pending["image_id"])
     done = done_image_ids(results.select(["image_id", "setting"]), [c.setting for c in run.certifiers])
     missing = sorted(set(run.listing["image_id"].to_pylist()) - done)
     if missing:
@@ -222,4 +295,18 @@ def finish(run: Run, counts: dict[str, int]) -> str:
     run.lease.release()
     log.info("run %s finished: %d images, %d rows; results in %s", run.config.run_id,
              run.manifest["counts"]["images"], results.num_rows, run.results.uri)
-    return summary
+    return RunSummary(run.config.run_id, run.location, "finished", dict(run.manifest["counts"]), summary,
+                      report.brief(results, run.config.report_radii, label=run.config.run_id), results)
+
+
+def batch_sizes(results: pa.Table, image_ids: pa.ChunkedArray | pa.Array) -> list[dict]:
+    """How each worker that certified `image_ids` ran its forward passes, from those images' rows: its node
+    and the batch size in the rows' params (with how it was chosen, and the probe's figures when it was),
+    once per distinct record, sorted."""
+    rows = results.filter(pc.and_(pc.is_in(results["image_id"], image_ids), pc.equal(results["status"], "ok")))
+    records = set()
+    for node, params in zip(rows["node"].to_pylist(), rows["params"].to_pylist(), strict=True):
+        batch = json.loads(params).get("batch")
+        if batch is not None:
+            records.add(json.dumps({"node": node, **batch}, sort_keys=True))
+    return [json.loads(record) for record in sorted(records)]

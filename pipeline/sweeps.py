@@ -9,6 +9,10 @@ and the driver records each trial's end in sweep.json; every write is atomic. A 
 JSON files and artifacts whose digests match (weights with `weights_only=True`), never a pickle of the
 sweep runner's: a folder this project did not write for this very sweep is refused before anything in it
 is loaded, naming the file and what to do.
+
+The sweep's objective (`trial_objective`: a cheap Cohen certification of the held-out validation split) and
+its outputs (`write_outputs`: the trial table, the objective plot and the best trial's configs) are here too;
+`pipeline.distributed.tune` only runs the trials on Ray Tune.
 """
 
 from __future__ import annotations
@@ -17,32 +21,35 @@ import copy
 import hashlib
 import itertools
 import json
+import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import torch
 import yaml
 from pydantic import AfterValidator, BeforeValidator, Field, PlainValidator, model_validator
 
+from pipeline import plots
+from pipeline.certification import certify
+from pipeline.certifiers import Cohen
 from pipeline.certifiers.cohen import max_radius
-from pipeline.config import (
-    ConfigError,
-    DenoiserConfig,
-    NonNegative,
-    apply_overrides,
-    read_yaml,
-    set_dotted,
-)
-from pipeline.denoise.train import training_record
+from pipeline.config import ConfigError, DenoiserConfig, NonNegative, apply_overrides, read_yaml, set_dotted
+from pipeline.denoise.train import TrainingData, training_record
+from pipeline.models.denoisers import Denoised
 from pipeline.report import accuracy_at, acr
 from pipeline.sections import Count, Name, Number, Section
 from pipeline.storage import Storage
 
-__all__ = ["FORMAT", "SweepConfig", "SweepFailed", "SweepRecord", "SweepRefused", "load_sweep", "plan_trials",
-           "sweep_digest", "sweep_metrics", "trial_config", "trial_table"]
+log = logging.getLogger(__name__)
+
+__all__ = ["FORMAT", "SweepConfig", "SweepFailed", "SweepRecord", "SweepRefused", "best_certify_config", "load_sweep",
+           "plan_trials", "sweep_digest", "sweep_metrics", "trial_config", "trial_objective", "trial_table",
+           "write_outputs"]
 
 FORMAT = "pipeline-sweep/1"
 SWEEP_METRICS = ("certified_accuracy", "acr")
@@ -325,3 +332,62 @@ def trial_table(sweep: SweepConfig, record: SweepRecord, epochs: int) -> pd.Data
                      "status": trial["status"], "error": trial["error"],
                      "checkpoint": best.uri if best.join("artifact.json").exists() else None})
     return pd.DataFrame(rows)
+
+
+def trial_objective(sweep: SweepConfig, train: DenoiserConfig) -> Callable[[torch.nn.Module, TrainingData], dict]:
+    """A trial's metrics after an epoch: its denoiser in front of the frozen classifier, certified on the
+    validation split by Cohen at the trial's sigma with the sweep's `certification` (n0, n, alpha), in this
+    process; both objectives (`sweep_metrics`)."""
+    radius = sweep.objective.radius or 0.0
+
+    def evaluate(denoiser: torch.nn.Module, data: TrainingData) -> dict:
+        denoiser.eval()
+        cohen = Cohen(sigma=train.sigma, **sweep.certification.model_dump())
+        table = certify(Denoised(data.target, denoiser), data.x_val.cpu(), data.y_val.cpu(), [cohen], seed=train.seed,
+                        batch_size=1000)
+        return sweep_metrics(table, radius)
+
+    return evaluate
+
+
+def write_outputs(sweep: SweepConfig, record: SweepRecord) -> dict:
+    """Writes the sweep's outputs beside its record: `trials.parquet` (`trial_table`), `objective.png` (the
+    objective against each searched hyperparameter), then the best trial's (highest objective) training
+    config as `best_train.yaml` and the certification of its denoiser as `best_certify.yaml`; returns that
+    certification config. SweepFailed, after the table and the plot, when no trial finished an epoch."""
+    location, base = record.location, DenoiserConfig.from_dict(sweep.train)
+    table = trial_table(sweep, record, base.epochs + base.second_epochs)
+    location.write_parquet("trials.parquet", pa.Table.from_pandas(table, preserve_index=False))
+    location.write_bytes("objective.png", _plot(table, sweep.search, sweep.metric))
+    reported = table[table[sweep.metric].notna()]
+    if reported.empty:
+        raise SweepFailed(f"no trial of sweep {sweep.name} finished an epoch; see {location.uri}/trials.parquet")
+    best = reported.loc[reported[sweep.metric].idxmax()]
+    train = trial_config(sweep, record.trials[best["trial_id"]]["config"])
+    location.write_bytes("best_train.yaml", yaml.safe_dump(train, sort_keys=False).encode())
+    certify = best_certify_config(sweep, train, best["checkpoint"])
+    location.write_bytes("best_certify.yaml", yaml.safe_dump(certify, sort_keys=False).encode())
+    log.info("best trial: %s %s = %.4f with %s", best["trial_id"], sweep.metric, best[sweep.metric],
+             record.trials[best["trial_id"]]["config"])
+    return certify
+
+
+def best_certify_config(sweep: SweepConfig, train: dict, denoiser: str) -> dict:
+    """The run config certifying the best trial's `denoiser` before its classifier with Cohen at its sigma:
+    run id `<sweep>-best`, and what `final` sets (`output`, `dataset`, `certification`: Cohen's settings);
+    the run config's own defaults for the rest."""
+    final = sweep.final
+    return {"run_id": f"{sweep.name}-best",
+            **({"output": str(final["output"])} if "output" in final else {}),
+            **({"dataset": final["dataset"]} if "dataset" in final else {}),
+            "model": {**train["classifier"], "denoiser": denoiser},
+            "certifiers": [{"name": "cohen", "sigma": DenoiserConfig.from_dict(train).sigma,
+                            **final.get("certification", {})}],
+            **({"storage": train["storage"]} if train.get("storage") else {})}
+
+
+def _plot(table: pd.DataFrame, search: dict, metric: str) -> bytes:
+    values = {key: pd.to_numeric(table[f"config.{key}"], errors="coerce") for key in search}
+    log_scale = [key for key in search if search[key] and next(iter(search[key])) == "loguniform"]
+    return plots.to_png(plots.objective_figure(values, table[metric], table["stopped_early"], metric, log_scale),
+                        dpi=110)

@@ -210,7 +210,7 @@ def test_certifies_a_cifar_folder_over_ray_with_the_published_resnet20(ray_clust
     config = validate({"run_id": "cifar", "output": str(tmp_path), "images_per_batch": 4, "batch_size": 128,
                        "actors": {"count": 1, "cpus": 1}, "certifiers": certifiers, "model": {"weights": weights},
                        "dataset": {"layout": "cifar10", "root": str(root / "cifar-10-batches-bin"), "skip": 2}})
-    uri = run(config)
+    uri = run(config).uri
     rows = sorted(read_results(open_location(uri).join("results")).to_pylist(), key=lambda row: row["image_index"])
     assert [row["image_id"] for row in rows] == [f"cifar10/test/{i}" for i in range(0, TEST_IMAGES, 2)]
     assert [row["label"] for row in rows] == arrays["test"][1][::2]

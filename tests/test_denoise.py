@@ -169,7 +169,7 @@ def test_decrop_on_ray_train_writes_checkpoints_to_s3_that_certify(ray_cluster, 
     run_uri = run(validate({"run_id": "denoised", "output": str(tmp_path), "storage": storage, "images_per_batch": 4,
                             "dataset": {"layout": "demo", "max": 4}, "actors": {"count": 1, "cpus": 1},
                             "model": {"name": "demo_cnn", "denoiser": uri},
-                            "certifiers": [{"name": "cohen", "sigma": 0.25, "n0": 20, "n": 100}]}))
+                            "certifiers": [{"name": "cohen", "sigma": 0.25, "n0": 20, "n": 100}]})).uri
     table = read_results(open_location(run_uri).join("results"))
     assert table.num_rows == 4 and set(table["status"].to_pylist()) == {"ok"}
 

@@ -32,7 +32,7 @@ DATASET = {"layout": "demo", "max": 24}
 @pytest.fixture(scope="module")
 def uninterrupted(ray_cluster, tmp_path_factory):
     """The rows of an uninterrupted local run of DATASET, which every faulted run must equal."""
-    return rows(run(config(tmp_path_factory.mktemp("uninterrupted"), DATASET, certifiers=CERTIFIERS)))
+    return rows(run(config(tmp_path_factory.mktemp("uninterrupted"), DATASET, certifiers=CERTIFIERS)).uri)
 
 
 class Proxy:
@@ -115,7 +115,7 @@ def test_a_storage_outage_shorter_than_the_retry_time_is_ridden_out(outage, unin
     proxy, bucket, storage, client = outage
     cfg = config(f"s3://{bucket}/runs", DATASET, images_per_batch=2, certifiers=CERTIFIERS,
                  storage={**storage, "retry_seconds": 120})
-    thread, outcome = in_background(lambda: run(cfg))
+    thread, outcome = in_background(lambda: run(cfg).uri)
     wait_until(lambda: result_files(client, bucket) >= 2)
     proxy.stop()
     time.sleep(8)
@@ -155,7 +155,7 @@ def test_a_longer_outage_fails_in_one_line_marks_the_manifest_and_the_rerun_comp
     manifest = location.read_json("manifest.json")
     assert manifest["status"] == "failed" and "unreachable" in manifest["reason"]
 
-    uri = run(cfg)  # the rerun goes on where the run stopped
+    uri = run(cfg).uri  # the rerun goes on where the run stopped
     manifest = location.read_json("manifest.json")
     assert manifest["status"] == "finished" and manifest["attempts"] == 2 and manifest["counts"]["already_done"] > 0
     assert rows(uri, storage) == uninterrupted

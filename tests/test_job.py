@@ -95,7 +95,7 @@ def rows(uri, storage=None):
 def folder_rows(ray_cluster, imagenet, tmp_path_factory):
     """The rows of one run over the ImageNet folder layout, for the tests that compare other sources with it."""
     output = tmp_path_factory.mktemp("folder_run")
-    return rows(run(config(output, {"layout": "imagenet_folder", "root": str(imagenet / "folder")})))
+    return rows(run(config(output, {"layout": "imagenet_folder", "root": str(imagenet / "folder")})).uri)
 
 
 def test_every_layout_gives_the_same_rows(folder_rows, imagenet, tmp_path):
@@ -104,7 +104,7 @@ def test_every_layout_gives_the_same_rows(folder_rows, imagenet, tmp_path):
     assert len(folder_rows) == 18 and all(row["status"] == "ok" for row in folder_rows)
     assert [row["label"] for row in folder_rows[::2]] == [i % 3 for i in range(9)]
     assert {row["image_index"] for row in folder_rows} == set(range(9))
-    parquet = rows(run(config(tmp_path, {"layout": "parquet", "root": str(imagenet / "shards")}, run_id="parquet")))
+    parquet = rows(run(config(tmp_path, {"layout": "parquet", "root": str(imagenet / "shards")}, run_id="parquet")).uri)
     assert [{**row, "image_index": 0} for row in parquet] == [{**row, "image_index": 0} for row in folder_rows]
 
     def listed(dataset: dict) -> list[tuple]:
@@ -133,9 +133,9 @@ def test_results_in_object_storage_equal_the_local_run(ray_cluster, s3_endpoint,
     dataset = {"layout": "demo", "max": 6}
     certifiers = [{"name": "cohen", "sigma": 0.25, "n0": 20, "n": 100},
                   {"name": "cohen", "sigma": 0.25, "n0": 20, "n": 2000, "mode": "sequential", "radii": [0.25, 0.5]}]
-    local = run(config(tmp_path, dataset, certifiers=certifiers))
+    local = run(config(tmp_path, dataset, certifiers=certifiers)).uri
     storage = {"endpoint_url": s3_endpoint}
-    remote = run(config(f"s3://{bucket}/prefix", dataset, storage=storage, certifiers=certifiers))
+    remote = run(config(f"s3://{bucket}/prefix", dataset, storage=storage, certifiers=certifiers)).uri
     assert remote == f"s3://{bucket}/prefix/run"
     assert rows(remote, storage) == rows(local)
     sequential = [row for row in rows(local) if "sequential" in row["setting"]]
@@ -153,7 +153,7 @@ def test_reads_an_imagenet_folder_from_object_storage(folder_rows, s3_endpoint, 
         client.upload_file(str(path), bucket, f"val/{path.relative_to(imagenet / 'folder')}")
     storage = {"endpoint_url": s3_endpoint}
     remote = rows(run(config(tmp_path, {"layout": "imagenet_folder", "root": f"s3://{bucket}/val"}, run_id="remote",
-                             storage=storage)))
+                             storage=storage)).uri)
     assert len(remote) == 18 and remote == folder_rows
 
 
@@ -174,8 +174,8 @@ def test_bad_images_become_error_rows(ray_cluster, imagenet, tmp_path):
     (root / WNIDS[1] / "bomb.png").write_bytes(png_header(15000, 15000))  # above PIL's decompression-bomb limit
     (root / WNIDS[2] / "text.JPEG").write_bytes(b"not an image")
     (root / WNIDS[2]).joinpath(os.fsdecode(b"bad\xff\xfename.JPEG")).write_bytes(b"never listed")
-    uri = run(config(tmp_path, {"layout": "imagenet_folder", "root": str(root), "mode": None}))
-    table = rows(uri)
+    summary = run(config(tmp_path, {"layout": "imagenet_folder", "root": str(root), "mode": None}))
+    uri, table = summary.uri, rows(summary.uri)
     assert len(table) == 2 * 13  # the file whose name is not UTF-8 is skipped with a warning
     nodes = set(read_results(open_location(uri).join("results"))["node"].to_pylist())
     assert len(nodes) == 1 and re.fullmatch(r".+/[0-9a-f]{12}", nodes.pop())  # host name and Ray node id
@@ -186,6 +186,10 @@ def test_bad_images_become_error_rows(ray_cluster, imagenet, tmp_path):
     assert "too large to decode safely" in errors["bomb.png"]
     assert "cannot identify an image" in errors["text.JPEG"] and "0x" not in errors["text.JPEG"]
     assert sum(row["status"] == "ok" for row in table) == 18
+    assert summary.status == "finished" and summary.results.num_rows == len(table)  # what the run wrote, as read
+    assert summary.counts == open_location(uri).read_json("manifest.json")["counts"]
+    assert summary.counts["error_rows"] == 2 * 4 and summary.counts["failed"] == 4
+    assert "Certified accuracy" in summary.brief
 
 
 def test_invalid_config_fails_before_work(tmp_path):

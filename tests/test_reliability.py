@@ -25,6 +25,7 @@ from pipeline.data.sources import DatasetSpec, list_images
 from pipeline.engine import Engine
 from pipeline.models import ModelSpec, load_model
 from pipeline.models.denoisers import load_denoiser
+from pipeline.storage import StorageOutage
 from pipeline.sweeps import SweepConfig, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +167,54 @@ def test_a_lost_results_file_makes_the_run_incomplete_and_a_rerun_fills_it(tmp_p
     certify_pending(rerun)
     lifecycle.finish(rerun, {})
     assert json.loads((tmp_path / "lost" / "manifest.json").read_text())["status"] == "finished"
+
+
+def test_a_run_that_stops_marks_its_manifest_and_an_outage_in_its_chain_is_one_line(tmp_path):
+    """`pipeline.run.execute`'s failure policy below Ray: an outage found anywhere in the error's chain (a
+    cause, a context, the `cause` a task error carries) fails the run in one line and marks the manifest
+    failed; any other error passes through as it is, also marking it; the lease is released either way, so
+    a rerun of the id finishes the run and says how many images it certified."""
+    config = validate({"certifiers": [{"name": "cohen", "sigma": 0.25, "n0": 10, "n": 50}], "output": str(tmp_path),
+                       "dataset": {"layout": "demo", "max": 3}, "run_id": "stops"})
+
+    class TaskError(RuntimeError):  # what a distributed runner raises: the task's error as `cause`, text around it
+        def __init__(self, cause: BaseException):
+            super().__init__(f"task failed:\n{cause!r}\n  traceback ...")
+            self.cause = cause
+
+    def wrapped_outage(run: lifecycle.Run) -> dict:
+        try:
+            raise StorageOutage("s3://bucket unreachable for 3 s")
+        except StorageOutage as outage:
+            raise TaskError(outage) from None
+
+    def broken(run: lifecycle.Run) -> dict:
+        raise KeyError("not an outage")
+
+    manifest = tmp_path / "stops" / "manifest.json"
+    with pytest.raises(StorageOutage) as stopped:
+        lifecycle.execute(config, wrapped_outage)
+    assert str(stopped.value) == ("run stops stopped: s3://bucket unreachable for 3 s; rerun the same command to go "
+                                  "on where it stopped")
+    assert json.loads(manifest.read_text())["reason"] == "StorageOutage: s3://bucket unreachable for 3 s"
+    with pytest.raises(KeyError, match="not an outage"):
+        lifecycle.execute(config, broken)
+    assert json.loads(manifest.read_text())["status"] == "failed"
+    assert lifecycle.outage_behind(RuntimeError("in the text only: StorageOutage: x")) is None
+
+    def certify_pending(run: lifecycle.Run) -> dict:
+        engine = Engine(load_model(config.model), batch_size=256)
+        batch = decode_batch(run.pending.to_pydict(), config.dataset.transform)
+        run.results.write_parquet(lifecycle.batch_file(batch["image_id"]),
+                                  lifecycle.certify_batch(engine, run.certifiers, batch, 0, {**run.info, "node": "n"}))
+        return {"certified": run.pending.num_rows, "failed": 0}
+
+    summary = lifecycle.execute(config, certify_pending)
+    written = json.loads(manifest.read_text())
+    assert summary.status == written["status"] == "finished" and written["attempts"] == 3
+    assert summary.counts == written["counts"] and summary.counts["certified"] == 3 == summary.results.num_rows
+    assert written["batch"] == [{"node": "n", "size": 256, "chosen_by": "config"}]  # from the rows' params
+    assert summary.uri == str(tmp_path / "stops") and "Certified accuracy" in summary.brief
 
 
 def test_bad_configs_and_files_get_one_line_messages(tmp_path):

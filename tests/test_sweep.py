@@ -16,9 +16,9 @@ import ray
 import yaml
 
 from pipeline import cli
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, validate
 from pipeline.distributed.tune import run_sweep
-from pipeline.sweeps import SweepConfig, SweepRecord, SweepRefused, load_sweep, plan_trials
+from pipeline.sweeps import SweepConfig, SweepRecord, SweepRefused, best_certify_config, load_sweep, plan_trials
 from pipeline.train_demo import train_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,3 +221,20 @@ def test_sweep_progress_counts_trials_and_shows_the_best_so_far(caplog):
         callback.on_experiment_end(trials)
     assert restored._progress is None and restored._best == (0.25, {"lr": 1e-2})
     assert "sweep: 1/4 trials (25%)" in caplog.text and "running 1, best acr 0.25 (lr=0.01)" in caplog.text
+
+
+def test_the_best_certify_config_states_only_what_final_sets(tmp_path):
+    """best_certify.yaml names the best denoiser and Cohen at the trial's sigma; output and dataset come from
+    `final` when it sets them, else the run config's defaults."""
+    sweep = sweep_config(tmp_path, tmp_path / "clean.pt", final={})
+    train = {**sweep["train"], "sigma": 0.5}
+    bare = best_certify_config(SweepConfig.from_dict(sweep), train, "best/denoiser")
+    assert bare == {"run_id": "tiny-best", "model": {"name": "demo_cnn", "weights": str(tmp_path / "clean.pt"),
+                                                     "denoiser": "best/denoiser"},
+                    "certifiers": [{"name": "cohen", "sigma": 0.5}]}
+    config = validate(bare)
+    assert (config.output, config.dataset.layout, config.dataset.split) == ("runs", "demo", "test")
+    final = sweep_config(tmp_path, tmp_path / "clean.pt")["final"]
+    stated = best_certify_config(SweepConfig.from_dict(sweep_config(tmp_path, tmp_path / "clean.pt")), train, "d")
+    assert stated["output"] == final["output"] and stated["dataset"] == final["dataset"]
+    assert stated["certifiers"] == [{"name": "cohen", "sigma": 0.5, **final["certification"]}]

@@ -1,4 +1,4 @@
-"""The Ray layer: certification over Ray Data, denoiser training over Ray Train, sweeps over Ray Tune.
+"""The Ray layer: certification over Ray Data, denoiser and classifier training over Ray Train, sweeps over Ray Tune.
 It wires the library to Ray and adds no math and no run bookkeeping.
 
 Ray's own output is quiet by default: no Ray Data progress bars or progress dumps, no execution plans,

@@ -2,16 +2,17 @@
 
     pending listing (driver) -> decode (Ray Data) -> CertifyActor pool (GPU, or CPU) -> Parquet files
 
-The driver prepares the run (`pipeline.run.prepare`) and streams the pending images through an actor
-pool. Each actor loads the model once, certifies a batch (`pipeline.run.certify_batch`) and writes its
-rows as one Parquet file under `<run>/results/`, named by the batch's image ids. A file appears whole or
-not at all, and every file holds all settings of its images, so a killed run, restarted, certifies each
-missing image once and never duplicates a row. The driver then finishes the run (`pipeline.run.finish`).
+`run` hands `certify_pending` to `pipeline.run.execute`, which prepares the run and calls it to stream
+the pending images through an actor pool. Each actor loads the model once, certifies a batch
+(`pipeline.run.certify_batch`) and writes its rows as one Parquet file under `<run>/results/`, named by
+the batch's image ids. A file appears whole or not at all, and every file holds all settings of its
+images, so a killed run, restarted, certifies each missing image once and never duplicates a row. The
+run's bookkeeping and failure policy are `pipeline.run.execute`'s; this module only moves the batches,
+and gives back the StorageOutage that Ray Data reports as a task error (`_typed_outage`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -55,9 +56,7 @@ class CertifyActor:
         if ids:
             table = lifecycle.certify_batch(self.engine, self.certifiers, batch, self.seed, self.run_info)
             self.results.write_parquet(lifecycle.batch_file(ids), table)
-        batch_size = json.dumps({"node": self.run_info["node"], **self.engine.settings()["batch"]}, sort_keys=True)
-        return {"image_id": np.array(ids, dtype=object), "failed": np.array([bool(e) for e in batch["error"]]),
-                "batch_size": np.array([batch_size] * len(ids), dtype=object)}
+        return {"image_id": np.array(ids, dtype=object), "failed": np.array([bool(e) for e in batch["error"]])}
 
 
 def _device_and_gpus(config: RunConfig) -> tuple[str, float]:
@@ -88,13 +87,8 @@ def _decoded(run: lifecycle.Run) -> ray.data.Dataset:
 
 def certify_pending(run: lifecycle.Run) -> dict[str, int]:
     """Certifies the run's pending images over Ray, showing one progress display (`pipeline.progress`);
-    returns counts: listed, already done, certified now, failed now."""
-    todo = run.pending.num_rows
-    counts = {"listed": run.listing.num_rows, "already_done": run.listing.num_rows - todo, "certified": 0,
-              "failed": 0}
-    if todo == 0:
-        return counts
-    config = run.config
+    returns the counts of this attempt: certified, failed (images that could not be decoded)."""
+    counts, todo, config = {"certified": 0, "failed": 0}, run.pending.num_rows, run.config
     with Progress(todo, "images", "certified", logger=log) as progress:  # from before Ray starts: it takes a while
         init_ray()
         device, gpus = _device_and_gpus(config)
@@ -105,40 +99,32 @@ def certify_pending(run: lifecycle.Run) -> dict[str, int]:
                                                   "results": run.results, "run_info": run.info, "device": device})
         log.info("certifying %d images with %d settings on %d %s actor(s)", todo, len(run.certifiers),
                  config.actors.count, device)
-        batch_sizes = set()
-        for batch in certified.iter_batches(batch_size=None, batch_format="numpy"):
-            batch_sizes.update(batch["batch_size"])
-            failed = int(batch["failed"].sum())
-            counts["certified"] += len(batch["image_id"])
-            counts["failed"] += failed
-            progress.update(len(batch["image_id"]), failed)
-    run.manifest["batch"] = [json.loads(record) for record in sorted(batch_sizes)]  # per actor: size, how chosen
+        try:
+            for batch in certified.iter_batches(batch_size=None, batch_format="numpy"):
+                failed = int(batch["failed"].sum())
+                counts["certified"] += len(batch["image_id"])
+                counts["failed"] += failed
+                progress.update(len(batch["image_id"]), failed)
+        except ray.exceptions.RayTaskError as error:
+            outage = _typed_outage(error)
+            if outage is None:
+                raise
+            raise outage from error
     return counts
 
 
-def run(config: RunConfig) -> str:
-    """The whole certification run over Ray (`pipeline.run`: prepare, certify the pending images, finish);
-    returns the run's URI."""
-    prepared = lifecycle.prepare(config)
-    with prepared.lease.kept():  # renewed while the run works; a second run of the id refuses meanwhile
-        try:
-            lifecycle.finish(prepared, certify_pending(prepared))
-        except lifecycle.IncompleteRun:  # finish marked the manifest "incomplete" itself
-            raise
-        except Exception as error:  # an outage while certifying or finishing marks the manifest "failed"
-            outage = _outage(error)
-            lifecycle.fail(prepared, outage or error)
-            if outage is not None:  # one line, not the traceback of the Ray task it happened in
-                raise StorageOutage(f"run {config.run_id} stopped: {outage}; rerun the same command to go on "
-                                    f"where it stopped") from None
-            raise
-    return prepared.location.uri
+def _typed_outage(error: ray.exceptions.RayTaskError) -> StorageOutage | None:
+    """The StorageOutage a Ray task raised, or None when it raised another error. A task error carries what
+    the task raised as its `cause` (`lifecycle.outage_behind` walks it), but Ray Data wraps what a map
+    function raises in a `UserCodeException` whose `__cause__`, the original, does not survive the trip to
+    the driver (Ray 2.60 pickles exceptions without their chain). Then, as the last resort, the outage is
+    read from the task's traceback text, which Ray keeps."""
+    outage = lifecycle.outage_behind(error)
+    found = re.search(r"StorageOutage: (.+)", str(error)) if outage is None else None
+    return StorageOutage(found.group(1).strip()) if found else outage
 
 
-def _outage(error: BaseException) -> StorageOutage | None:
-    """The StorageOutage behind an error, also one raised in a Ray task (whose exception reaches the driver
-    as a wrapper carrying the task's traceback text), if one is."""
-    if isinstance(error, StorageOutage) and not hasattr(error, "cause"):
-        return error
-    found = re.search(r"StorageOutage: (.+)", str(error))
-    return StorageOutage(found.group(1).strip()) if found else None
+def run(config: RunConfig) -> lifecycle.RunSummary:
+    """The whole certification run (`pipeline.run.execute`) with its pending images certified over Ray;
+    returns the run's summary."""
+    return lifecycle.execute(config, certify_pending)

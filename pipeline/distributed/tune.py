@@ -12,35 +12,27 @@ The sweep config is `pipeline.sweeps.SweepConfig`; this module only wires it to 
 Every trial reports its metrics every epoch (ASHA stops weak trials, counting epochs) and trains resumably
 into the sweep's own record (`pipeline.sweeps`), so an interrupted sweep resumes exactly: finished trials
 are not run again, unfinished ones continue after their last finished epoch, and nothing Tune pickled is
-ever read back (each attempt is a fresh Tune experiment). At the end the sweep writes `trials.parquet`
-(config, metrics, status of every trial), `objective.png` (the objective against each searched
-hyperparameter), and the best configuration as `best_train.yaml` (for jobs/train_denoiser.py) and
-`best_certify.yaml` (for jobs/certify.py, with the best trial's denoiser).
+ever read back (each attempt is a fresh Tune experiment). At the end the sweep writes its outputs
+(`pipeline.sweeps.write_outputs`): `trials.parquet` (config, metrics, status of every trial),
+`objective.png`, and the best configuration as `best_train.yaml` (for jobs/train_denoiser.py) and
+`best_certify.yaml` (for jobs/certify.py, with the best trial's denoiser). The trials' objective is
+`pipeline.sweeps.trial_objective`.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-import yaml
 from ray import tune
 from ray.tune.execution import class_cache
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-import pipeline
-from pipeline import plots
-from pipeline.certifiers import Cohen
 from pipeline.config import ConfigError, DenoiserConfig, validate
 from pipeline.denoise.train import fit_resumable
 from pipeline.distributed import init_ray, is_verbose, set_verbose
 from pipeline.distributed.certify import run
 from pipeline.distributed.progress import SweepProgress
-from pipeline.models.denoisers import Denoised
-from pipeline.sweeps import SweepConfig, SweepFailed, SweepRecord, sweep_metrics, trial_config, trial_table
+from pipeline.sweeps import SweepConfig, SweepRecord, trial_config, trial_objective, write_outputs
 
 CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 
@@ -79,17 +71,9 @@ def _trainable(config: dict, sweep: SweepConfig, plan: dict[str, dict], verbose:
     set_verbose(verbose)  # the trial's own process: Ray's INFO lines only with -v
     key = config["trial"] if "trial" in config else tune.get_context().get_trial_id()
     train = DenoiserConfig.from_dict({**trial_config(sweep, plan.get(key, config)), "workers": 0})
-    certification, radius, metric = sweep.certification.model_dump(), sweep.objective.radius or 0.0, sweep.metric
-
-    def evaluate(denoiser, data) -> dict:
-        denoiser.eval()
-        table = pipeline.certify(Denoised(data.target, denoiser), data.x_val.cpu(), data.y_val.cpu(),
-                                 [Cohen(sigma=train.sigma, **certification)], seed=train.seed, batch_size=1000)
-        return sweep_metrics(table, radius)
-
-    fit_resumable(train, _location(sweep).join("trials", key), evaluate=evaluate,
+    fit_resumable(train, _location(sweep).join("trials", key), evaluate=trial_objective(sweep, train),
                   on_epoch=lambda metrics: tune.report({**metrics, "trial": key}),
-                  score=lambda metrics: (metrics[metric], metrics["val_accuracy"]), show=False)
+                  score=lambda metrics: (metrics[sweep.metric], metrics["val_accuracy"]), show=False)
 
 
 class _Recorder(tune.Callback):
@@ -144,7 +128,9 @@ def run_sweep(sweep: SweepConfig) -> str:
                  len(record.trials))
     if todo or not record.trials:
         _run_trials(sweep, record, todo)
-    _write_outputs(sweep, record, location)
+    certify = write_outputs(sweep, record)
+    if sweep.final_certify:
+        run(validate(certify))
     return location.uri
 
 
@@ -171,38 +157,3 @@ def _run_trials(sweep: SweepConfig, record: SweepRecord, todo: list[str]) -> Non
                                   verbose=2 if is_verbose() else 0,  # Tune's tables only with -v
                                   failure_config=tune.FailureConfig(max_failures=2)))
     tuner.fit()
-
-
-def _write_outputs(sweep: SweepConfig, record: SweepRecord, location) -> None:
-    base = DenoiserConfig.from_dict(sweep.train)
-    table = trial_table(sweep, record, base.epochs + base.second_epochs)
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), buffer)
-    location.write_bytes("trials.parquet", buffer.getvalue())
-    location.write_bytes("objective.png", _plot(table, sweep.search, sweep.metric))
-    reported = table[table[sweep.metric].notna()]
-    if reported.empty:
-        raise SweepFailed(f"no trial of sweep {sweep.name} finished an epoch; see {location.uri}/trials.parquet")
-    best = reported.loc[reported[sweep.metric].idxmax()]
-    train = trial_config(sweep, record.trials[best["trial_id"]]["config"])
-    location.write_bytes("best_train.yaml", yaml.safe_dump(train, sort_keys=False).encode())
-    best_config, final = DenoiserConfig.from_dict(train), sweep.final
-    certify = {  # Cohen's own defaults, unless `final.certification` sets them
-        "run_id": f"{sweep.name}-best", "output": str(final.get("output", "runs")),
-        "dataset": final.get("dataset", {"layout": "demo", "split": "test"}),
-        "model": {**train["classifier"], "denoiser": best["checkpoint"]},
-        "certifiers": [{"name": "cohen", "sigma": best_config.sigma, **final.get("certification", {})}],
-        **({"storage": train["storage"]} if train.get("storage") else {}),
-    }
-    location.write_bytes("best_certify.yaml", yaml.safe_dump(certify, sort_keys=False).encode())
-    log.info("best trial: %s %s = %.4f with %s", best["trial_id"], sweep.metric, best[sweep.metric],
-             record.trials[best["trial_id"]]["config"])
-    if sweep.final_certify:
-        run(validate(certify))
-
-
-def _plot(table: pd.DataFrame, search: dict, metric: str) -> bytes:
-    values = {key: pd.to_numeric(table[f"config.{key}"], errors="coerce") for key in search}
-    log_scale = [key for key in search if search[key] and next(iter(search[key])) == "loguniform"]
-    return plots.to_png(plots.objective_figure(values, table[metric], table["stopped_early"], metric, log_scale),
-                        dpi=110)

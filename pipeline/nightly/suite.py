@@ -29,7 +29,7 @@ from pipeline.config import NightlySuite
 from pipeline.distributed.certify import run
 from pipeline.labels import short_labels
 from pipeline.nightly import regression
-from pipeline.results import environment, read_results
+from pipeline.results import environment
 from pipeline.storage import Location
 
 log = logging.getLogger("nightly")
@@ -58,10 +58,9 @@ def run_suite(suite: NightlySuite, date: str) -> tuple[pd.DataFrame, dict]:
     for entry in suite.models:
         config = suite.run_config(entry, night.join("runs").uri)
         started = time.perf_counter()
-        location = config.storage.open(run(config))
+        summary = run(config)
         seconds = time.perf_counter() - started
-        results = read_results(location.join("results"))
-        certified_tonight = location.read_json("manifest.json")["counts"]["certified"]
+        results, certified_tonight = summary.results, summary.counts["certified"]
         count = config.actors.count * max(1, int(config.actors.gpus))
         devices.append({"model": entry.label, "devices": count, "device": "gpu" if config.actors.gpus else "cpu",
                         "nodes": sorted(set(results["node"].to_pylist())), "certified_tonight": certified_tonight})
