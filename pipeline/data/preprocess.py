@@ -4,7 +4,9 @@
 image, as the papers did). Pixels stay 8-bit, so every value lies on the 1/255 grid after scaling:
 16-bit images are scaled to 8 bits (v / 257, rounded), never clipped; other deep formats (32-bit integer or
 float pixels) are refused. An image above `max_pixels` is refused before it is decoded.
-A bad image never raises: it comes back as an error message with a zero array in its place.
+A bad image never raises: it comes back as an error message with a zero array in its place, whatever
+exception PIL's decoders raise on damaged bytes. Only the formats image datasets hold are opened
+(`FORMATS`), so bytes that merely look like an exotic format are not handed to its decoder.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pipeline.storage import StorageOutage, retrying
 NO_LABEL = -1  # the label of an image its dataset does not label, in decoded batches
 MAX_PIXELS = 50_000_000  # the default pixel cap: about 7 times ImageNet's largest image
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "PPM", "GIF", "TIFF")  # what Image.open may try; CIFAR travels as PPM
 
 __all__ = ["NO_LABEL", "ImageError", "Transform", "decode", "decode_batch"]
 
@@ -48,7 +51,16 @@ class Transform:
 
 
 def decode(data: bytes, transform: Transform) -> np.ndarray:
-    """uint8 array of `transform.shape`, or ImageError."""
+    """uint8 array of `transform.shape`, or ImageError (also for any other exception a decoder raises)."""
+    try:
+        return _decode(data, transform)
+    except ImageError:
+        raise
+    except Exception as error:  # PIL's plugins raise NotImplementedError, AttributeError, ... on damaged files
+        raise ImageError(f"cannot decode image: {type(error).__name__}: {error}") from error
+
+
+def _decode(data: bytes, transform: Transform) -> np.ndarray:
     from torchvision.transforms import v2  # here: a process that never decodes never pays for the import
 
     image = _open(data, transform.max_pixels)
@@ -73,7 +85,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageError("the file is empty")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as error:
         raise ImageError(f"image is too large to decode safely: {error}") from error
     except UnidentifiedImageError as error:

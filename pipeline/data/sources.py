@@ -195,15 +195,29 @@ def _list_files(location: Location) -> list[pafs.FileInfo]:
             infos = location.fs.get_file_info(pafs.FileSelector(location.path, recursive=True))
     except (FileNotFoundError, OSError) as error:
         raise DatasetError(f"cannot list dataset root {location.uri}: {error}") from error
-    return sorted((i for i in infos if i.type == pafs.FileType.File and i.base_name.lower().endswith(IMAGE_SUFFIXES)),
-                  key=lambda i: i.path)
+    images = sorted((i for i in infos if i.type == pafs.FileType.File and i.base_name.lower().endswith(IMAGE_SUFFIXES)),
+                    key=lambda i: i.path)
+    if not images:
+        raise DatasetError(f"no images under {location.uri} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return images
 
 
 def _local_files(root: str) -> list[pafs.FileInfo]:
+    """Every file below `root`, each listed once. Directory links are followed, but a directory already
+    walked (the same device and inode, e.g. a link back to a parent) is not entered again, so a link loop
+    ends the walk instead of listing images under made-up paths (and labels) without end."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"no such directory: {root}")
-    files, undecodable = [], []
-    for directory, _, names in os.walk(os.fsencode(root), followlinks=True):
+    files, undecodable, loops, seen = [], [], [], set()
+    for directory, subdirectories, names in os.walk(os.fsencode(root), followlinks=True):
+        status = os.stat(directory)
+        seen.add((status.st_dev, status.st_ino))
+        for name in list(subdirectories):
+            status = os.stat(os.path.join(directory, name))
+            if (status.st_dev, status.st_ino) in seen:
+                subdirectories.remove(name)
+                loops.append(os.path.join(directory, name))
+            seen.add((status.st_dev, status.st_ino))
         for name in names:
             try:
                 files.append(pafs.FileInfo(os.path.join(directory, name).decode("utf-8"), pafs.FileType.File))
@@ -211,6 +225,9 @@ def _local_files(root: str) -> list[pafs.FileInfo]:
                 undecodable.append(os.path.join(directory, name))
     if undecodable:
         log.warning("skipped %d file(s) whose names are not valid UTF-8, e.g. %r", len(undecodable), undecodable[0])
+    if loops:
+        log.warning("did not follow %d directory link(s) to folders already listed, e.g. %s", len(loops),
+                    os.fsdecode(loops[0]))
     return files
 
 
