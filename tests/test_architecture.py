@@ -1,6 +1,7 @@
 """ARCHITECTURE.md is true of the code: every module is in its layer list, imports point down the layers
-(function-level imports included), no module is in an import cycle, only the Ray layer imports Ray, and no
-function of the library is longer than 60 lines."""
+(function-level imports included), no module and no package is in an import cycle, only the Ray layer
+imports Ray, no function of the library is longer than 60 lines and no class longer than 250, and its
+certifier table names the registry's certifiers with the kinds and norms their classes declare."""
 
 import ast
 import re
@@ -8,6 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LONGEST_FUNCTION = 60
+LONGEST_CLASS = 250
 
 
 def layers() -> dict[str, int]:
@@ -66,13 +68,8 @@ def test_every_module_is_in_a_layer_and_imports_point_down():
     assert not upward, "imports pointing up the layers:\n" + "\n".join(upward)
 
 
-def test_no_import_cycle():
-    known = modules()
-    graph = {name: imports(path, known) - {name} for name, path in known.items()}
-    # a package's __init__ importing its own submodules is how packages work; the cycle check is between modules
-    for name in graph:
-        graph[name] = {other for other in graph[name] if not (known[name].name == "__init__.py"
-                                                              and other.startswith(name + "."))}
+def find_cycle(graph: dict[str, set[str]]) -> None:
+    """Raises AssertionError naming the first import cycle of `graph` (name -> names it imports)."""
     done, stack = set(), []
 
     def visit(name: str) -> None:
@@ -88,6 +85,31 @@ def test_no_import_cycle():
 
     for name in sorted(graph):
         visit(name)
+
+
+def test_no_import_cycle():
+    known = modules()
+    graph = {name: imports(path, known) - {name} for name, path in known.items()}
+    # a package's __init__ importing its own submodules is how packages work; the cycle check is between modules
+    for name in graph:
+        graph[name] = {other for other in graph[name] if not (known[name].name == "__init__.py"
+                                                              and other.startswith(name + "."))}
+    find_cycle(graph)
+
+
+def package(name: str) -> str:
+    """The unit a module belongs to at the package level: its subpackage of `pipeline`, or itself."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 or (ROOT / Path(*parts)).is_dir() else name
+
+
+def test_no_import_cycle_between_packages():
+    """Modules folded into their packages (certifiers, models, data, denoise, nightly, distributed): no loop,
+    such as a config module importing a package one of whose modules imports that config module."""
+    known, graph = modules(), {}
+    for name, path in known.items():
+        graph.setdefault(package(name), set()).update(package(other) for other in imports(path, known))
+    find_cycle({unit: targets - {unit} for unit, targets in graph.items()})
 
 
 def test_only_the_ray_layer_imports_ray():
@@ -109,3 +131,34 @@ def test_no_function_is_longer_than_sixty_lines():
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
             and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION]
     assert not long, "functions longer than 60 lines:\n" + "\n".join(long)
+
+
+def test_no_class_is_longer_than_250_lines():
+    long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in modules().values() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > LONGEST_CLASS]
+    assert not long, "classes longer than 250 lines:\n" + "\n".join(long)
+
+
+def certifier_table() -> dict[str, tuple[str, str]]:
+    """Certifier name -> (kind column, norm column), from the first table of ARCHITECTURE.md."""
+    rows = {}
+    for line in (ROOT / "ARCHITECTURE.md").read_text().split("## Layers", 1)[0].splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and re.fullmatch(r"`\w+`", cells[0]):
+            rows[cells[0].strip("`")] = (cells[1], cells[2])
+    return rows
+
+
+def test_the_certifier_table_names_what_the_classes_declare():
+    """Every registered certifier has a row, and every certifier of the demo config (one of each, and the
+    sequential mode) has a kind its row names and the norm its row gives."""
+    from pipeline.certifiers import REGISTRY
+    from pipeline.config import load_config
+
+    table = certifier_table()
+    assert sorted(table) == sorted(REGISTRY)
+    for certifier in load_config(ROOT / "jobs" / "configs" / "demo.yaml").certifiers:
+        kinds, norm = table[certifier.name]
+        assert certifier.kind in re.findall(r"\w+", kinds), (certifier.name, certifier.kind, kinds)
+        assert certifier.norm == norm, (certifier.name, certifier.norm, norm)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +54,9 @@ class Transform:
 def decode(data: bytes, transform: Transform) -> np.ndarray:
     """uint8 array of `transform.shape`, or ImageError (also for any other exception a decoder raises)."""
     try:
-        return _decode(data, transform)
+        with warnings.catch_warnings():  # damaged files make PIL warn as well as fail; the error row says why
+            warnings.simplefilter("ignore")
+            return _decode(data, transform)
     except ImageError:
         raise
     except Exception as error:  # PIL's plugins raise NotImplementedError, AttributeError, ... on damaged files
