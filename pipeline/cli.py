@@ -232,22 +232,46 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 NIGHTLY_EXIT_CODES = """Exit codes:
-  0  no regression (or no earlier night to compare with)
-  1  a regression: the printed REGRESSION lines and report.md say which figures moved (an uncaught error,
-     a bad suite config or a failed run, also exits 1, with a traceback and no REGRESSION line)
-  2  bad command-line arguments
+  0  no regression, every figure compared (or no earlier night to compare with)
+  1  a regression: the printed REGRESSION lines and report.md say which figures moved (also when other
+     figures were not compared); an uncaught error (a bug) also exits 1, with a traceback and no REGRESSION
+  2  an invalid suite (one line naming the key) or bad command-line arguments; nothing is run
   3  could not compare: the earlier night's figures.parquet is unreadable (named in the printed line and
-     in report.md); tonight's figures are still written"""
+     in report.md); tonight's figures are still written
+  4  not compared: the suite changed since the earlier night (a model's label, section or weights, a
+     certifier parameter, the dataset); the NOT COMPARED lines and report.md name what is on one night
+     only or what changed, and the figures that still match were compared without a regression
+  5  a model's run failed or could not start (one line naming it); no figures are written"""
 
 
 def nightly_main(args: argparse.Namespace) -> int:
-    """Runs `pipeline nightly`: the suite's night (`pipeline.nightly.suite.night`); returns its exit code."""
+    """Runs `pipeline nightly`: the suite's night (`pipeline.nightly.suite.night`); returns its exit code. An
+    invalid suite exits 2 and a failed run 5, each with one line, before any figure is written."""
     setup_logging(args.verbose, "nightly")
-    from pipeline.config import NightlySuite, read_yaml
-    from pipeline.nightly.suite import night
+    from pipeline.config import ConfigError, NightlySuite, read_yaml
 
+    try:
+        suite = NightlySuite.from_dict(read_yaml(args.config, args.set))
+    except ConfigError as error:
+        print(f"pipeline: invalid nightly suite: {error}", file=sys.stderr)
+        return 2
     _ray_verbosity(args.verbose)
-    return night(NightlySuite.from_dict(read_yaml(args.config, args.set)), args.date)
+    from pipeline.data.sources import DatasetError
+    from pipeline.lease import RunBusy
+    from pipeline.nightly.suite import EXIT_INVALID, EXIT_RUN_FAILED, night
+    from pipeline.run import IncompleteRun
+    from pipeline.storage import StorageError
+
+    try:
+        return night(suite, args.date)
+    except (IncompleteRun, RunBusy, StorageError) as error:
+        print(f"pipeline: nightly {args.date}: a run failed: {error}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    except (ConfigError, DatasetError, ValueError) as error:
+        if args.verbose:
+            raise
+        print(f"pipeline: nightly {args.date}: {error}", file=sys.stderr)
+        return EXIT_INVALID
 
 
 def night_date(text: str) -> str:
