@@ -177,8 +177,9 @@ def test_nightly_records_nights_reuses_a_rerun_date_and_names_a_changed_suite_an
             p.name for p in (nights / date).iterdir()}
 
     # an earlier night that certified every image at every radius: cohen with n=300 cannot reach 0.5 tonight
-    better = rerun.assign(successes=rerun["successes"].where(~rerun["figure"].str.startswith("certified_acc"),
-                                                             rerun["count"]))
+    accuracy = rerun["figure"].str.startswith("certified_accuracy@")
+    better = rerun.assign(successes=rerun["successes"].where(~accuracy, rerun["count"]),
+                          value=rerun["value"].where(~accuracy, 1.0))
     better.to_parquet(nights / "2026-11-20" / "figures.parquet")
     assert main([*settings, "--date", "2026-11-21"]) == 1
     printed = capsys.readouterr().out
