@@ -84,7 +84,9 @@ def certify_main(args: argparse.Namespace) -> int:
 
 
 def report_main(args: argparse.Namespace) -> int:
-    """Runs `pipeline report`: rewrites a run's report from its results, beside any `--compare` sources."""
+    """Runs `pipeline report`: rewrites a run's report from its results, beside any `--compare` sources. A
+    results file that is not result rows, a missing run or an unreadable source exits 2 with one line naming
+    it; the brief says when the run is not finished (its manifest's status)."""
     setup_logging(args.verbose)
     from pipeline import report
     from pipeline.compare import load_source
@@ -92,22 +94,39 @@ def report_main(args: argparse.Namespace) -> int:
     from pipeline.storage import Storage
 
     storage = Storage(endpoint_url=args.endpoint_url)
-    run = storage.open(args.run)
-    results = read_results(run.join("results"))
+    try:
+        run = storage.open(args.run)
+        results = read_results(run.join("results"))
+        compared = [load_source(spec, storage) for spec in args.compare]
+        manifest = read_manifest(run)
+    except (ValueError, OSError) as error:
+        print(f"pipeline: {error}", file=sys.stderr)
+        return 2
     if results.num_rows == 0:
         print(f"pipeline: no results under {run.uri}/results", file=sys.stderr)
         return 2
-    try:
-        compared = [load_source(spec, storage) for spec in args.compare]
-    except (ValueError, OSError) as error:
-        print(f"pipeline: --compare: {error}", file=sys.stderr)
-        return 2
-    manifest = run.read_json("manifest.json") if run.join("manifest.json").exists() else None
     label = (manifest or {}).get("run_id") or run.uri.rstrip("/").rsplit("/", 1)[-1]
     report.write_report(results, run.join("report"), args.radii, manifest, compared, label)
+    status = (manifest or {}).get("status")
+    if status not in (None, "finished"):
+        reason = f": {manifest['reason']}" if manifest.get("reason") else ""
+        print(f"NOT FINISHED: run {label} is {status}{reason}; the figures cover the {results.num_rows} rows "
+              f"written so far")
     print(report.brief(results, args.radii, compared, label))
     print(f"report: {run.join('report', 'index.html').uri}")
     return 0
+
+
+def read_manifest(run) -> dict | None:
+    """A run's manifest.json (None where there is none); ValueError naming the file when it is not JSON."""
+    import json
+
+    if not run.join("manifest.json").exists():
+        return None
+    try:
+        return run.read_json("manifest.json")
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{run.join('manifest.json').uri} is not valid JSON ({error})") from error
 
 
 def compare_main(args: argparse.Namespace) -> int:
