@@ -389,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="write the report of a run from its results, optionally beside other runs or logs",
         description="Read RUN/results/*.parquet and write RUN/report/: index.html (self-contained), summary.md, "
                     "certified_accuracy.csv, curves_<norm>.png and eps_out.png. --compare puts other runs or the "
-                    "authors' certify.py logs (idx label predict radius correct time) on the same axes and tables.")
+                    "authors' certify.py logs (idx label predict radius correct time) on the same axes and tables. "
+                    "The brief says NOT FINISHED for a run whose manifest is not finished. Exit 2 with one line "
+                    "for a source that cannot be read (a results file that is not result rows is named).")
     report.add_argument("run", metavar="RUN_URI", help="the run's directory or s3:// URI")
     report.add_argument("--compare", nargs="+", default=[], metavar="SOURCE",
                         help="other runs (directory or s3:// URI) or log files; a log takes its sigma from "
@@ -403,7 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="per-setting differences of certified accuracy between two runs (or a run and a log)",
         description="Print B - A per setting and radius, with confidence intervals (Newcombe's hybrid score "
                     "interval; Welch's t for ACR) and Fisher exact p-values, treating the two as independent "
-                    "samples of images. Settings pair by full setting, else by certifier, norm, mode and sigma.")
+                    "samples of images. Settings pair by full setting, else by certifier, norm, mode and sigma; "
+                    "those without a partner are listed, and a warning says when the two hold different images. "
+                    "Exit 2 with one line for a source that cannot be read (a results file that is not result "
+                    "rows is named).")
     compare.add_argument("a", metavar="A", help="a run (directory or s3:// URI) or a log file (LOG,sigma=S)")
     compare.add_argument("b", metavar="B", help="the same for the other side")
     compare.add_argument("--radii", type=float, nargs="+", metavar="R", help="radii to compare at")
