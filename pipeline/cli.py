@@ -289,7 +289,8 @@ def nightly_main(args: argparse.Namespace) -> int:
     except (ConfigError, DatasetError, ValueError) as error:
         if args.verbose:
             raise
-        print(f"pipeline: nightly {args.date}: {error}", file=sys.stderr)
+        hint = "; this date's night ran another suite: give another --date" if "already exists" in str(error) else ""
+        print(f"pipeline: nightly {args.date}: {error}{hint}", file=sys.stderr)
         return EXIT_INVALID
 
 
