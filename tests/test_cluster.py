@@ -170,7 +170,8 @@ def test_nightly_records_nights_reuses_a_rerun_date_and_names_a_changed_suite_an
     assert main([*settings, *broken, "--date", "2026-11-22"]) == 4
     printed = capsys.readouterr().out
     assert "NOT COMPARED: no figure of tonight matches the night 2026-11-21 (the suite changed)" in printed
-    assert "the entry of demo_cnn changed: weights " in printed and "REGRESSION" not in printed
+    assert "not compared: the entry of demo_cnn changed: model.weights: null -> " in printed
+    assert "(sha256 of the state dict)" in printed and "REGRESSION" not in printed
     assert "NOT COMPARED" in (nights / "2026-11-22" / "report.md").read_text()
     for date in ("2026-11-20", "2026-11-21", "2026-11-22"):
         assert {"figures.parquet", "environment.json", "report.md", "accuracy.png"} <= {
