@@ -84,7 +84,9 @@ def certify_main(args: argparse.Namespace) -> int:
 
 
 def report_main(args: argparse.Namespace) -> int:
-    """Runs `pipeline report`: rewrites a run's report from its results, beside any `--compare` sources."""
+    """Runs `pipeline report`: rewrites a run's report from its results, beside any `--compare` sources. A
+    results file that is not result rows, a missing run or an unreadable source exits 2 with one line naming
+    it; the brief says when the run is not finished (its manifest's status)."""
     setup_logging(args.verbose)
     from pipeline import report
     from pipeline.compare import load_source
@@ -92,22 +94,39 @@ def report_main(args: argparse.Namespace) -> int:
     from pipeline.storage import Storage
 
     storage = Storage(endpoint_url=args.endpoint_url)
-    run = storage.open(args.run)
-    results = read_results(run.join("results"))
+    try:
+        run = storage.open(args.run)
+        results = read_results(run.join("results"))
+        compared = [load_source(spec, storage) for spec in args.compare]
+        manifest = read_manifest(run)
+    except (ValueError, OSError) as error:
+        print(f"pipeline: {error}", file=sys.stderr)
+        return 2
     if results.num_rows == 0:
         print(f"pipeline: no results under {run.uri}/results", file=sys.stderr)
         return 2
-    try:
-        compared = [load_source(spec, storage) for spec in args.compare]
-    except (ValueError, OSError) as error:
-        print(f"pipeline: --compare: {error}", file=sys.stderr)
-        return 2
-    manifest = run.read_json("manifest.json") if run.join("manifest.json").exists() else None
     label = (manifest or {}).get("run_id") or run.uri.rstrip("/").rsplit("/", 1)[-1]
     report.write_report(results, run.join("report"), args.radii, manifest, compared, label)
+    status = (manifest or {}).get("status")
+    if status not in (None, "finished"):
+        reason = f": {manifest['reason']}" if manifest.get("reason") else ""
+        print(f"NOT FINISHED: run {label} is {status}{reason}; the figures cover the {results.num_rows} rows "
+              f"written so far")
     print(report.brief(results, args.radii, compared, label))
     print(f"report: {run.join('report', 'index.html').uri}")
     return 0
+
+
+def read_manifest(run) -> dict | None:
+    """A run's manifest.json (None where there is none); ValueError naming the file when it is not JSON."""
+    import json
+
+    if not run.join("manifest.json").exists():
+        return None
+    try:
+        return run.read_json("manifest.json")
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{run.join('manifest.json').uri} is not valid JSON ({error})") from error
 
 
 def compare_main(args: argparse.Namespace) -> int:
@@ -232,22 +251,47 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 NIGHTLY_EXIT_CODES = """Exit codes:
-  0  no regression (or no earlier night to compare with)
-  1  a regression: the printed REGRESSION lines and report.md say which figures moved (an uncaught error,
-     a bad suite config or a failed run, also exits 1, with a traceback and no REGRESSION line)
-  2  bad command-line arguments
+  0  no regression, every figure compared (or no earlier night to compare with)
+  1  a regression: the printed REGRESSION lines and report.md say which figures moved (also when other
+     figures were not compared); an uncaught error (a bug) also exits 1, with a traceback and no REGRESSION
+  2  an invalid suite (one line naming the key) or bad command-line arguments; nothing is run
   3  could not compare: the earlier night's figures.parquet is unreadable (named in the printed line and
-     in report.md); tonight's figures are still written"""
+     in report.md); tonight's figures are still written
+  4  not compared: the suite changed since the earlier night (a model's label, section or weights, a
+     certifier parameter, the dataset); the NOT COMPARED lines and report.md name what is on one night
+     only or what changed, and the figures that still match were compared without a regression
+  5  a model's run failed or could not start (one line naming it); no figures are written"""
 
 
 def nightly_main(args: argparse.Namespace) -> int:
-    """Runs `pipeline nightly`: the suite's night (`pipeline.nightly.suite.night`); returns its exit code."""
+    """Runs `pipeline nightly`: the suite's night (`pipeline.nightly.suite.night`); returns its exit code. An
+    invalid suite exits 2 and a failed run 5, each with one line, before any figure is written."""
     setup_logging(args.verbose, "nightly")
-    from pipeline.config import NightlySuite, read_yaml
-    from pipeline.nightly.suite import night
+    from pipeline.config import ConfigError, NightlySuite, read_yaml
 
+    try:
+        suite = NightlySuite.from_dict(read_yaml(args.config, args.set))
+    except ConfigError as error:
+        print(f"pipeline: invalid nightly suite: {error}", file=sys.stderr)
+        return 2
     _ray_verbosity(args.verbose)
-    return night(NightlySuite.from_dict(read_yaml(args.config, args.set)), args.date)
+    from pipeline.data.sources import DatasetError
+    from pipeline.lease import RunBusy
+    from pipeline.nightly.suite import EXIT_INVALID, EXIT_RUN_FAILED, night
+    from pipeline.run import IncompleteRun
+    from pipeline.storage import StorageError
+
+    try:
+        return night(suite, args.date)
+    except (IncompleteRun, RunBusy, StorageError) as error:
+        print(f"pipeline: nightly {args.date}: a run failed: {error}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    except (ConfigError, DatasetError, ValueError) as error:
+        if args.verbose:
+            raise
+        hint = "; this date's night ran another suite: give another --date" if "already exists" in str(error) else ""
+        print(f"pipeline: nightly {args.date}: {error}{hint}", file=sys.stderr)
+        return EXIT_INVALID
 
 
 def night_date(text: str) -> str:
@@ -346,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="write the report of a run from its results, optionally beside other runs or logs",
         description="Read RUN/results/*.parquet and write RUN/report/: index.html (self-contained), summary.md, "
                     "certified_accuracy.csv, curves_<norm>.png and eps_out.png. --compare puts other runs or the "
-                    "authors' certify.py logs (idx label predict radius correct time) on the same axes and tables.")
+                    "authors' certify.py logs (idx label predict radius correct time) on the same axes and tables. "
+                    "The brief says NOT FINISHED for a run whose manifest is not finished. Exit 2 with one line "
+                    "for a source that cannot be read (a results file that is not result rows is named).")
     report.add_argument("run", metavar="RUN_URI", help="the run's directory or s3:// URI")
     report.add_argument("--compare", nargs="+", default=[], metavar="SOURCE",
                         help="other runs (directory or s3:// URI) or log files; a log takes its sigma from "
@@ -360,7 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="per-setting differences of certified accuracy between two runs (or a run and a log)",
         description="Print B - A per setting and radius, with confidence intervals (Newcombe's hybrid score "
                     "interval; Welch's t for ACR) and Fisher exact p-values, treating the two as independent "
-                    "samples of images. Settings pair by full setting, else by certifier, norm, mode and sigma.")
+                    "samples of images. Settings pair by full setting, else by certifier, norm, mode and sigma; "
+                    "those without a partner are listed, and a warning says when the two hold different images. "
+                    "Exit 2 with one line for a source that cannot be read (a results file that is not result "
+                    "rows is named).")
     compare.add_argument("a", metavar="A", help="a run (directory or s3:// URI) or a log file (LOG,sigma=S)")
     compare.add_argument("b", metavar="B", help="the same for the other side")
     compare.add_argument("--radii", type=float, nargs="+", metavar="R", help="radii to compare at")

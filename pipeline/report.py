@@ -101,12 +101,13 @@ def certified_accuracy(table: pa.Table, radii: Sequence[float]) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Source:
-    """Rows to report, or to report beside them: a run's results, or a published log read as rows;
-    `origin` says where they came from."""
+    """Rows to report, or to report beside them: a run's results, or a published log read as rows (`log`:
+    its image ids are the dataset indices); `origin` says where they came from."""
 
     label: str
     table: pa.Table
     origin: str = ""
+    log: bool = False
 
 
 def combined_rows(sources: Sequence[Source]) -> pd.DataFrame:

@@ -19,7 +19,7 @@ from pipeline.certifiers import Certificate, Cohen
 from pipeline.certifiers.base import Cost
 from pipeline.data.sources import DatasetSpec
 from pipeline.models import ModelSpec
-from pipeline.storage import Location
+from pipeline.storage import Location, StorageOutage
 
 _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("image_index", pa.int64(), False,
@@ -111,8 +111,8 @@ SCHEMA = pa.schema(
      for name, dtype, nullable, text in _COLUMNS]
 )
 
-__all__ = ["SCHEMA", "RowContext", "code_version", "describe", "environment", "manifest_matches", "read_certify_log",
-           "read_results", "result_row", "to_table"]
+__all__ = ["REQUIRED", "SCHEMA", "ResultsUnreadable", "RowContext", "check_result_file", "code_version", "describe",
+           "environment", "manifest_matches", "read_certify_log", "read_results", "result_row", "to_table"]
 
 
 def describe() -> dict[str, str]:
@@ -172,13 +172,64 @@ def result_row(certifier, certificate, image_index: int, image_id: str, label: i
     }
 
 
+class ResultsUnreadable(ValueError):
+    """A file under a run's `results/` that cannot be read as result rows: unreadable (a truncated or foreign
+    file), lacking a column every row has, or holding a column of another type. The message names the file."""
+
+
+REQUIRED = tuple(field.name for field in SCHEMA if not field.nullable)  # columns every result row has
+
+
 def read_results(location: Location, columns: list[str] | None = None) -> pa.Table:
-    """Every result row under a run's `results/` directory (an empty table when there is none)."""
+    """Every result row under a run's `results/` directory (an empty table when there is none). ResultsUnreadable
+    names the first file that is not result rows (see `check_result_file`); a file written before a nullable
+    column existed reads that column as null."""
     files = location.list_files(".parquet")
     if not files:
         return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
-    return location.retrying(lambda: pads.dataset(files, filesystem=location.fs, format="parquet", schema=SCHEMA)
-                             .to_table(columns=columns), "reading the results in")
+    try:
+        table = location.retrying(lambda: pads.dataset(files, filesystem=location.fs, format="parquet",
+                                                       schema=SCHEMA).to_table(columns=columns),
+                                  "reading the results in")
+    except StorageOutage:
+        raise
+    except (pa.ArrowException, OSError) as error:
+        _name_the_file(location, files)
+        raise ResultsUnreadable(f"cannot read the results in {location.uri}: {_first_line(error)}") from error
+    if any(table[name].null_count for name in REQUIRED if name in table.column_names):
+        _name_the_file(location, files)
+    return table
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _name_the_file(location: Location, files: list[str]) -> None:
+    """Raises ResultsUnreadable for the first of `files` that is not result rows (only called once reading
+    them all failed, so it may read each)."""
+    for path in files:
+        problem = check_result_file(location.fs, path)
+        if problem:
+            uri = location.join(path.rsplit("/", 1)[-1]).uri
+            raise ResultsUnreadable(f"{uri} is not a file of result rows ({problem}); move it out of "
+                                    f"{location.uri} or delete it")
+
+
+def check_result_file(fs, path: str) -> str | None:
+    """Why the Parquet file at `path` on `fs` is not result rows (unreadable, a required column missing or
+    null, a column of another type), or None when it reads as result rows."""
+    try:
+        table = pads.dataset([path], filesystem=fs, format="parquet", schema=SCHEMA).to_table()
+        names = set(pads.dataset([path], filesystem=fs, format="parquet").schema.names)
+    except (pa.ArrowException, OSError) as error:
+        return f"cannot be read as result rows: {_first_line(error)}"
+    missing = [name for name in REQUIRED if name not in names]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        return f"it lacks the result column(s) {shown}"
+    nulls = [name for name in REQUIRED if table[name].null_count]
+    return f"null values in the column(s) {', '.join(nulls)}" if nulls else None
 
 
 def read_certify_log(path: str | Path, sigma: float, alpha: float = 0.001, n: int = 100_000,

@@ -135,11 +135,13 @@ def test_no_false_alarm_on_sampling_noise_and_a_real_drop_is_caught():
     assert not nightly.compare(synthetic_night(rng, 0.9), synthetic_night(rng, 0.8))["regression"].any()
 
 
-def test_nightly_records_nights_reuses_a_rerun_date_and_names_a_damaged_night(ray_cluster, tmp_path, capsys):
+def test_nightly_records_nights_reuses_a_rerun_date_and_names_a_changed_suite_and_a_damaged_night(
+        ray_cluster, tmp_path, capsys):
     """Nights are recorded and compared with the last one. Rerunning a date reuses its runs: no throughput is
-    measured (not 40x faster) and the next date raises no throughput alarm against it. A planted regression
-    (a broken classifier head) fails the night. An unreadable earlier figures.parquet still gives tonight's
-    report, naming that night, and exit 3."""
+    measured (not 40x faster) and the next date raises no throughput alarm against it. Other weights under the
+    same label (row 88) are not compared: exit 4, naming the change. A regression against an earlier night
+    fails the night (exit 1). An unreadable earlier figures.parquet still gives tonight's report, naming that
+    night, and exit 3."""
     def main(argv: list[str]) -> int:
         return cli.main(["nightly", *argv])
 
@@ -163,13 +165,26 @@ def test_nightly_records_nights_reuses_a_rerun_date_and_names_a_damaged_night(ra
     assert "not compared: the earlier night certified no images" in (nights / "2026-11-21" / "report.md").read_text()
     figures = pd.read_parquet(nights / "2026-11-21" / "figures.parquet")
     assert {"images_per_s", "device_seconds_per_image", "cost_per_image", "acr"} <= set(figures["figure"])
+    assert figures["model_sha256"].nunique() == 1 and figures["model_sha256"].notna().all()
 
-    assert main([*settings, *broken, "--date", "2026-11-22"]) == 1
+    assert main([*settings, *broken, "--date", "2026-11-22"]) == 4
     printed = capsys.readouterr().out
-    assert "REGRESSION demo_cnn cohen(sigma=0.25" in printed and "certified_accuracy@0" in printed
+    assert "NOT COMPARED: no figure of tonight matches the night 2026-11-21 (the suite changed)" in printed
+    assert "not compared: the entry of demo_cnn changed: model.weights: null -> " in printed
+    assert "(sha256 of the state dict)" in printed and "REGRESSION" not in printed
+    assert "NOT COMPARED" in (nights / "2026-11-22" / "report.md").read_text()
     for date in ("2026-11-20", "2026-11-21", "2026-11-22"):
         assert {"figures.parquet", "environment.json", "report.md", "accuracy.png"} <= {
             p.name for p in (nights / date).iterdir()}
+
+    # an earlier night that certified every image at every radius: cohen with n=300 cannot reach 0.5 tonight
+    accuracy = rerun["figure"].str.startswith("certified_accuracy@")
+    better = rerun.assign(successes=rerun["successes"].where(~accuracy, rerun["count"]),
+                          value=rerun["value"].where(~accuracy, 1.0))
+    better.to_parquet(nights / "2026-11-20" / "figures.parquet")
+    assert main([*settings, "--date", "2026-11-21"]) == 1
+    printed = capsys.readouterr().out
+    assert "REGRESSION demo_cnn cohen(sigma=0.25" in printed and "certified_accuracy@0.5" in printed
 
     (nights / "2026-11-21" / "figures.parquet").write_bytes(b"not a parquet file")
     (nights / "2026-11-22" / "report.md").unlink()

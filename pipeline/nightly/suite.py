@@ -9,8 +9,14 @@ Rerunning a date reuses the runs that night already certified; throughput is mea
 certified by tonight's attempt, so a rerun that certified nothing records no throughput (NaN, noted in
 report.md) and is never compared on it, neither tonight nor by the next night.
 
-Exit codes (`pipeline.cli.NIGHTLY_EXIT_CODES`): 0 no regression (or no earlier night), 1 a regression (or an
-uncaught error), 2 bad command-line arguments, 3 could not compare with a damaged earlier night.
+The figures record what identifies each model's entry (`regression.IDENTITY`, from `entry_identity`), so a
+suite that changed (a model's label, section or weights, a certifier parameter, the dataset) is reported as
+such: its figures are listed as not compared, never passed as "no regression".
+
+Exit codes (`pipeline.cli.NIGHTLY_EXIT_CODES`): 0 no regression (or no earlier night), 1 a regression among
+the figures compared (whatever else changed), 2 an invalid suite or bad arguments, 3 could not compare with a
+damaged earlier night, 4 no regression among the figures compared, but some were not compared because the
+suite changed, 5 a model's run failed or could not start.
 """
 
 from __future__ import annotations
@@ -25,19 +31,23 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline import plots
-from pipeline.config import NightlySuite
+from pipeline.config import NightlySuite, RunConfig
 from pipeline.distributed.certify import run
 from pipeline.labels import short_labels
+from pipeline.models import load_model
+from pipeline.models.denoisers import classifier_digest
 from pipeline.nightly import regression
 from pipeline.results import environment
 from pipeline.storage import Location
 
 log = logging.getLogger("nightly")
 
-EXIT_OK, EXIT_REGRESSION, EXIT_NOT_COMPARED = 0, 1, 3
+EXIT_OK, EXIT_REGRESSION, EXIT_INVALID, EXIT_NOT_COMPARED, EXIT_SUITE_CHANGED, EXIT_RUN_FAILED = 0, 1, 2, 3, 4, 5
+RESULT_SETTINGS = ("dataset", "seed", "precision", "channels_last", "compile")  # a run's settings beside the model
 FIGURE_COLUMNS = {"model", "setting", "figure", "value", "successes", "count", "kind", "worse_when"}
 
-__all__ = ["EXIT_NOT_COMPARED", "EXIT_OK", "EXIT_REGRESSION", "DamagedNight", "night", "plot",
+__all__ = ["EXIT_INVALID", "EXIT_NOT_COMPARED", "EXIT_OK", "EXIT_REGRESSION", "EXIT_RUN_FAILED",
+           "EXIT_SUITE_CHANGED", "DamagedNight", "comparison_section", "entry_identity", "night", "plot",
            "previous_night", "read_figures", "run_suite"]
 
 
@@ -49,10 +59,20 @@ class DamagedNight(Exception):
         self.night = night
 
 
+def entry_identity(config: RunConfig) -> dict[str, str]:
+    """What identifies a model's entry (`regression.IDENTITY`): its model section and the run settings that
+    change results (`RESULT_SETTINGS`) as sorted JSON, and the sha256 of the loaded model's state dict (the
+    classifier, with its denoiser), so other weights under the same path or label are told apart."""
+    data = config.to_dict()
+    return {"model_spec": json.dumps(data["model"], sort_keys=True),
+            "model_sha256": classifier_digest(load_model(config.model, config.storage)),
+            "run_spec": json.dumps({key: data.get(key) for key in RESULT_SETTINGS}, sort_keys=True)}
+
+
 def run_suite(suite: NightlySuite, date: str) -> tuple[pd.DataFrame, dict]:
     """Every model's run of the night (reusing what an earlier attempt of the same date certified) and its
-    figures, with the environment; throughput from the images this attempt certified (the run manifest's
-    counts["certified"]) over the seconds it took."""
+    figures, with the environment and each entry's identity; throughput from the images this attempt
+    certified (the run manifest's counts["certified"]) over the seconds it took."""
     night = suite.storage.open(suite.output).join("nightly", date)
     frames, devices = [], []
     for entry in suite.models:
@@ -64,8 +84,10 @@ def run_suite(suite: NightlySuite, date: str) -> tuple[pd.DataFrame, dict]:
         count = config.actors.count * max(1, int(config.actors.gpus))
         devices.append({"model": entry.label, "devices": count, "device": "gpu" if config.actors.gpus else "cpu",
                         "nodes": sorted(set(results["node"].to_pylist())), "certified_tonight": certified_tonight})
+        identity = entry_identity(config)
+        devices[-1]["entry"] = identity
         frames.append(regression.figures(entry.label, results, suite.radii, seconds, count,
-                                         suite.price_per_device_hour, certified_tonight))
+                                         suite.price_per_device_hour, certified_tonight, identity))
     return pd.concat(frames, ignore_index=True), {**environment(), "date": date, "devices": devices}
 
 
@@ -121,10 +143,16 @@ def plot(figures: pd.DataFrame) -> bytes:
 
 
 def figures_section(date: str, env: dict, figures: pd.DataFrame) -> list[str]:
-    """The report's head: the night, code and packages, tonight's figures and a note for reused throughput."""
-    shown = figures.drop(columns=["worse_when", "targets"])
+    """The report's head: the night, code and packages, each model's entry, tonight's figures and a note for
+    reused throughput."""
+    shown = figures.drop(columns=["worse_when", "targets", *regression.IDENTITY], errors="ignore")
     lines = [f"# Nightly benchmark {date}", "", f"code {env['code_version']}, packages "
-             f"{json.dumps(env['packages'])}", "", shown.to_markdown(index=False)]
+             f"{json.dumps(env['packages'])}", ""]
+    if set(regression.IDENTITY) <= set(figures.columns):
+        entries = figures.drop_duplicates("model")[["model", *regression.IDENTITY]]
+        lines += ["Suite entries (what identifies each model's figures):", "",
+                  entries.to_markdown(index=False), ""]
+    lines.append(shown.to_markdown(index=False))
     reused = sorted(set(figures.loc[regression.is_reused(figures), "model"]))
     if reused:
         note = (f"Throughput not measured for {', '.join(reused)}: every image was already certified by an "
@@ -136,8 +164,9 @@ def figures_section(date: str, env: dict, figures: pd.DataFrame) -> list[str]:
 
 
 def comparison_section(suite: NightlySuite, date: str, figures: pd.DataFrame) -> tuple[list[str], int]:
-    """The report's comparison with the most recent earlier night, and the exit code it gives; prints the
-    regressions, or the damaged night."""
+    """The report's comparison with the most recent earlier night, and the exit code it gives (see the module
+    docstring); prints the regressions, the figures not compared because the suite changed, or the damaged
+    night."""
     try:
         earlier = previous_night(suite, date)
     except DamagedNight as damaged:
@@ -151,8 +180,34 @@ def comparison_section(suite: NightlySuite, date: str, figures: pd.DataFrame) ->
     for _, row in comparison[comparison["regression"]].iterrows():
         print(f"REGRESSION {row['model']} {row['setting']} {row['figure']}: {row['value_last']:.4g} -> "
               f"{row['value']:.4g} ({row['reason']})")
-    code = EXIT_REGRESSION if comparison["regression"].any() else EXIT_OK
-    return ["", f"## Against {name}", "", comparison.to_markdown(index=False)], code
+    lines, code = _changes(name, comparison)
+    compared = comparison[~comparison["changed"]]
+    table = compared.drop(columns="changed").to_markdown(index=False) if len(compared) else "No figure compared."
+    if comparison["regression"].any():
+        code = EXIT_REGRESSION
+    return ["", f"## Against {name}", "", table, *lines], code
+
+
+def _changes(name: str, comparison: pd.DataFrame) -> tuple[list[str], int]:
+    """The report's list of figures not compared because the suite changed since night `name` (also printed),
+    and EXIT_SUITE_CHANGED when there are any."""
+    reasons = regression.not_compared(comparison)
+    if not reasons:
+        return [], EXIT_OK
+    changed = int(comparison["changed"].sum())
+    if comparison["changed"].all():
+        head = f"NOT COMPARED: no figure of tonight matches the night {name} (the suite changed)"
+    else:
+        head = (f"NOT COMPARED: {changed} of {len(comparison)} figures do not match the night {name} (the suite "
+                f"changed); the other {len(comparison) - changed} were compared")
+    print(head)
+    for reason in reasons:
+        print(f"  {reason}")
+    return ["", f"## {head}", "", *[f"- {reason}" for reason in reasons]], EXIT_SUITE_CHANGED
+
+
+FINAL_LINES = {EXIT_OK: "no regression", EXIT_SUITE_CHANGED: "no regression among the figures compared; the "
+               "suite changed, so some were not compared (exit 4)"}
 
 
 def night(suite: NightlySuite, date: str) -> int:
@@ -166,6 +221,6 @@ def night(suite: NightlySuite, date: str) -> int:
     comparison, code = comparison_section(suite, date, figures)
     folder.write_bytes("report.md", ("\n".join(figures_section(date, env, figures) + comparison) + "\n").encode())
     log.info("nightly results in %s", folder.uri)
-    if code == EXIT_OK:
-        print(f"no regression; report: {folder.uri}/report.md")
+    if code in FINAL_LINES:
+        print(f"{FINAL_LINES[code]}; report: {folder.uri}/report.md")
     return code
