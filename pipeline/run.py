@@ -98,8 +98,8 @@ class Run:
 @dataclass(frozen=True)
 class RunSummary:
     """What a finished run wrote, as `finish` saw it: where (`location`, `uri`), its status, the manifest's
-    counts (listed, already_done, certified, failed this attempt; rows, images, error_rows in all), the
-    report's Markdown summary, the terminal's brief and the result rows themselves."""
+    counts (listed, already_done, certified, failed this attempt; rows, images, error_rows, error_images in
+    all), the report's Markdown summary, the terminal's brief and the result rows themselves."""
 
     run_id: str
     location: Location

@@ -42,9 +42,10 @@ class ModelSpec(Section):
     """A model entry of a config: a registry `name` (`model_names()`; none with `weights`: the checkpoint's
     `arch`; neither: the demo CNN), `weights` (a path or URI; none: the demo's shipped weights, or a random
     network), the normalisation put in front (`mean`, `std`; default: the architecture's, CIFAR-10's or
-    ImageNet's), `num_classes` (default: the architecture's; the demo CNN's shipped weights have 10), and a `denoiser` in front of the classifier (a
-    project artifact or a published denoiser checkpoint). A spec that exists is valid (its weights are read
-    when the model is loaded: without a name, their `arch` names the architecture)."""
+    ImageNet's), `num_classes` (default: the architecture's; the demo CNN's shipped weights have 10, and
+    another count is refused), and a `denoiser` in front of the classifier (a project artifact or a published
+    denoiser checkpoint). A spec that exists is valid (its weights are read when the model is loaded: without
+    a name, their `arch` names the architecture)."""
 
     name: str | None = None
     weights: Annotated[str, Field(min_length=1)] | None = None
