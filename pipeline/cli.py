@@ -107,7 +107,11 @@ def report_main(args: argparse.Namespace) -> int:
 
     storage = Storage(endpoint_url=args.endpoint_url)
     run = storage.open(args.run)
-    results = read_results(run.join("results"))
+    try:
+        results = read_results(run.join("results"))
+    except ValueError as error:
+        print(f"pipeline: {error}", file=sys.stderr)
+        return 2
     if results.num_rows == 0:
         print(f"pipeline: no results under {run.uri}/results", file=sys.stderr)
         return 2

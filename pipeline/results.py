@@ -188,12 +188,37 @@ def result_row(certifier, certificate, image_index: int, image_id: str, label: i
 
 
 def read_results(location: Location, columns: list[str] | None = None) -> pa.Table:
-    """Every result row under a run's `results/` directory (an empty table when there is none)."""
+    """Every result row under a run's `results/` directory (an empty table when there is none). ValueError
+    naming the file when one is not a result file (not readable as Parquet, or without the rows' identity:
+    image_id, setting, status)."""
     files = location.list_files(".parquet")
     if not files:
         return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
-    return location.retrying(lambda: pads.dataset(files, filesystem=location.fs, format="parquet", schema=SCHEMA)
-                             .to_table(columns=columns), "reading the results in")
+    try:
+        table = location.retrying(lambda: pads.dataset(files, filesystem=location.fs, format="parquet", schema=SCHEMA)
+                                  .to_table(columns=columns), "reading the results in")
+    except StorageOutage:
+        raise
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(_not_a_result_file(location, files) or f"{location.uri}: {error}") from None
+    identity = [name for name in ("image_id", "setting", "status") if name in table.column_names]
+    if any(table[name].null_count for name in identity):
+        raise ValueError(_not_a_result_file(location, files) or f"{location.uri}: rows without {identity}")
+    return table
+
+
+def _not_a_result_file(location: Location, files: list[str]) -> str | None:
+    """The first of `files` that cannot be read as a result file, named with what is wrong and what to do."""
+    for path in files:
+        try:
+            names = pq.read_schema(path, filesystem=location.fs).names
+            problem = None if {"image_id", "setting", "status"} <= set(names) else "it has other columns"
+        except (pa.ArrowException, OSError) as error:
+            problem = f"it cannot be read as Parquet: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        if problem:
+            return (f"{location.uri}/{path.rsplit('/', 1)[-1]} is not a result file ({problem}); move it out of "
+                    f"{location.uri}")
+    return None
 
 
 KEY_COLUMNS = ["image_id", "setting", "status", "run_id", "seed"]

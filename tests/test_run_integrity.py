@@ -281,3 +281,23 @@ def test_a_bucket_deleted_before_the_actors_write_ends_in_one_line(ray_cluster, 
     message = str(stopped.value)
     assert message.startswith("run r stopped: cannot write s3://vanishing/runs/r/results/part-")
     assert "\n" not in message and "Traceback" not in message and "\x1b" not in message
+
+
+def test_pipeline_report_names_a_file_that_is_not_a_result_file(finished, capsys):
+    """Row 53 (`pipeline report`: a raw ArrowInvalid traceback) and row 54b (a Parquet of other columns read
+    as rows with null settings, then a TypeError in the report writer)."""
+    from pipeline import cli
+
+    results = finished / "r" / "results"
+    for name, data, problem in [("part-cut.parquet", sorted(results.iterdir())[0].read_bytes()[:200],
+                                 "it cannot be read as Parquet"), ("part-other.parquet", None, "it has other columns")]:
+        if data is None:
+            pq.write_table(pa.table({"x": [1, 2]}), results / name)
+        else:
+            (results / name).write_bytes(data)
+        assert cli.main(["report", str(finished / "r")]) == 2
+        said = capsys.readouterr().err.strip()
+        assert said.startswith(f"pipeline: {results / name} is not a result file ({problem}")
+        assert said.endswith(f"; move it out of {results}") and "\n" not in said
+        (results / name).unlink()
+    assert cli.main(["report", str(finished / "r")]) == 0
