@@ -68,8 +68,8 @@ from pipeline.storage import Location, StorageOutage, WriteFailed, check_writabl
 log = logging.getLogger(__name__)
 
 __all__ = ["IncompleteRun", "Interrupted", "Run", "RunSummary", "batch_file", "certify_batch", "check_model",
-           "done_image_ids", "error_images", "execute", "fail", "finish", "outage_behind", "prepare", "stop_on_sigterm",
-           "write_failure_behind"]
+           "check_pairs", "done_image_ids", "error_images", "execute", "fail", "finish", "outage_behind", "prepare",
+           "reason_of", "stop_on_sigterm", "write_failure_behind"]
 
 
 @dataclass
@@ -148,6 +148,7 @@ def _open(config: RunConfig, location: Location, listing: pa.Table, lease: Lease
     results = location.join("results")
     keys = read_run_keys(results, config.run_id, settings, config.seed)
     done = done_image_ids(keys, settings)
+    _warn_of_unlisted(keys, listing, results)
     pending = listing.filter(pc.invert(pc.is_in(listing["image_id"], pa.array(sorted(done), pa.string()))))
     if earlier is not None:
         manifest.update(started=earlier.get("started", _now()), attempts=earlier.get("attempts", 1) + 1)
@@ -163,6 +164,14 @@ def _open(config: RunConfig, location: Location, listing: pa.Table, lease: Lease
              listing.num_rows - pending.num_rows, pending.num_rows,
              f" ({retried} of them retried after error rows)" if retried else "")
     return Run(config, config.certifiers, location, listing, pending, manifest, lease)
+
+
+def _warn_of_unlisted(keys: pa.Table, listing: pa.Table, results: Location) -> None:
+    unlisted = sorted(set(keys["image_id"].to_pylist()) - set(listing["image_id"].to_pylist()))
+    if unlisted:
+        log.warning("%s holds rows of %d image(s) the dataset no longer lists (e.g. %s); they stay in the results "
+                    "and the report; if the dataset changed, use another run_id", results.uri, len(unlisted),
+                    ", ".join(unlisted[:3]))
 
 
 def _earlier_manifest(location: Location) -> dict | None:

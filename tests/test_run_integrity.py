@@ -301,3 +301,12 @@ def test_pipeline_report_names_a_file_that_is_not_a_result_file(finished, capsys
         assert said.endswith(f"; move it out of {results}") and "\n" not in said
         (results / name).unlink()
     assert cli.main(["report", str(finished / "r")]) == 0
+
+
+def test_rows_of_images_the_dataset_no_longer_lists_are_named_in_a_warning(finished, caplog):
+    (finished / "r" / "manifest.json").unlink()
+    with caplog.at_level("WARNING", logger="pipeline.run"):
+        run = lifecycle.prepare(make(finished, dataset={"layout": "demo", "max": 2}))
+    assert run.pending.num_rows == 0
+    assert "holds rows of 2 image(s) the dataset no longer lists (e.g. digits/0012, digits/0018)" in caplog.text
+    run.lease.release()
