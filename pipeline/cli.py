@@ -51,15 +51,26 @@ def add_certify_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log debugging detail, with Ray's progress output and INFO logs")
 
 
+CERTIFY_EXIT_CODES = """Exit codes:
+  0    finished: every listed image has a row for every setting
+  1    the run stopped: rows missing at the end (incomplete), the run id busy, object storage unreachable,
+       or a write that failed (a full disk, a deleted bucket); the manifest says why; rerun to go on
+  2    the configuration, the storage, the dataset or the run folder (a damaged manifest.json, a file in
+       results/ this run did not write) refused before any work
+  130  interrupted by Ctrl-C; 143: stopped by SIGTERM (`ray job stop`); the manifest says interrupted"""
+
+
 def certify_main(args: argparse.Namespace) -> int:
-    """Runs `pipeline certify`; configuration, storage and dataset problems exit with status 2 before any work."""
+    """Runs `pipeline certify`. Exit codes (CERTIFY_EXIT_CODES): 0 finished; 1 the run stopped (incomplete,
+    busy, storage outage, a failed write); 2 configuration, storage, dataset or run-folder problems, before any
+    work; 130 Ctrl-C; 143 SIGTERM."""
     setup_logging(args.verbose)
     log.info("certifying as %s says (loading the libraries, the model and the dataset listing)", args.config)
     from pipeline.config import ConfigError, load_config
     from pipeline.data.sources import DatasetError
     from pipeline.lease import RunBusy
     from pipeline.run import IncompleteRun
-    from pipeline.storage import StorageError, StorageOutage
+    from pipeline.storage import StorageError, StorageOutage, WriteFailed
 
     try:
         config = load_config(args.config, args.set, output=args.output, run_id=args.run_id)
@@ -67,7 +78,10 @@ def certify_main(args: argparse.Namespace) -> int:
         from pipeline.distributed.certify import run
 
         summary = run(config)
-    except (IncompleteRun, RunBusy, StorageOutage) as error:
+    except KeyboardInterrupt as stop:  # Ctrl-C: 130; SIGTERM (`ray job stop`): 143 (pipeline.run.Interrupted)
+        print(f"pipeline: {stop if str(stop) not in ('', 'SIGTERM') else 'interrupted'}", file=sys.stderr)
+        return getattr(stop, "exit_code", 130)
+    except (IncompleteRun, RunBusy, StorageOutage, WriteFailed) as error:
         print(f"pipeline: {error}", file=sys.stderr)
         return 1
     except (ConfigError, StorageError, DatasetError, ValueError) as error:
@@ -383,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
         "certify", help="certify a dataset with the configured certifiers",
         description="Certify every image of the configured dataset with every configured certifier on Ray "
                     "(the cluster in RAY_ADDRESS, or a local instance). Writes OUTPUT/RUN_ID/results/*.parquet, "
-                    "manifest.json and report/; re-running a run id certifies only the images it lacks.")
+                    "manifest.json and report/; re-running a run id certifies only the images it lacks (and "
+                    "retries those with error rows).", epilog=CERTIFY_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_certify_arguments(certify)
     certify.set_defaults(handler=certify_main)
     report = commands.add_parser(

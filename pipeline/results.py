@@ -9,11 +9,13 @@ a column that an older file lacks reads as null.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from pipeline.certifiers import Certificate, Cohen
 from pipeline.certifiers.base import Cost
@@ -111,8 +113,9 @@ SCHEMA = pa.schema(
      for name, dtype, nullable, text in _COLUMNS]
 )
 
-__all__ = ["REQUIRED", "SCHEMA", "ResultsUnreadable", "RowContext", "check_result_file", "code_version", "describe",
-           "environment", "manifest_matches", "read_certify_log", "read_results", "result_row", "to_table"]
+__all__ = ["KEY_COLUMNS", "REQUIRED", "SCHEMA", "ForeignResults", "ResultsUnreadable", "RowContext",
+           "check_result_file", "code_version", "describe", "environment", "manifest_matches", "read_certify_log",
+           "read_results", "read_run_keys", "result_row", "to_table"]
 
 
 def describe() -> dict[str, str]:
@@ -230,6 +233,73 @@ def check_result_file(fs, path: str) -> str | None:
         return f"it lacks the result column(s) {shown}"
     nulls = [name for name in REQUIRED if table[name].null_count]
     return f"null values in the column(s) {', '.join(nulls)}" if nulls else None
+
+
+KEY_COLUMNS = ["image_id", "setting", "status", "run_id", "seed"]
+
+
+class ForeignResults(ValueError):
+    """Files in a run's `results/` that this run did not write with this config (unreadable, another schema,
+    another run id, seed or settings); the message names them and says what to do."""
+
+
+def read_run_keys(location: Location, run_id: str, settings: list[str], seed: int) -> pa.Table:
+    """The key columns (KEY_COLUMNS, plus `file`: the file's name) of every result file under a run's
+    `results/`, each file checked to be this run's: Parquet of this schema, with rows of `run_id` and `seed`
+    and of the configured `settings` only. ForeignResults naming the files that are not (nothing is read
+    past a refusal, and nothing is changed)."""
+    files = location.list_files(".parquet")
+    if not files:
+        return pa.table({**{name: pa.array([], SCHEMA.field(name).type) for name in KEY_COLUMNS},
+                         "file": pa.array([], pa.string())})
+    with ThreadPoolExecutor(max_workers=16 if location.is_s3 else 1) as pool:
+        read = list(pool.map(lambda path: _file_keys(location, path, run_id, set(settings), seed), files))
+    problems = [(path, problem) for path, (_, problem) in zip(files, read, strict=True) if problem]
+    if problems:
+        path, problem = problems[0]
+        others = f" (and {len(problems) - 1} more file(s) like it)" if len(problems) > 1 else ""
+        raise ForeignResults(
+            f"{location.uri}/{path.rsplit('/', 1)[-1]}{others}: {problem}; it was not written by run {run_id} with "
+            f"this config. A changed config needs another run_id; a file that does not belong here must be moved out "
+            f"of {location.uri} (its images are then certified again)")
+    return pa.concat_tables([table for table, _ in read])
+
+
+def _file_keys(location: Location, path: str, run_id: str, settings: set[str], seed: int) -> tuple[pa.Table, str]:
+    """(the file's key columns, '') or (None, what makes it another run's file)."""
+    name = path.rsplit("/", 1)[-1]
+
+    def read() -> tuple[pa.Schema, pa.Table | None]:
+        with location.fs.open_input_file(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            schema = parquet.schema_arrow
+            present = set(KEY_COLUMNS) <= set(schema.names)
+            return schema, parquet.read(columns=KEY_COLUMNS) if present else None
+
+    try:
+        schema, keys = location.retrying(read, f"reading {name} from")
+    except StorageOutage:
+        raise
+    except (OSError, pa.ArrowException) as error:
+        return None, f"cannot be read as Parquet ({(str(error).strip().splitlines() or [''])[0][:200]})"
+    unknown = sorted(set(schema.names) - set(SCHEMA.names))
+    missing = [column for column in KEY_COLUMNS if column not in schema.names]
+    if unknown or missing:
+        return None, f"is not a result file of this project (columns {unknown} unknown, {missing} missing)"
+    wrong = [f"{field.name} is {field.type}, not {SCHEMA.field(field.name).type}" for field in schema
+             if not field.type.equals(SCHEMA.field(field.name).type)]
+    if wrong:
+        return None, f"does not match the result schema ({'; '.join(wrong[:3])})"
+    runs = sorted(str(value) for value in set(keys["run_id"].to_pylist()) - {run_id})
+    if runs:
+        return None, f"holds rows of run(s) {runs[:3]}"
+    seeds = sorted(set(keys["seed"].to_pylist()) - {seed})
+    if seeds:
+        return None, f"holds rows of seed {seeds[:3]} (this config's seed is {seed})"
+    foreign = sorted(set(keys["setting"].to_pylist()) - settings)
+    if foreign:
+        return None, f"holds rows of setting(s) this config does not have: {', '.join(map(str, foreign[:3]))}"
+    return keys.append_column("file", pa.array([name] * keys.num_rows, pa.string())), ""
 
 
 def read_certify_log(path: str | Path, sigma: float, alpha: float = 0.001, n: int = 100_000,

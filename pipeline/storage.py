@@ -2,7 +2,10 @@
 
 `s3://bucket/prefix` goes through `pyarrow.fs.S3FileSystem` with credentials and region from the standard
 AWS chain; `endpoint_url` (or the AWS_ENDPOINT_URL variable) points it at any S3-speaking server.
-Writes of whole files are atomic: a reader sees a file completely or not at all. An object store that
+Writes of whole files are atomic: a reader sees a file completely or not at all (a local write goes to a
+hidden `.NAME.<id>.partial` file first, removed when the write fails; `remove_partials` clears those an
+earlier, killed process left). A write that fails for good (a full disk, a deleted bucket) raises
+WriteFailed, one line naming the file and the reason. An object store that
 cannot be reached (connection refused or reset, timeouts, 5xx, throttling) is retried with exponential
 backoff for `retry_seconds` (default 120 s) before the operation fails with one StorageOutage naming it;
 errors that retrying cannot cure (a missing key, access denied) fail at once.
@@ -10,6 +13,7 @@ errors that retrying cannot cure (a missing key, access denied) fail at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,8 +31,8 @@ from pydantic import Field
 
 from pipeline.sections import Number, Section, is_name
 
-__all__ = ["DEFAULT_STORAGE", "RETRY_SECONDS", "Location", "Storage", "StorageError", "StorageOutage", "check_writable",
-           "is_name", "is_transient", "open_location", "retrying"]
+__all__ = ["DEFAULT_STORAGE", "RETRY_SECONDS", "Location", "Storage", "StorageError", "StorageOutage", "WriteFailed",
+           "check_writable", "is_name", "is_transient", "open_location", "retrying"]
 
 RETRY_SECONDS = 120.0
 # what pyarrow's S3 layer says when the store is unreachable or overloaded, as opposed to a refusal
@@ -46,6 +50,11 @@ class StorageError(OSError):
 class StorageOutage(StorageError):
     """Object storage that stayed unreachable for the whole retry time; a rerun goes on where this run
     stopped."""
+
+
+class WriteFailed(StorageError):
+    """A file that could not be written (no space left, the bucket gone, permission lost); the message names
+    the file and the reason in one line."""
 
 
 def is_transient(error: BaseException) -> bool:
@@ -141,21 +150,40 @@ class Location:
         """The Parquet file `name` in this directory as a table (pyarrow's errors for a file that is not one)."""
         return self.retrying(lambda: pq.read_table(self.join(name).path, filesystem=self.fs), f"reading {name} from")
 
+    def remove_partials(self) -> int:
+        """Removes the `.partial` files of writes that never completed (a process killed mid-write, a full
+        disk) directly in this directory; returns how many. Call it only while no other process writes here."""
+        stale = [path for path in self.list_files(".partial") if path.rsplit("/", 1)[-1].startswith(".")]
+        for path in stale:
+            self.fs.delete_file(path)
+        return len(stale)
+
     def _atomic(self, name: str, write) -> None:
-        target = self.join(name).path
-        if self.is_s3:  # an S3 object appears only once its upload completes; a retry uploads it anew
+        """Writes `name` whole or not at all; WriteFailed (naming the file) when it cannot be written."""
+        target = self.join(name)
+        try:
+            if self.is_s3:  # an S3 object appears only once its upload completes; a retry uploads it anew
 
-            def upload() -> None:
-                with self.fs.open_output_stream(target) as stream:
+                def upload() -> None:
+                    with self.fs.open_output_stream(target.path) as stream:
+                        write(stream)
+
+                self.retrying(upload, f"writing {name} to")
+                return
+            self.fs.create_dir(self.path, recursive=True)
+            partial = self.join(f".{name}.{uuid.uuid4().hex}.partial").path
+            try:
+                with self.fs.open_output_stream(partial) as stream:
                     write(stream)
-
-            self.retrying(upload, f"writing {name} to")
-            return
-        self.fs.create_dir(self.path, recursive=True)
-        partial = self.join(f".{name}.{uuid.uuid4().hex}.partial").path
-        with self.fs.open_output_stream(partial) as stream:
-            write(stream)
-        self.fs.move(partial, target)
+                self.fs.move(partial, target.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self.fs.delete_file(partial)
+                raise
+        except StorageError:
+            raise
+        except OSError as error:
+            raise WriteFailed(f"cannot write {target.uri}: {_first_line(error)}") from error
 
 
 def _s3_filesystem(endpoint_url: str | None, region: str | None) -> pafs.S3FileSystem:
@@ -216,4 +244,5 @@ def check_writable(location: Location) -> None:
         location.write_bytes(probe, b"ok")
         location.fs.delete_file(location.join(probe).path)
     except OSError as error:
-        raise StorageError(f"cannot write to {location.uri}: {error}") from error
+        reason = error.__cause__ if isinstance(error, WriteFailed) and error.__cause__ is not None else error
+        raise StorageError(f"cannot write to {location.uri}: {reason}") from error

@@ -203,3 +203,31 @@ def test_a_killed_second_node_loses_nothing(uninterrupted, tmp_path):
             os.killpg(job.pid, signal.SIGKILL)
         cluster.shutdown()
     assert rows(str(tmp_path / "nodes" / "run")) == uninterrupted
+
+
+def test_sigterm_to_the_driver_marks_the_run_interrupted_in_one_line(ray_cluster, uninterrupted, tmp_path):
+    """Row 59: SIGTERM (what `ray job stop` sends the driver) met Ray's own handler, which aborted with a
+    stack dump (exit 134) and left the manifest `running`. Now the driver stops as on Ctrl-C: one line, exit
+    143, manifest `interrupted` with the reason, lease released; the rerun completes equal to an
+    uninterrupted run."""
+    cfg = config(tmp_path / "termed", DATASET, images_per_batch=2, certifiers=CERTIFIERS)
+    path = tmp_path / "termed.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "certify.py"), "--config", str(path)],
+                               env={**os.environ, "RAY_ADDRESS": ray_cluster}, cwd=ROOT, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=stderr)
+        results = tmp_path / "termed" / "run" / "results"
+        wait_until(lambda: len(list(results.glob("part-*.parquet"))) >= 2 or job.poll() is not None)
+        assert job.poll() is None, "the job ended before it could be stopped"
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=120) == 143
+    said = (tmp_path / "stderr.txt").read_text().strip().splitlines()
+    assert said[-1] == ("pipeline: run run interrupted by SIGTERM; its manifest says interrupted; rerun the same "
+                        "command to go on where it stopped"), said
+    assert not any("Traceback" in line or "SIGTERM received" in line for line in said)
+    location = open_location(str(tmp_path / "termed" / "run"))
+    manifest = location.read_json("manifest.json")
+    assert (manifest["status"], manifest["reason"]) == ("interrupted", "interrupted by SIGTERM")
+    assert not (tmp_path / "termed" / "run" / "lease.json").exists()
+    assert run(cfg).status == "finished" and rows(location.uri) == uninterrupted

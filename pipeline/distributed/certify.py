@@ -8,7 +8,8 @@ the pending images through an actor pool. Each actor loads the model once, certi
 the batch's image ids. A file appears whole or not at all, and every file holds all settings of its
 images, so a killed run, restarted, certifies each missing image once and never duplicates a row. The
 run's bookkeeping and failure policy are `pipeline.run.execute`'s; this module only moves the batches,
-and gives back the StorageOutage that Ray Data reports as a task error (`_typed_outage`).
+and gives back the StorageOutage or WriteFailed that Ray Data reports as a task error
+(`_typed_storage_error`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pipeline.distributed import init_ray
 from pipeline.engine import Engine
 from pipeline.models import load_model
 from pipeline.progress import Progress
-from pipeline.storage import Location, StorageOutage
+from pipeline.storage import Location, StorageOutage, WriteFailed
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class CertifyActor:
         if ids:
             table = lifecycle.certify_batch(self.engine, self.certifiers, batch, self.seed, self.run_info)
             self.results.write_parquet(lifecycle.batch_file(ids), table)
-        return {"image_id": np.array(ids, dtype=object), "failed": np.array([bool(e) for e in batch["error"]])}
+        failed = lifecycle.error_images(table) if ids else set()
+        return {"image_id": np.array(ids, dtype=object), "failed": np.array([i in failed for i in ids], dtype=bool)}
 
 
 def _device_and_gpus(config: RunConfig) -> tuple[str, float]:
@@ -85,12 +87,15 @@ def _decoded(run: lifecycle.Run) -> ray.data.Dataset:
                               batch_size=config.images_per_batch, batch_format="numpy")
 
 
-def certify_pending(run: lifecycle.Run) -> dict[str, int]:
+def certify_pending(run: lifecycle.Run, sigterm=None) -> dict[str, int]:
     """Certifies the run's pending images over Ray, showing one progress display (`pipeline.progress`);
-    returns the counts of this attempt: certified, failed (images that could not be decoded)."""
+    returns the counts of this attempt: certified, failed (images that became error rows, for any reason).
+    `sigterm`: the handler of `pipeline.run.stop_on_sigterm`, put back after Ray starts (Ray's replaces it)."""
     counts, todo, config = {"certified": 0, "failed": 0}, run.pending.num_rows, run.config
     with Progress(todo, "images", "certified", logger=log) as progress:  # from before Ray starts: it takes a while
         init_ray()
+        if sigterm is not None:
+            sigterm.install()
         device, gpus = _device_and_gpus(config)
         certified = _decoded(run).map_batches(
             CertifyActor, batch_size=config.images_per_batch, batch_format="numpy",
@@ -106,25 +111,31 @@ def certify_pending(run: lifecycle.Run) -> dict[str, int]:
                 counts["failed"] += failed
                 progress.update(len(batch["image_id"]), failed)
         except ray.exceptions.RayTaskError as error:
-            outage = _typed_outage(error)
-            if outage is None:
+            stopped = _typed_storage_error(error)
+            if stopped is None:
                 raise
-            raise outage from error
+            raise stopped from error
     return counts
 
 
-def _typed_outage(error: ray.exceptions.RayTaskError) -> StorageOutage | None:
-    """The StorageOutage a Ray task raised, or None when it raised another error. A task error carries what
-    the task raised as its `cause` (`lifecycle.outage_behind` walks it), but Ray Data wraps what a map
-    function raises in a `UserCodeException` whose `__cause__`, the original, does not survive the trip to
-    the driver (Ray 2.60 pickles exceptions without their chain). Then, as the last resort, the outage is
-    read from the task's traceback text, which Ray keeps."""
-    outage = lifecycle.outage_behind(error)
-    found = re.search(r"StorageOutage: (.+)", str(error)) if outage is None else None
-    return StorageOutage(found.group(1).strip()) if found else outage
+def _typed_storage_error(error: ray.exceptions.RayTaskError) -> StorageOutage | WriteFailed | None:
+    """The StorageOutage or WriteFailed a Ray task raised, or None when it raised another error. A task
+    error carries what the task raised as its `cause` (`lifecycle.outage_behind` walks it), but Ray Data
+    wraps what a map function raises in a `UserCodeException` whose `__cause__`, the original, does not
+    survive the trip to the driver (Ray 2.60 pickles exceptions without their chain). Then, as the last
+    resort, the error is read from the task's traceback text, which Ray keeps."""
+    typed = lifecycle.outage_behind(error) or lifecycle.write_failure_behind(error)
+    if typed is not None:
+        return typed
+    text = lifecycle.ANSI.sub("", str(error))
+    found = re.search(r"(StorageOutage|WriteFailed): (.+)", text)
+    if found is None:
+        return None
+    return (StorageOutage if found.group(1) == "StorageOutage" else WriteFailed)(found.group(2).strip())
 
 
 def run(config: RunConfig) -> lifecycle.RunSummary:
     """The whole certification run (`pipeline.run.execute`) with its pending images certified over Ray;
-    returns the run's summary."""
-    return lifecycle.execute(config, certify_pending)
+    returns the run's summary. SIGTERM (`ray job stop`) stops it as Ctrl-C does (`pipeline.run.Interrupted`)."""
+    with lifecycle.stop_on_sigterm() as sigterm:
+        return lifecycle.execute(config, lambda run: certify_pending(run, sigterm))

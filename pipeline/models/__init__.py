@@ -42,9 +42,10 @@ class ModelSpec(Section):
     """A model entry of a config: a registry `name` (`model_names()`; none with `weights`: the checkpoint's
     `arch`; neither: the demo CNN), `weights` (a path or URI; none: the demo's shipped weights, or a random
     network), the normalisation put in front (`mean`, `std`; default: the architecture's, CIFAR-10's or
-    ImageNet's), `num_classes` (default: the architecture's), and a `denoiser` in front of the classifier (a
-    project artifact or a published denoiser checkpoint). A spec that exists is valid (its weights are read
-    when the model is loaded: without a name, their `arch` names the architecture)."""
+    ImageNet's), `num_classes` (default: the architecture's; the demo CNN's shipped weights have 10, and
+    another count is refused), and a `denoiser` in front of the classifier (a project artifact or a published
+    denoiser checkpoint). A spec that exists is valid (its weights are read when the model is loaded: without
+    a name, their `arch` names the architecture)."""
 
     name: str | None = None
     weights: Annotated[str, Field(min_length=1)] | None = None
@@ -72,6 +73,10 @@ class ModelSpec(Section):
             data["name"] = "demo_cnn"
         if data.get("name") == "demo_cnn" and (data.get("mean") is not None or data.get("std") is not None):
             raise ValueError("{where}: demo_cnn normalises inside itself; remove {where}.mean and {where}.std")
+        if data.get("name") == "demo_cnn" and data.get("weights") is None and data.get("num_classes") not in (None, 10):
+            raise ValueError(f"{{where}}.num_classes: demo_cnn's shipped weights have 10 classes, got "
+                             f"{data['num_classes']!r}; remove {{where}}.num_classes, or give {{where}}.weights "
+                             f"trained for that many classes")
         try:
             arch = architecture(data["name"]) if isinstance(data.get("name"), str) else None
         except ValueError:
