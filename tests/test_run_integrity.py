@@ -290,15 +290,15 @@ def test_pipeline_report_names_a_file_that_is_not_a_result_file(finished, capsys
 
     results = finished / "r" / "results"
     for name, data, problem in [("part-cut.parquet", sorted(results.iterdir())[0].read_bytes()[:200],
-                                 "it cannot be read as Parquet"), ("part-other.parquet", None, "it has other columns")]:
+                                 "cannot be read as result rows"), ("part-other.parquet", None, "it lacks the result column")]:
         if data is None:
             pq.write_table(pa.table({"x": [1, 2]}), results / name)
         else:
             (results / name).write_bytes(data)
         assert cli.main(["report", str(finished / "r")]) == 2
         said = capsys.readouterr().err.strip()
-        assert said.startswith(f"pipeline: {results / name} is not a result file ({problem}")
-        assert said.endswith(f"; move it out of {results}") and "\n" not in said
+        assert said.startswith(f"pipeline: {results / name} is not a file of result rows ({problem}")
+        assert said.endswith(f"; move it out of {results} or delete it") and "\n" not in said
         (results / name).unlink()
     assert cli.main(["report", str(finished / "r")]) == 0
 
