@@ -18,8 +18,18 @@ import yaml
 from pipeline import cli
 from pipeline.config import ConfigError, validate
 from pipeline.distributed.tune import run_sweep
-from pipeline.sweeps import (SweepConfig, SweepFailed, SweepInterrupted, SweepRecord, SweepRefused, best_certify_config,
-                             best_trial, load_sweep, plan_trials, write_outputs)
+from pipeline.sweeps import (
+    SweepConfig,
+    SweepFailed,
+    SweepInterrupted,
+    SweepRecord,
+    SweepRefused,
+    best_certify_config,
+    best_trial,
+    load_sweep,
+    plan_trials,
+    write_outputs,
+)
 from pipeline.train_demo import train_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -345,7 +355,8 @@ def test_sweep_progress_counts_each_trial_once_and_names_the_best_the_outputs_na
     # a tie reported in the other order still names the earliest trial
     later_first = SweepProgress(2, "acr", ["lr"], plan={"t000": {"lr": 1.0}, "t001": {"lr": 2.0}})
     for key in ("t001", "t000"):
-        later_first.on_trial_result(1, [], SimpleNamespace(status="RUNNING", config={"trial": key}), {"acr": 0.5})
+        running = SimpleNamespace(status="RUNNING", config={"trial": key}, trial_id="x")
+        later_first.on_trial_result(1, [running], running, {"acr": 0.5})
     assert later_first._fields([])["best"] == "acr 0.5 (lr=1)"
 
 

@@ -83,7 +83,7 @@ class SweepProgress(tune.Callback):
         return {**self.__dict__, "_progress": None}
 
     def _key(self, trial) -> str:
-        return trial.config["trial"] if "trial" in trial.config else trial.trial_id
+        return trial.config.get("trial", trial.trial_id)
 
     def _display(self) -> Progress:
         if self._progress is None:
