@@ -84,6 +84,53 @@ def test_tiny_asha_sweep_writes_trials_and_a_best_config_that_trains_and_certifi
     assert len(rows) == 4 and set(rows["status"]) == {"ok"}
 
 
+def test_a_sweep_stopped_by_ctrl_c_writes_no_best_and_a_rerun_finishes_it(ray_cluster, clean_classifier, tmp_path,
+                                                                           capsys):
+    """Row 80: Ctrl-C (SIGINT; Tune ends its experiment) after the first of 2 trials finished: no best configs,
+    SweepInterrupted with exit code 130 and the count of finished trials; rerunning the same command resumes
+    and only then writes the best."""
+    import threading
+
+    sweep = sweep_config(tmp_path, clean_classifier, max_concurrent=1, scheduler={"name": "fifo"},
+                         search={"lr": {"grid": [1e-7, 3e-3]}}, num_samples=1)
+    sweep["train"]["epochs"] = 1
+    folder = tmp_path / "sweeps" / "tiny"
+    running = threading.Event()
+
+    def interrupt_after_the_first_trial() -> None:
+        while running.is_set():
+            path = folder / "sweep.json"
+            statuses = [t["status"] for t in json.loads(path.read_text())["trials"].values()] if path.exists() else []
+            if statuses[:1] == ["finished"]:
+                os.kill(os.getpid(), signal.SIGINT)  # Tune's handler, in the main thread
+                return
+            time.sleep(0.02)
+
+    previous = signal.signal(signal.SIGINT, lambda *_: None)  # Tune restores this one after its own
+    running.set()
+    watcher = threading.Thread(target=interrupt_after_the_first_trial)
+    watcher.start()
+    try:
+        with pytest.raises(SweepInterrupted, match=r"^sweep tiny interrupted: 1 of 2 trials finished, no best "
+                                                   r"configs written; rerun the same command to resume") as caught:
+            run_sweep(SweepConfig.from_dict(sweep))
+    finally:
+        running.clear()
+        watcher.join()
+        signal.signal(signal.SIGINT, previous)
+    assert caught.value.exit_code == 130
+    record = json.loads((folder / "sweep.json").read_text())
+    assert [trial["status"] for trial in record["trials"].values()] == ["finished", "pending"]
+    assert not (folder / "best_train.yaml").exists() and not (folder / "best_certify.yaml").exists()
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(sweep))
+    assert cli.main(["sweep", "--config", str(config)]) == 0
+    assert f"best: {folder}/best_train.yaml" in capsys.readouterr().out
+    record = json.loads((folder / "sweep.json").read_text())
+    assert record["attempts"] == 2 and {trial["status"] for trial in record["trials"].values()} == {"finished"}
+    assert (folder / "best_train.yaml").exists() and (folder / "best_certify.yaml").exists()
+
+
 class Planted:
     """A pickle that would leave a marker file if anything unpickled it."""
 
