@@ -461,7 +461,8 @@ def write_outputs(sweep: SweepConfig, record: SweepRecord, exit_code: int = 130)
     location.write_bytes("best_train.yaml", yaml.safe_dump(train, sort_keys=False).encode())
     certify = best_certify_config(sweep, train, best["checkpoint"])
     location.write_bytes("best_certify.yaml", yaml.safe_dump(certify, sort_keys=False).encode())
-    log.info("best trial: %s %s = %.4f with %s", key, sweep.metric, best[sweep.metric], record.trials[key]["config"])
+    log.info("best trial: %s %s = %.4f with %s (%d of %d trials finished, %d errored)", key, sweep.metric,
+             best[sweep.metric], record.trials[key]["config"], finished, planned, errored)
     return certify
 
 
