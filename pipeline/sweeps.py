@@ -171,6 +171,8 @@ class SweepConfig(Section):
         radius, certification = self.objective.radius, self.certification
         sigmas = list(next(iter(self.search["sigma"].values()))) if "sigma" in self.search else [
             self.train.get("sigma", 0.25)]
+        if not all(_finite(sigma) and sigma > 0 for sigma in sigmas):
+            raise ValueError(f"search.sigma: every sigma must be a number > 0, got {sigmas!r}")
         reach = max_radius(max(sigmas), certification.n, certification.alpha)
         if radius >= reach:
             raise ValueError(f"objective.radius={radius} cannot be certified: with n={certification.n} and "

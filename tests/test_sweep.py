@@ -255,6 +255,9 @@ def test_bad_sweeps_give_clear_errors(tmp_path):
         SweepConfig.from_dict({**base, "search": {"lr": [1, 2]}})
     with pytest.raises(ConfigError, match=r"storage: the sweep's folder is `output`"):
         SweepConfig.from_dict({**base, "storage": "runs/sweeps"})
+    with pytest.raises(ConfigError, match=r"search\.sigma: every sigma must be a number > 0, got \['a', 0\.5\]"):
+        SweepConfig.from_dict({**base, "search": {"sigma": {"choice": ["a", 0.5]}},
+                               "objective": {"metric": "certified_accuracy", "radius": 0.1}})
 
 
 @pytest.mark.parametrize(("space", "message"), [
