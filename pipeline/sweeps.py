@@ -313,10 +313,11 @@ class SweepRecord:
     def retry(self, keys: list[str]) -> None:
         """Marks the errored trials among `keys` pending again before an attempt runs them (their last error
         kept until they end), so a record never calls a trial ended that an interrupted attempt did not run."""
-        for key in keys:
-            if self.trials[key]["status"] == "error":
-                self.trials[key]["status"] = "pending"
-        self.save()
+        errored = [key for key in keys if self.trials[key]["status"] == "error"]
+        for key in errored:
+            self.trials[key]["status"] = "pending"
+        if errored:
+            self.save()
 
     def counts(self, sweep: SweepConfig) -> tuple[int, int, int]:
         """(finished, errored, planned): planned is the record's trials, or for Optuna (whose trials are
