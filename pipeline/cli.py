@@ -236,7 +236,7 @@ def sweep_main(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
     from pipeline.distributed.tune import run_sweep
     from pipeline.storage import StorageError
-    from pipeline.sweeps import SweepFailed, SweepRefused, load_sweep
+    from pipeline.sweeps import SweepFailed, SweepInterrupted, SweepRefused, load_sweep
 
     try:
         sweep = load_sweep(args.config, args.set)
@@ -252,6 +252,9 @@ def sweep_main(args: argparse.Namespace) -> int:
     except SweepFailed as error:
         print(f"pipeline: {error}", file=sys.stderr)
         return 1
+    except SweepInterrupted as error:
+        print(f"pipeline: {error}", file=sys.stderr)
+        return error.exit_code
     print(f"sweep: {uri}\ntrials: {uri}/trials.parquet  best: {uri}/best_train.yaml, {uri}/best_certify.yaml")
     return 0
 
@@ -262,6 +265,15 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a sweep value, e.g. num_samples=8 (repeatable)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log debugging detail, with Ray's progress output and INFO logs")
+
+
+SWEEP_EXIT_CODES = """Exit codes:
+  0    every planned trial ended (finished or errored); best_train.yaml and best_certify.yaml name the best
+       finished trial
+  1    no finished trial reported the objective (no best configs written)
+  2    an invalid sweep config or search space, or a sweep folder that cannot be resumed as this sweep
+  130  interrupted by Ctrl-C (143: by SIGTERM) before every trial ended: no best configs; the printed line
+       says how many trials are finished; rerunning the same command resumes"""
 
 
 NIGHTLY_EXIT_CODES = """Exit codes:
@@ -437,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser(
         "sweep", help="sweep sigma and training hyperparameters with Ray Tune (ASHA)",
         description="Run or resume a Ray Tune sweep over denoiser training settings. Writes trials.parquet, "
-                    "objective.png, best_train.yaml and best_certify.yaml under STORAGE/NAME/.")
+                    "objective.png, best_train.yaml and best_certify.yaml under STORAGE/NAME/.",
+        epilog=SWEEP_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sweep_arguments(sweep)
     sweep.set_defaults(handler=sweep_main)
     _add_nightly_command(commands)

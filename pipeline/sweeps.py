@@ -47,9 +47,9 @@ from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMAT", "SweepConfig", "SweepFailed", "SweepRecord", "SweepRefused", "best_certify_config", "load_sweep",
-           "plan_trials", "sweep_digest", "sweep_metrics", "trial_config", "trial_objective", "trial_table",
-           "write_outputs"]
+__all__ = ["BEST_FILES", "FORMAT", "SweepConfig", "SweepFailed", "SweepInterrupted", "SweepRecord", "SweepRefused",
+           "best_certify_config", "best_trial", "finished_scores", "load_sweep", "plan_trials", "remove_best",
+           "sweep_digest", "sweep_metrics", "trial_config", "trial_objective", "trial_table", "write_outputs"]
 
 FORMAT = "pipeline-sweep/1"
 SWEEP_METRICS = ("certified_accuracy", "acr")
@@ -94,9 +94,29 @@ class Resources(Section):
 
 
 def _distribution(spec: Any) -> dict[str, Any]:
+    """One searched key's distribution, checked: grid and choice a non-empty list; uniform and loguniform two
+    finite numbers low < high (loguniform: low > 0)."""
     if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
-        raise ValueError(f"{{where}}: give one of {list(DISTRIBUTIONS)}, e.g. {{choice: [0.25, 0.5]}}")
+        raise ValueError(f"{{where}}: give one of {list(DISTRIBUTIONS)}, e.g. {{choice: [0.25, 0.5]}}, got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    if kind in ("grid", "choice"):
+        if not isinstance(values, list | tuple) or not values:
+            raise ValueError(f"{{where}}.{kind} must be a non-empty list of values, e.g. {{{kind}: [0.25, 0.5]}}, "
+                             f"got {values!r}")
+        return spec
+    if not (isinstance(values, list | tuple) and len(values) == 2 and all(_finite(value) for value in values)):
+        raise ValueError(f"{{where}}.{kind} must be two finite numbers [low, high], e.g. {{{kind}: [0.0001, 0.01]}}, "
+                         f"got {values!r}")
+    low, high = values
+    if kind == "loguniform" and low <= 0:
+        raise ValueError(f"{{where}}.loguniform needs low > 0 (it samples the logarithm), got {list(values)!r}")
+    if low >= high:
+        raise ValueError(f"{{where}}.{kind} needs low < high, got {list(values)!r}")
     return spec
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _training(train: dict[str, Any]) -> dict[str, Any]:
@@ -151,6 +171,8 @@ class SweepConfig(Section):
         radius, certification = self.objective.radius, self.certification
         sigmas = list(next(iter(self.search["sigma"].values()))) if "sigma" in self.search else [
             self.train.get("sigma", 0.25)]
+        if not all(_finite(sigma) and sigma > 0 for sigma in sigmas):
+            raise ValueError(f"search.sigma: every sigma must be a number > 0, got {sigmas!r}")
         reach = max_radius(max(sigmas), certification.n, certification.alpha)
         if radius >= reach:
             raise ValueError(f"objective.radius={radius} cannot be certified: with n={certification.n} and "
@@ -186,7 +208,18 @@ class SweepRefused(ValueError):
 
 
 class SweepFailed(RuntimeError):
-    """A sweep whose trials all failed before finishing an epoch."""
+    """A sweep with no finished trial that reported its objective (every trial failed, or none finished an
+    epoch)."""
+
+
+class SweepInterrupted(RuntimeError):
+    """A sweep stopped before every planned trial ended (Ctrl-C, SIGTERM): no best configs were written; the
+    message says how many trials are finished and that rerunning the same command resumes. `exit_code`: 130
+    after Ctrl-C (SIGINT), 143 after SIGTERM."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def definition(sweep: SweepConfig) -> dict:
@@ -258,6 +291,9 @@ class SweepRecord:
             record.save()
             return record
         record = cls(location, _read(location))
+        if not record.trials and record.data.get("definition", {}).get("search_algorithm") != "optuna":
+            raise SweepRefused(f"{path.uri} plans no trial (an earlier version wrote it for an empty search space); "
+                               f"remove {location.uri} to start over")
         if record.data["digest"] != sweep_digest(sweep):
             raise SweepRefused(f"{path.uri} records another sweep (its definition differs from this config's); "
                                f"choose another sweep name, or remove {location.uri} to start over")
@@ -273,6 +309,22 @@ class SweepRecord:
         """Keys of the trials still to run: pending ones and those that failed (retried from their last
         epoch)."""
         return [key for key, trial in self.trials.items() if trial["status"] != "finished"]
+
+    def retry(self, keys: list[str]) -> None:
+        """Marks the errored trials among `keys` pending again before an attempt runs them (their last error
+        kept until they end), so a record never calls a trial ended that an interrupted attempt did not run."""
+        errored = [key for key in keys if self.trials[key]["status"] == "error"]
+        for key in errored:
+            self.trials[key]["status"] = "pending"
+        if errored:
+            self.save()
+
+    def counts(self, sweep: SweepConfig) -> tuple[int, int, int]:
+        """(finished, errored, planned): planned is the record's trials, or for Optuna (whose trials are
+        recorded as they start) at least `num_samples`."""
+        statuses = [trial["status"] for trial in self.trials.values()]
+        planned = max(len(statuses), sweep.num_samples) if sweep.search_algorithm == "optuna" else len(statuses)
+        return statuses.count("finished"), statuses.count("error"), planned
 
     def add(self, key: str, config: dict) -> None:
         self.trials.setdefault(key, {"config": config, "status": "pending", "error": None})
@@ -334,6 +386,17 @@ def trial_table(sweep: SweepConfig, record: SweepRecord, epochs: int) -> pd.Data
     return pd.DataFrame(rows)
 
 
+def finished_scores(sweep: SweepConfig, record: SweepRecord) -> dict[str, float]:
+    """The best objective of each finished trial of the record, from its own last.json (as `trial_table`)."""
+    scores = {}
+    for key, trial in record.trials.items():
+        if trial["status"] == "finished":
+            history = (training_record(record.location.join("trials", key)) or {"history": []})["history"]
+            values = [epoch[sweep.metric] for epoch in history if sweep.metric in epoch]
+            scores[key] = max(values) if values else math.nan
+    return scores
+
+
 def trial_objective(sweep: SweepConfig, train: DenoiserConfig) -> Callable[[torch.nn.Module, TrainingData], dict]:
     """A trial's metrics after an epoch: its denoiser in front of the frozen classifier, certified on the
     validation split by Cohen at the trial's sigma with the sweep's `certification` (n0, n, alpha), in this
@@ -350,25 +413,59 @@ def trial_objective(sweep: SweepConfig, train: DenoiserConfig) -> Callable[[torc
     return evaluate
 
 
-def write_outputs(sweep: SweepConfig, record: SweepRecord) -> dict:
-    """Writes the sweep's outputs beside its record: `trials.parquet` (`trial_table`), `objective.png` (the
-    objective against each searched hyperparameter), then the best trial's (highest objective) training
-    config as `best_train.yaml` and the certification of its denoiser as `best_certify.yaml`; returns that
-    certification config. SweepFailed, after the table and the plot, when no trial finished an epoch."""
+BEST_FILES = ("best_train.yaml", "best_certify.yaml")
+
+
+def best_trial(scores: dict[str, float]) -> str | None:
+    """The sweep's one rule for its best trial, shared by the progress line and the outputs: the highest finite
+    objective; among equal objectives the earliest trial (t002 before t010); None without a finite score."""
+    finite = [(value, key) for key, value in scores.items() if isinstance(value, int | float) and math.isfinite(value)]
+    if not finite:
+        return None
+    return min(finite, key=lambda item: (-item[0], len(item[1]), item[1]))[1]
+
+
+def remove_best(location) -> None:
+    """Removes best_train.yaml and best_certify.yaml, so a sweep that has trials to run shows no best until it
+    ends (a later, finished attempt writes them again)."""
+    for name in BEST_FILES:
+        target = location.join(name)
+        if target.exists():
+            location.retrying(lambda path=target.path: location.fs.delete_file(path), f"removing {name} from")
+
+
+def write_outputs(sweep: SweepConfig, record: SweepRecord, exit_code: int = 130) -> dict:
+    """Writes the sweep's outputs beside its record: `trials.parquet` (`trial_table`) and `objective.png` (the
+    objective against each searched hyperparameter); then, only when every planned trial is finished or
+    errored, the best finished trial's (`best_trial`) training config as `best_train.yaml` and the
+    certification of its denoiser as `best_certify.yaml`; returns that certification config.
+    SweepInterrupted (with `exit_code`), after removing any earlier best configs, while trials are left to
+    run; SweepFailed when no finished trial reported the objective (errored trials are never the best)."""
     location, base = record.location, DenoiserConfig.from_dict(sweep.train)
     table = trial_table(sweep, record, base.epochs + base.second_epochs)
     location.write_parquet("trials.parquet", pa.Table.from_pandas(table, preserve_index=False))
     location.write_bytes("objective.png", _plot(table, sweep.search, sweep.metric))
-    reported = table[table[sweep.metric].notna()]
-    if reported.empty:
-        raise SweepFailed(f"no trial of sweep {sweep.name} finished an epoch; see {location.uri}/trials.parquet")
-    best = reported.loc[reported[sweep.metric].idxmax()]
-    train = trial_config(sweep, record.trials[best["trial_id"]]["config"])
+    finished, errored, planned = record.counts(sweep)
+    if finished + errored < planned:
+        remove_best(location)
+        raise SweepInterrupted(f"sweep {sweep.name} interrupted: {finished} of {planned} trials finished"
+                               f"{f', {errored} errored' if errored else ''}, no best configs written; rerun the "
+                               f"same command to resume (see {location.uri}/trials.parquet)", exit_code)
+    done = table[table["status"] == "finished"]
+    key = best_trial(dict(zip(done["trial_id"], done[sweep.metric], strict=True)))
+    if key is None:
+        remove_best(location)
+        reported = int(table[sweep.metric].notna().sum())
+        raise SweepFailed(f"no finished trial of sweep {sweep.name} reported {sweep.metric} ({errored} of {planned} "
+                          f"errored, {reported} reported before failing); no best configs written; see "
+                          f"{location.uri}/trials.parquet")
+    best = table.set_index("trial_id").loc[key]
+    train = trial_config(sweep, record.trials[key]["config"])
     location.write_bytes("best_train.yaml", yaml.safe_dump(train, sort_keys=False).encode())
     certify = best_certify_config(sweep, train, best["checkpoint"])
     location.write_bytes("best_certify.yaml", yaml.safe_dump(certify, sort_keys=False).encode())
-    log.info("best trial: %s %s = %.4f with %s", best["trial_id"], sweep.metric, best[sweep.metric],
-             record.trials[best["trial_id"]]["config"])
+    log.info("best trial: %s %s = %.4f with %s (%d of %d trials finished, %d errored)", key, sweep.metric,
+             best[sweep.metric], record.trials[key]["config"], finished, planned, errored)
     return certify
 
 

@@ -18,7 +18,18 @@ import yaml
 from pipeline import cli
 from pipeline.config import ConfigError, validate
 from pipeline.distributed.tune import run_sweep
-from pipeline.sweeps import SweepConfig, SweepRecord, SweepRefused, best_certify_config, load_sweep, plan_trials
+from pipeline.sweeps import (
+    SweepConfig,
+    SweepFailed,
+    SweepInterrupted,
+    SweepRecord,
+    SweepRefused,
+    best_certify_config,
+    best_trial,
+    load_sweep,
+    plan_trials,
+    write_outputs,
+)
 from pipeline.train_demo import train_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +82,53 @@ def test_tiny_asha_sweep_writes_trials_and_a_best_config_that_trains_and_certifi
     assert cli.main(["certify", "--config", str(Path(uri) / "best_certify.yaml")]) == 0
     rows = pd.read_parquet(tmp_path / "runs" / "tiny-best" / "results")
     assert len(rows) == 4 and set(rows["status"]) == {"ok"}
+
+
+def test_a_sweep_stopped_by_ctrl_c_writes_no_best_and_a_rerun_finishes_it(ray_cluster, clean_classifier, tmp_path,
+                                                                           capsys):
+    """Row 80: Ctrl-C (SIGINT; Tune ends its experiment) after the first of 2 trials finished: no best configs,
+    SweepInterrupted with exit code 130 and the count of finished trials; rerunning the same command resumes
+    and only then writes the best."""
+    import threading
+
+    sweep = sweep_config(tmp_path, clean_classifier, max_concurrent=1, scheduler={"name": "fifo"},
+                         search={"lr": {"grid": [1e-7, 3e-3]}}, num_samples=1)
+    sweep["train"]["epochs"] = 1
+    folder = tmp_path / "sweeps" / "tiny"
+    running = threading.Event()
+
+    def interrupt_after_the_first_trial() -> None:
+        while running.is_set():
+            path = folder / "sweep.json"
+            statuses = [t["status"] for t in json.loads(path.read_text())["trials"].values()] if path.exists() else []
+            if statuses[:1] == ["finished"]:
+                os.kill(os.getpid(), signal.SIGINT)  # Tune's handler, in the main thread
+                return
+            time.sleep(0.02)
+
+    previous = signal.signal(signal.SIGINT, lambda *_: None)  # Tune restores this one after its own
+    running.set()
+    watcher = threading.Thread(target=interrupt_after_the_first_trial)
+    watcher.start()
+    try:
+        with pytest.raises(SweepInterrupted, match=r"^sweep tiny interrupted: 1 of 2 trials finished, no best "
+                                                   r"configs written; rerun the same command to resume") as caught:
+            run_sweep(SweepConfig.from_dict(sweep))
+    finally:
+        running.clear()
+        watcher.join()
+        signal.signal(signal.SIGINT, previous)
+    assert caught.value.exit_code == 130
+    record = json.loads((folder / "sweep.json").read_text())
+    assert [trial["status"] for trial in record["trials"].values()] == ["finished", "pending"]
+    assert not (folder / "best_train.yaml").exists() and not (folder / "best_certify.yaml").exists()
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(sweep))
+    assert cli.main(["sweep", "--config", str(config)]) == 0
+    assert f"best: {folder}/best_train.yaml" in capsys.readouterr().out
+    record = json.loads((folder / "sweep.json").read_text())
+    assert record["attempts"] == 2 and {trial["status"] for trial in record["trials"].values()} == {"finished"}
+    assert (folder / "best_train.yaml").exists() and (folder / "best_certify.yaml").exists()
 
 
 class Planted:
@@ -197,6 +255,102 @@ def test_bad_sweeps_give_clear_errors(tmp_path):
         SweepConfig.from_dict({**base, "search": {"lr": [1, 2]}})
     with pytest.raises(ConfigError, match=r"storage: the sweep's folder is `output`"):
         SweepConfig.from_dict({**base, "storage": "runs/sweeps"})
+    with pytest.raises(ConfigError, match=r"search\.sigma: every sigma must be a number > 0, got \['a', 0\.5\]"):
+        SweepConfig.from_dict({**base, "search": {"sigma": {"choice": ["a", 0.5]}},
+                               "objective": {"metric": "certified_accuracy", "radius": 0.1}})
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ({"grid": []}, r"search\.lr\.grid must be a non-empty list of values"),
+    ({"choice": []}, r"search\.lr\.choice must be a non-empty list of values"),
+    ({"grid": 5}, r"search\.lr\.grid must be a non-empty list of values, .*got 5"),
+    ({"uniform": []}, r"search\.lr\.uniform must be two finite numbers \[low, high\]"),  # once: [0, 1)
+    ({"uniform": [1e-3]}, r"search\.lr\.uniform must be two finite numbers"),
+    ({"uniform": [0, float("inf")]}, r"search\.lr\.uniform must be two finite numbers"),
+    ({"uniform": ["a", "b"]}, r"search\.lr\.uniform must be two finite numbers"),
+    ({"uniform": [1, 0]}, r"search\.lr\.uniform needs low < high, got \[1, 0\]"),
+    ({"loguniform": [0, 1]}, r"search\.lr\.loguniform needs low > 0"),
+    ({"loguniform": [1e-2, 1e-2]}, r"search\.lr\.loguniform needs low < high"),
+])
+def test_a_malformed_search_space_is_refused_naming_the_key(tmp_path, capsys, space, message):
+    """Row 77/78: every malformed distribution is one line naming `search.<key>`, before any sweep folder is
+    written (an empty grid once left a sweep.json of 0 trials that crashed every rerun)."""
+    sweep = {**sweep_config(tmp_path, "weights.pt"), "search": {"lr": space}}
+    with pytest.raises(ConfigError, match=message):
+        SweepConfig.from_dict(sweep)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(sweep))
+    assert cli.main(["sweep", "--config", str(config)]) == 2
+    assert "pipeline: invalid sweep: search.lr." in capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_sweep_record_with_no_planned_trial_is_refused_with_a_message(tmp_path, capsys):
+    """A sweep.json of 0 trials (written by an earlier version for `grid: []`) is refused in one line, not a
+    crash inside Ray Tune."""
+    sweep = sweep_config(tmp_path, "weights.pt")
+    folder = tmp_path / "sweeps" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps({"format": "pipeline-sweep/1", "digest": "0" * 64, "attempts": 1,
+                                                   "definition": {"search_algorithm": "random"}, "trials": {}}))
+    with pytest.raises(SweepRefused, match=r"sweep\.json plans no trial .* remove .* to start over"):
+        SweepRecord.open(SweepConfig.from_dict(sweep), SweepConfig.from_dict(sweep).storage.open(str(folder)))
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(sweep))
+    assert cli.main(["sweep", "--config", str(config)]) == 2
+    assert "plans no trial" in capsys.readouterr().err
+
+
+def _recorded(tmp_path, statuses: dict[str, str], scores: dict[str, list[float]]):
+    """A sweep record of 4 planned trials with the given statuses, each trial with the epochs' `acr` of
+    `scores` in its last.json and a best/ artifact, as the trials write them."""
+    sweep = SweepConfig.from_dict(sweep_config(tmp_path, "weights.pt"))
+    location = sweep.storage.open(sweep.output).join(sweep.name)
+    record = SweepRecord.open(sweep, location)
+    for key, values in scores.items():
+        trial = Path(location.join("trials", key).path)
+        (trial / "best").mkdir(parents=True)
+        (trial / "best" / "artifact.json").write_text("{}")
+        history = [{"epoch": epoch, "acr": value, "val_accuracy": 0.5} for epoch, value in enumerate(values, 1)]
+        (trial / "last.json").write_text(json.dumps({"epoch": len(values), "sha256": {}, "history": history}))
+    for key, status in statuses.items():
+        record.mark(key, status, "boom" if status == "error" else None)
+    return sweep, record, Path(location.path)
+
+
+def test_an_interrupted_sweep_writes_no_best_and_says_how_many_trials_are_finished(tmp_path):
+    """Row 80: after Ctrl-C with 1 of 4 trials finished, no best configs (stale ones removed), exit code 130,
+    one line with the counts and the way to resume; the trial table is still written."""
+    sweep, record, folder = _recorded(tmp_path, {"t000": "finished"}, {"t000": [0.1, 0.3], "t001": [0.2]})
+    (folder / "best_train.yaml").write_text("stale: true\n")
+    with pytest.raises(SweepInterrupted, match=r"^sweep tiny interrupted: 1 of 4 trials finished, no best configs "
+                                               r"written; rerun the same command to resume") as caught:
+        write_outputs(sweep, record)
+    assert caught.value.exit_code == 130
+    assert not (folder / "best_train.yaml").exists() and not (folder / "best_certify.yaml").exists()
+    assert list(pd.read_parquet(folder / "trials.parquet")["status"]) == ["finished"] + ["pending"] * 3
+    # an errored trial is retried by the next attempt, so it is pending again while that attempt runs
+    record.mark("t001", "error", "boom")
+    record.retry(record.unfinished())
+    assert [trial["status"] for trial in record.trials.values()] == ["finished"] + ["pending"] * 3
+
+
+def test_the_best_is_the_earliest_of_the_top_finished_trials_never_an_errored_one(tmp_path):
+    """Row 81: an errored trial with the highest objective is not the best; equal objectives go to the earliest
+    trial (the rule the progress line uses too); with only errored trials reporting, SweepFailed and no best."""
+    statuses = {"t000": "error", "t001": "finished", "t002": "finished", "t003": "finished"}
+    sweep, record, folder = _recorded(tmp_path, statuses, {"t000": [0.9], "t001": [0.2, 0.5], "t002": [0.5],
+                                                           "t003": [0.4]})
+    certify = write_outputs(sweep, record)
+    assert certify["model"]["denoiser"].endswith("/trials/t001/best")
+    assert yaml.safe_load((folder / "best_train.yaml").read_text())["lr"] == record.trials["t001"]["config"]["lr"]
+    assert best_trial({"t010": 0.5, "t002": 0.5, "t001": float("nan"), "t003": 0.4}) == "t002"
+    for key in ("t001", "t002", "t003"):
+        record.mark(key, "error", "boom")
+    with pytest.raises(SweepFailed, match=r"no finished trial of sweep tiny reported acr \(4 of 4 errored, 4 "
+                                          r"reported before failing\)"):
+        write_outputs(sweep, record)
+    assert not (folder / "best_train.yaml").exists() and not (folder / "best_certify.yaml").exists()
 
 
 def test_sweep_progress_counts_trials_and_shows_the_best_so_far(caplog):
@@ -211,7 +365,7 @@ def test_sweep_progress_counts_trials_and_shows_the_best_so_far(caplog):
     sweep = SweepConfig.from_dict(sweep_config(Path("/tmp"), "weights.pt", search={"lr": {"grid": [1e-3, 1e-2]}}))
     callback = SweepProgress.of(sweep)
     assert callback.total == 4  # a grid of two, two samples
-    trials = [SimpleNamespace(status="RUNNING", config={"lr": lr}) for lr in (1e-3, 1e-2)]
+    trials = [SimpleNamespace(status="RUNNING", config={"lr": lr}, trial_id=f"id{lr}") for lr in (1e-3, 1e-2)]
     with caplog.at_level(logging.INFO, logger="pipeline"):
         callback.on_trial_result(1, trials, trials[1], {"acr": 0.25})
         callback.on_trial_result(1, trials, trials[0], {"acr": 0.125})
@@ -219,8 +373,41 @@ def test_sweep_progress_counts_trials_and_shows_the_best_so_far(caplog):
         callback.on_trial_complete(2, trials, trials[1])
         restored = pickle.loads(pickle.dumps(callback))
         callback.on_experiment_end(trials)
-    assert restored._progress is None and restored._best == (0.25, {"lr": 1e-2})
+    assert restored._progress is None and restored.scores == {"id0.01": 0.25, "id0.001": 0.125}
     assert "sweep: 1/4 trials (25%)" in caplog.text and "running 1, best acr 0.25 (lr=0.01)" in caplog.text
+
+
+def test_sweep_progress_counts_each_trial_once_and_names_the_best_the_outputs_name(tmp_path, caplog):
+    """Row 81's `5/4 trials (125%)`: a resumed sweep with 3 of 4 finished whose last trial errors before any
+    result counted that trial twice (once as already ended when the display started, once for its end). And
+    under a tie the progress line names the earliest trial, as `best_trial` (the outputs) does; an errored
+    trial is never the best shown."""
+    import logging
+    from types import SimpleNamespace
+
+    from pipeline.distributed.progress import SweepProgress
+
+    statuses = {"t001": "finished", "t002": "finished", "t003": "finished"}
+    sweep, record, _ = _recorded(tmp_path, statuses, {"t001": [0.3], "t002": [0.3], "t003": [0.1]})
+    callback = SweepProgress.of(sweep, record)
+    assert (callback.total, callback.done) == (4, 3)
+    trial = SimpleNamespace(status="ERROR", config={"trial": "t000"}, trial_id="x")
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        callback.on_trial_result(1, [trial], trial, {"acr": 0.9})
+        callback.on_trial_error(1, [trial], trial)
+        callback.on_trial_error(1, [trial], trial)  # told twice: still one trial
+        callback.on_experiment_end([trial])
+    lines = [line for line in caplog.text.splitlines() if "sweep: " in line]
+    assert lines and all("4/4 trials (100%)" in line for line in lines[1:]) and "5/4" not in caplog.text
+    lr = record.trials["t001"]["config"]["lr"]
+    assert f"best acr 0.3 (lr={lr:.3g})" in lines[-1] and callback._fields([])["best"] == f"acr 0.3 (lr={lr:.3g})"
+    assert best_trial({"t001": 0.3, "t002": 0.3, "t003": 0.1}) == "t001"
+    # a tie reported in the other order still names the earliest trial
+    later_first = SweepProgress(2, "acr", ["lr"], plan={"t000": {"lr": 1.0}, "t001": {"lr": 2.0}})
+    for key in ("t001", "t000"):
+        running = SimpleNamespace(status="RUNNING", config={"trial": key}, trial_id="x")
+        later_first.on_trial_result(1, [running], running, {"acr": 0.5})
+    assert later_first._fields([])["best"] == "acr 0.5 (lr=1)"
 
 
 def test_the_best_certify_config_states_only_what_final_sets(tmp_path):

@@ -63,11 +63,15 @@ def _quiet_ray_data(verbose: bool) -> None:
 
 # Notices Ray logs as warnings that ask nothing of the user: the progress bars are off on purpose; a local
 # instance has token authentication on (the default; the warning that it is off still shows); Tune's
-# experiment state is saved as it goes (the sweep never reads it back).
+# experiment state is saved as it goes (the sweep never reads it back); after a sweep is interrupted, Tune's advice
+# to resume with `Tuner.restore` (a sweep resumes by rerunning its command, as its own line says) and its list of
+# the trials it stopped and of the stopped trials whose metrics it could not read (trials.parquet has their status).
 NOTICES = {"ray.data._internal.progress": ("Progress bars disabled", "Progress bars for operators disabled"),
            "ray._private.authentication.authentication_token_setup": (
                "Token authentication is enabled for this Ray cluster",),
-           "ray.tune.execution.experiment_state": ("Experiment state snapshotting has been triggered",)}
+           "ray.tune.execution.experiment_state": ("Experiment state snapshotting has been triggered",),
+           "ray.tune.tune": ("Experiment has been interrupted", "Trials did not complete"),
+           "ray.tune.analysis.experiment_analysis": ("Failed to fetch metrics",)}
 
 
 class _NoticeFilter(logging.Filter):

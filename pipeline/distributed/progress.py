@@ -17,7 +17,7 @@ import math
 from ray import tune
 
 from pipeline.progress import Progress
-from pipeline.sweeps import plan_trials
+from pipeline.sweeps import best_trial, finished_scores, plan_trials
 
 try:  # Ray Train's callbacks on the controller (Train v2)
     from ray.train import UserCallback
@@ -53,56 +53,73 @@ class TrainProgress(UserCallback):
 
 
 class SweepProgress(tune.Callback):
-    """Trials finished of `total` (errors counted as failed), how many run, and the best `metric` so far."""
+    """Trials ended of `total` (errors counted as failed; each trial once, so never more than the plan), how
+    many run, and the best `metric` so far by the sweep's one rule (`pipeline.sweeps.best_trial`: errored
+    trials never count, ties go to the earliest trial), so it names the trial the outputs will name."""
 
     def __init__(self, total: int, metric: str, searched: list[str], done: int = 0,
-                 plan: dict[str, dict] | None = None):
+                 plan: dict[str, dict] | None = None, scores: dict[str, float] | None = None):
         self.total, self.metric, self.searched, self.done = total, metric, searched, done
         self.plan = plan or {}  # trial key -> sampled config, for trials Tune knows only by their key
+        self.scores = dict(scores or {})  # trial key -> its best objective so far (earlier attempts' finished)
+        self.configs: dict[str, dict] = {}
+        self.ended: set[str] = set()
+        self.errored: set[str] = set()
         self._progress = None
-        self._best = (-math.inf, None)
 
     @classmethod
     def of(cls, sweep, record=None) -> SweepProgress:
         """The callback for a `pipeline.sweeps.SweepConfig`: its trial count (the trials of its
-        `pipeline.sweeps.SweepRecord`, else of its plan), the trials the record already has finished, its
-        metric and its searched keys."""
+        `pipeline.sweeps.SweepRecord`, else of its plan), the trials the record already has finished and their
+        objectives, its metric and its searched keys."""
         if record is None or not record.trials:
-            return cls(len(plan_trials(sweep)), sweep.metric, list(sweep.search))
-        finished = sum(trial["status"] == "finished" for trial in record.trials.values())
-        return cls(len(record.trials), sweep.metric, list(sweep.search), finished,
-                   {key: trial["config"] for key, trial in record.trials.items()})
+            total = sweep.num_samples if sweep.search_algorithm == "optuna" else len(plan_trials(sweep))
+            return cls(total, sweep.metric, list(sweep.search))
+        scores = finished_scores(sweep, record)
+        return cls(record.counts(sweep)[2], sweep.metric, list(sweep.search), len(scores),
+                   {key: trial["config"] for key, trial in record.trials.items()}, scores)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_progress": None}
 
-    def _display(self, trials) -> Progress:
+    def _key(self, trial) -> str:
+        return trial.config.get("trial", trial.trial_id)
+
+    def _display(self) -> Progress:
         if self._progress is None:
-            finished = self.done + sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
-            self._progress = Progress(max(self.total, len(trials)), "trials", "sweep", logger=log, initial=finished)
-        self._progress.total = max(self._progress.total, self.done + len(trials))
+            self._progress = Progress(self.total, "trials", "sweep", logger=log, initial=min(self.done, self.total))
         return self._progress
 
     def _fields(self, trials, ended=None) -> dict:
         fields = {"running": sum(trial.status == "RUNNING" and trial is not ended for trial in trials)}
-        value, config = self._best
-        if config is not None:
-            shown = ", ".join(f"{key}={_short(config.get(key))}" for key in self.searched)
-            fields["best"] = f"{self.metric} {value:.4g} ({shown})"
+        key = best_trial({key: value for key, value in self.scores.items() if key not in self.errored})
+        if key is not None:
+            config = self.plan.get(key, self.configs.get(key, {}))
+            shown = ", ".join(f"{name}={_short(config.get(name))}" for name in self.searched)
+            fields["best"] = f"{self.metric} {self.scores[key]:.4g} ({shown})"
         return fields
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        value = result.get(self.metric)
-        if isinstance(value, int | float) and math.isfinite(value) and value > self._best[0]:
-            self._best = (float(value), dict(self.plan.get(trial.config.get("trial"), trial.config)))
-        progress = self._display(trials)
-        progress.update(0, **self._fields(trials))
+        key, value = self._key(trial), result.get(self.metric)
+        if isinstance(value, int | float) and math.isfinite(value) and value > self.scores.get(key, -math.inf):
+            self.scores[key] = float(value)
+            self.configs.setdefault(key, {k: v for k, v in trial.config.items() if k != "trial"})
+        self._display().update(0, **self._fields(trials))
+
+    def _end(self, trials, trial, failed: bool) -> None:
+        key = self._key(trial)
+        if failed:
+            self.errored.add(key)
+        new = key not in self.ended and self.done + len(self.ended) < self.total
+        self.ended.add(key)
+        self._display().update(1 if new else 0, **({"failed": 1} if failed and new else {}),
+                               **self._fields(trials, trial))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._display(trials).update(1, **self._fields(trials, trial))
+        self._end(trials, trial, failed=False)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._display(trials).update(1, failed=1, **self._fields(trials, trial))
+        self._end(trials, trial, failed=True)
 
     def on_experiment_end(self, trials, **info) -> None:
         if self._progress is not None:

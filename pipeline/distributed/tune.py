@@ -21,7 +21,10 @@ ever read back (each attempt is a fresh Tune experiment). At the end the sweep w
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 
 from ray import tune
 from ray.tune.execution import class_cache
@@ -32,7 +35,7 @@ from pipeline.denoise.train import fit_resumable
 from pipeline.distributed import init_ray, is_verbose, set_verbose
 from pipeline.distributed.certify import run
 from pipeline.distributed.progress import SweepProgress
-from pipeline.sweeps import SweepConfig, SweepRecord, trial_config, trial_objective, write_outputs
+from pipeline.sweeps import SweepConfig, SweepRecord, remove_best, trial_config, trial_objective, write_outputs
 
 CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 
@@ -119,19 +122,57 @@ def _location(sweep: SweepConfig):
 def run_sweep(sweep: SweepConfig) -> str:
     """Runs the sweep, or resumes it from its record (finished trials are not run again, unfinished ones go on
     after their last finished epoch; `pipeline.sweeps.SweepRecord.open` refuses a folder that is not this
-    sweep's); writes the trial table, the plot and the best configs; returns the sweep's URI."""
+    sweep's); writes the trial table, the plot and, once every planned trial has ended, the best configs
+    (`pipeline.sweeps.write_outputs`); returns the sweep's URI. An attempt that trials are left from (Ctrl-C,
+    SIGTERM: Tune stops its trials, each keeping its last finished epoch) writes no best configs and raises
+    `pipeline.sweeps.SweepInterrupted`, whose message says how many trials are finished and that a rerun
+    resumes."""
     location = _location(sweep)
     record = SweepRecord.open(sweep, location)  # before Ray starts: a refused folder fails fast
     todo = record.unfinished()
     if record.data["attempts"] > 1:
         log.info("resuming sweep %s from %s: %d of %d trials to run", sweep.name, location.uri, len(todo),
                  len(record.trials))
+    exit_code = 130
     if todo or not record.trials:
-        _run_trials(sweep, record, todo)
-    certify = write_outputs(sweep, record)
+        remove_best(location)  # an earlier best is not this sweep's best until every trial has ended
+        record.retry(todo)
+        init_ray()  # before the handler below: Ray's own SIGTERM handler, set on start, exits at once
+        with _stop_on_sigterm() as received:
+            try:
+                _run_trials(sweep, record, todo)
+            except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune took over
+                log.warning("sweep %s: stopped by Ctrl-C", sweep.name)
+        exit_code = 143 if received else 130
+    certify = write_outputs(sweep, record, exit_code)
     if sweep.final_certify:
         run(validate(certify))
     return location.uri
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """While the sweep runs, SIGTERM (`ray job stop`, a scheduler's stop) stops it as Ctrl-C does: Tune's own
+    SIGINT handler ends the experiment after saving each trial's last epoch (outside Tune, KeyboardInterrupt).
+    Yields a list that holds the signal once received."""
+    received: list[int] = []
+
+    def stop(signum, frame):
+        received.append(signum)
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_trials(sweep: SweepConfig, record: SweepRecord, todo: list[str]) -> None:
