@@ -7,16 +7,19 @@ its class count. It keeps no record of the work it does: each step of sampling r
 votes on the device, and records the passes it ran, the votes it reused from the batch's `VoteCache`
 (`pipeline.votes`) and the non-finite outputs it met. The engine knows nothing of certificates or Ray.
 
-A draw is a pure function of (seed, image id, stage, index) (see `pipeline.noise`), so the counts do not
-depend on the batch size or on which images shared a batch. `precision="bf16"`, `channels_last` and
-`compile` are recorded with every certificate (`Engine.settings`).
+A draw is a pure function of (seed, image id, stage, index) (see `pipeline.noise`), so on a CPU the counts
+do not depend on the batch size or on which images shared a batch. On a GPU, kernels chosen per shape may
+round differently, so counts can depend on the batch size, never on which images shared a batch. The
+precision, `channels_last` and `compile` are recorded with every certificate (`Engine.settings`), as what
+ran: a compilation that fails falls back to eager, and the record says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -25,7 +28,7 @@ from pipeline.sampling import Session
 from pipeline.votes import Draws, VoteCache
 
 AUTO = "auto"
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16}  # name -> autocast dtype (None: float32)
 
 log = logging.getLogger(__name__)
 _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {engine settings: its probe}
@@ -36,11 +39,15 @@ __all__ = ["AUTO", "PRECISIONS", "Draws", "Engine"]
 class Engine:
     """A classifier ready to run on noisy copies of images, whose top-1 predictions its sessions count.
 
-    `precision="bf16"` rounds each noisy input to bf16 (x + sigma * eps is computed in fp32 first) and runs
-    the model under bf16 autocast: the counts are exact samples of that reduced-precision classifier, so
-    certificates hold for it, not for its fp32 original. `channels_last` stores the model and its inputs
-    in NHWC; `compile` runs the model through `torch.compile` (True, or the name of a backend). Neither
-    changes what is certified beyond the floating-point rounding of the model they run.
+    `precision="fp32"` runs IEEE float32 on every device: TF32 matmuls and convolutions are off inside the
+    engine's forward passes, whatever the process's global flags. `"tf32"` lets the device use TF32 (an
+    Ampere or later GPU; elsewhere it is fp32). `"bf16"` rounds each noisy input to bf16 (x + sigma * eps is
+    computed in fp32 first) and runs the model under bf16 autocast. In every case the counts are exact
+    samples of the classifier as it ran, so certificates hold for it, not for an fp32 original.
+    `channels_last` stores the model and its inputs in NHWC; `compile` runs the model's forward through
+    `torch.compile` (True, the name of a backend, or a backend callable) at one static shape: the chosen
+    batch size, the last partial batch padded to it, so it compiles once; clean-image checks and output
+    heads run eager. Neither changes what is certified beyond the floating-point rounding of the model.
     """
 
     def __init__(self, model: torch.nn.Module, *, device: str | torch.device = "cpu", batch_size: int | str = AUTO,
@@ -50,21 +57,24 @@ class Engine:
             raise ValueError(f"batch_size must be 'auto' or an integer >= 1, got {batch_size!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        if not isinstance(compile, bool | str):
+        if not (isinstance(compile, bool | str) or callable(compile)):
             raise ValueError(f"compile must be true, false or the name of a torch.compile backend, got {compile!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self._runner = self.model
+        self._compiled = None
         if compile:
-            self._runner = torch.compile(self.model, **({} if compile is True else {"backend": compile}))
+            backend = {} if compile is True else {"backend": compile}
+            self._compiled = torch.compile(self.model, dynamic=False, **backend)
         self.batch_size: int | str = batch_size  # "auto" until the first images arrive (`resolve_batch_size`)
         self.probe: dict | None = None
         self.precision = precision
         self.channels_last = bool(channels_last)
-        self.compile = compile
+        self.compile = compile if isinstance(compile, bool | str) else getattr(compile, "__name__", "callable")
+        self.compile_error: str | None = None
         self._num_classes: int | None = None
+        self._padded: torch.Tensor | None = None
 
     def settings(self) -> dict:
         """What the model ran as, for the certificate's record: precision, layout, compilation and the batch
@@ -73,8 +83,15 @@ class Engine:
         batch = {"size": self.batch_size, "chosen_by": chosen_by}
         if self.probe:
             batch["probe"] = {key: value for key, value in self.probe.items() if key != "size"}
-        return {"precision": self.precision, "channels_last": self.channels_last, "compile": self.compile,
-                "batch": batch}
+        ran = {"precision": self.precision, "tf32": self.uses_tf32, "channels_last": self.channels_last,
+               "compile": self.compile, "batch": batch}
+        return ran if self.compile_error is None else {**ran, "compile_error": self.compile_error}
+
+    @property
+    def uses_tf32(self) -> bool:
+        """Whether float32 matmuls and convolutions run in TF32 (precision "tf32" on a GPU that has it)."""
+        return (self.precision == "tf32" and self.device.type == "cuda"
+                and torch.cuda.get_device_capability(self.device)[0] >= 8)
 
     def resolve_batch_size(self, input_shape: Sequence[int]) -> int:
         """The rows per forward pass: the configured number, or with `batch_size="auto"` the fastest size
@@ -103,20 +120,42 @@ class Engine:
         return step
 
     def forward(self, function, inputs: torch.Tensor) -> torch.Tensor:
-        """`function(inputs)` under inference mode and the configured precision."""
+        """`function(inputs)` under inference mode and the configured precision (TF32 on or off as it says)."""
         dtype = PRECISIONS[self.precision]
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype or torch.float32,
-                                                    enabled=dtype is not None):
+        with torch.inference_mode(), float32_math(tf32=self.precision == "tf32"), torch.autocast(
+                self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return function(inputs)
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The model's output on a batch, under inference mode and the configured precision."""
-        return self.forward(self._runner, inputs)
+        """The model's output on a batch of noisy inputs, under inference mode and the configured precision:
+        compiled (padded to the batch size, so at one shape) once the batch size is known, else eager."""
+        if self._compiled is None or self.batch_size == AUTO or len(inputs) > self.batch_size:
+            return self.forward(self.model, inputs)
+        padded = self._pad(inputs)
+        try:
+            return self.forward(self._compiled, padded)[:len(inputs)]
+        except Exception as error:  # an unsupported model, no C++ compiler: say so once and run eager
+            while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+                error = inner  # the backend's own error, not dynamo's wrapper of it
+            self._compiled, self.compile = None, False
+            self.compile_error = f"{type(error).__name__}: {(str(error).strip() or '?').splitlines()[0][:300]}"
+            log.warning("compile failed, running the model eager: %s", self.compile_error)
+            return self.forward(self.model, inputs)
+
+    def _pad(self, inputs: torch.Tensor) -> torch.Tensor:
+        """`inputs` as a full batch (a partial one copied into a kept buffer of the batch's shape and layout)."""
+        if len(inputs) == self.batch_size:
+            return inputs
+        if self._padded is None or self._padded.shape[1:] != inputs.shape[1:] or self._padded.dtype != inputs.dtype:
+            self._padded = torch.empty((self.batch_size, *inputs.shape[1:]), dtype=inputs.dtype, device=self.device,
+                                       memory_format=self.input_format()[1]).zero_()
+        self._padded[:len(inputs)].copy_(inputs)
+        return self._padded
 
     def num_classes(self, image: torch.Tensor) -> int:
-        """Probes the model once, on one clean image, and checks that it returns one score per class."""
+        """Probes the model once, eager, on one clean image, and checks that it returns one score per class."""
         if self._num_classes is None:
-            out = self.logits(image[None].to(self.device, torch.float32))
+            out = self.forward(self.model, image[None].to(self.device, torch.float32))
             if out.ndim != 2 or out.shape[0] != 1 or out.shape[1] < 2:
                 raise ValueError(f"the model must map a batch [B, C, H, W] to class scores [B, num_classes >= 2];"
                                  f" it returned shape {tuple(out.shape)}")
@@ -132,3 +171,18 @@ class Engine:
         """The dtype and memory format of the model's noisy inputs."""
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         return PRECISIONS[self.precision] or torch.float32, layout
+
+
+@contextlib.contextmanager
+def float32_math(tf32: bool) -> Iterator[None]:
+    """Float32 matmuls and cuDNN convolutions in TF32 (`tf32`) or in IEEE float32 inside the block, whatever
+    the process's flags; the flags are restored after."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
