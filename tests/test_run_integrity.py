@@ -289,8 +289,9 @@ def test_pipeline_report_names_a_file_that_is_not_a_result_file(finished, capsys
     from pipeline import cli
 
     results = finished / "r" / "results"
-    for name, data, problem in [("part-cut.parquet", sorted(results.iterdir())[0].read_bytes()[:200],
-                                 "cannot be read as result rows"), ("part-other.parquet", None, "it lacks the result column")]:
+    cut = sorted(results.iterdir())[0].read_bytes()[:200]
+    for name, data, problem in [("part-cut.parquet", cut, "cannot be read as result rows"),
+                                ("part-other.parquet", None, "it lacks the result column")]:
         if data is None:
             pq.write_table(pa.table({"x": [1, 2]}), results / name)
         else:
