@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torchvision
 
-from pipeline.engine import PRECISIONS, Draws, Engine
+from pipeline.engine import Draws, Engine
 
 SIGMA = 0.25
 PRECISION_ORDER = ("fp32", "tf32", "bf16")
@@ -120,7 +120,7 @@ def size_runs(engine: Engine, image: torch.Tensor, size: int, passes: int) -> di
 
     def floor():
         for _ in range(passes):
-            torch.randn(noise.shape, out=noise, device=device)
+            torch.randn(noise.shape, out=noise)
             noisy = (image + SIGMA * noise).to(dtype).contiguous(memory_format=layout)
             engine.logits(noisy).argmax(1)
 
@@ -231,7 +231,7 @@ def write_jpegs(root: str, images: int, side: int) -> None:
 
 
 def job_config(root: str, output: str, device: torch.device, sizes: Sizes, compiled) -> dict:
-    side, resize, crop = sizes.job_pixels
+    _, resize, crop = sizes.job_pixels
     n0, n = sizes.job_n
     return {"run_id": f"gpu-bench-{'compiled' if compiled else 'eager'}", "output": output, "seed": 0,
             "batch_size": "auto", "images_per_batch": sizes.images_per_batch, "device": device.type,
