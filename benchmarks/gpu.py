@@ -1,6 +1,6 @@
 """What one GPU does for this pipeline, in one table: raw speed, the engine, reproducibility and a Ray job.
 
-    python benchmarks/gpu.py                       # a GPU: about 5 minutes on one H200
+    python benchmarks/gpu.py                       # a GPU: sized for under 6 minutes on one H200
     python benchmarks/gpu.py --tiny --device cpu   # a CPU smoke run in under a minute (not a performance figure)
     python benchmarks/gpu.py --skip-job --out gpu_table.md
 
@@ -36,7 +36,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,11 +57,11 @@ class Sizes:
     batch_sizes: tuple = (256, 512, 1024, 2048)
     rows_per_size: int = 4096
     repeats: int = 3
-    engine: tuple = (2, 20_000)  # images x draws per engine figure
+    engine: tuple = (2, 10_000)  # images x draws per engine figure
     compile: bool | str = True
     counts: tuple = (6, 50_000)  # demo digits x draws
     count_sizes: tuple = (100, 1000, 4096, 16384)
-    job_images: int = 24
+    job_images: int = 16
     job_pixels: tuple = (256, 256, 224)  # JPEG side, resize, crop
     job_n: tuple = (100, 10_000)  # n0, N
     job_precision: str = "bf16"
@@ -69,7 +69,6 @@ class Sizes:
     images_per_batch: int = 4
     engine_precisions: tuple = ("bf16", "fp32")
     job_compiled: bool = True  # also the compiled job
-    notes: list = field(default_factory=list)
 
 
 TINY = dict(model="demo_cnn", shape=(3, 32, 32), batch_sizes=(4, 16), rows_per_size=16, repeats=1,
@@ -302,7 +301,7 @@ def job_rows(device: torch.device, sizes: Sizes) -> list[dict]:
         from pipeline.distributed.certify import run
     except ImportError as error:
         return [row("job", "Ray job vs engine alone", sizes.job_precision, "auto", float("nan"), unit="images/s",
-                    note=f"skipped: {error}")]
+                    note=f"skipped: Ray cannot be imported ({error})")]
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         root, output = os.path.join(scratch, "images"), os.path.join(scratch, "runs")
