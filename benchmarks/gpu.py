@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torchvision
+from throughput import best_rates, sync  # beside this script
 
 from pipeline.engine import Draws, Engine
 
@@ -85,25 +86,6 @@ def build_model(sizes: Sizes) -> torch.nn.Module:
 
         return load_model(ModelSpec())
     return getattr(torchvision.models, sizes.model)(weights=None)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_rates(runs: dict, draws: dict[str, int], repeats: int, device: torch.device) -> dict[str, float]:
-    """Best draws/s of each run over `repeats` rounds in which the runs alternate (a drift in the machine's
-    speed touches all alike), after one untimed warm-up round."""
-    times: dict[str, list[float]] = {label: [] for label in runs}
-    for round_ in range(repeats + 1):
-        for label, run in runs.items():
-            started = time.perf_counter()
-            run()
-            sync(device)
-            if round_:
-                times[label].append(time.perf_counter() - started)
-    return {label: draws[label] / min(elapsed) for label, elapsed in times.items()}
 
 
 def size_runs(engine: Engine, image: torch.Tensor, size: int, passes: int) -> dict:
