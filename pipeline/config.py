@@ -50,9 +50,11 @@ NonNegative = Annotated[Number, Field(ge=0.0)]
 
 
 class Actors(Section):
-    """The certification actor pool: `count` actors, each with `gpus` GPUs (fractions allowed) and `cpus`."""
+    """The certification actor pool: `count` actors (auto: one per `gpus` of the cluster's GPUs when it has
+    GPUs, else one), each with `gpus` GPUs (fractions allowed) and `cpus` (its torch threads; a GPU actor
+    reserves the one CPU Ray gives GPU work)."""
 
-    count: Count = Field(1, ge=1)
+    count: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     gpus: NonNegative = 0
     cpus: NonNegative = 1
 

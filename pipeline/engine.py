@@ -51,7 +51,8 @@ class Engine:
     """
 
     def __init__(self, model: torch.nn.Module, *, device: str | torch.device = "cpu", batch_size: int | str = AUTO,
-                 precision: str = "fp32", channels_last: bool = False, compile: bool | str = False):
+                 precision: str = "fp32", channels_last: bool = False, compile: bool | str = False,
+                 chosen_by: str | None = None):
         if batch_size != AUTO and not (isinstance(batch_size, int) and not isinstance(batch_size, bool)
                                        and batch_size >= 1):
             raise ValueError(f"batch_size must be 'auto' or an integer >= 1, got {batch_size!r}")
@@ -69,6 +70,7 @@ class Engine:
             self._compiled = torch.compile(self.model, dynamic=False, **backend)
         self.batch_size: int | str = batch_size  # "auto" until the first images arrive (`resolve_batch_size`)
         self.probe: dict | None = None
+        self.chosen_by = chosen_by  # how a given batch size was chosen, when not by this config ("earlier attempt")
         self.precision = precision
         self.channels_last = bool(channels_last)
         self.compile = compile if isinstance(compile, bool | str) else getattr(compile, "__name__", "callable")
@@ -79,7 +81,8 @@ class Engine:
     def settings(self) -> dict:
         """What the model ran as, for the certificate's record: precision, layout, compilation and the batch
         size (with the probe's figures when `auto` chose it)."""
-        chosen_by = "probe" if self.probe else "config" if self.batch_size != AUTO else "not yet probed"
+        chosen_by = ("probe" if self.probe else self.chosen_by or "config" if self.batch_size != AUTO
+                     else "not yet probed")
         batch = {"size": self.batch_size, "chosen_by": chosen_by}
         if self.probe:
             batch["probe"] = {key: value for key, value in self.probe.items() if key != "size"}

@@ -51,7 +51,7 @@ from pipeline.certifiers import Certificate, Certifier
 from pipeline.config import RunConfig
 from pipeline.data.preprocess import NO_LABEL
 from pipeline.data.sources import list_images
-from pipeline.engine import Engine
+from pipeline.engine import AUTO, Engine
 from pipeline.lease import Lease, acquire
 from pipeline.models import load_model
 from pipeline.results import (
@@ -83,6 +83,13 @@ class Run:
     pending: pa.Table
     manifest: dict
     lease: Lease
+
+    @property
+    def batch_sizes(self) -> dict[str, int]:
+        """The rows per forward pass an earlier attempt's probe chose, by "device/precision" (the manifest's
+        `batch_sizes`): a later attempt reuses them, so a resumed run certifies each image as an
+        uninterrupted one would, also where GPU kernels make counts depend on the batch size."""
+        return self.manifest.get("batch_sizes", {})
 
     @property
     def results(self) -> Location:
@@ -155,6 +162,7 @@ def _open(config: RunConfig, location: Location, listing: pa.Table, lease: Lease
     else:
         manifest.update(started=_now(), attempts=1)
     manifest["status"] = "running"
+    manifest["batch_sizes"] = _chosen_batch_sizes(earlier, results, keys)
     location.write_json("manifest.json", manifest)
     removed = location.remove_partials() + results.remove_partials()
     if removed:
@@ -164,6 +172,39 @@ def _open(config: RunConfig, location: Location, listing: pa.Table, lease: Lease
              listing.num_rows - pending.num_rows, pending.num_rows,
              f" ({retried} of them retried after error rows)" if retried else "")
     return Run(config, config.certifiers, location, listing, pending, manifest, lease)
+
+
+def engine_for(config: RunConfig, model: torch.nn.Module, device: str, batch_sizes: dict[str, int]) -> Engine:
+    """The engine a worker certifies with: the config's settings, and with `batch_size: auto` the size an
+    earlier attempt of the run chose on this kind of device at this precision (`Run.batch_sizes`), if any."""
+    size = batch_sizes.get(f"{torch.device(device).type}/{config.precision}") if config.batch_size == AUTO else None
+    return Engine(model, device=device, batch_size=size or config.batch_size, precision=config.precision,
+                  channels_last=config.channels_last, compile=config.compile,
+                  chosen_by="earlier attempt" if size else None)
+
+
+def _chosen_batch_sizes(earlier: dict | None, results: Location, keys: pa.Table) -> dict[str, int]:
+    """The batch sizes earlier attempts chose, by "device/precision": from the earlier manifest, else (an
+    attempt killed before it finished) from the params of the first results file with ok rows."""
+    if earlier and earlier.get("batch_sizes"):
+        return dict(earlier["batch_sizes"])
+    ok = keys.filter(pc.equal(keys["status"], "ok"))
+    if ok.num_rows == 0:
+        return {}
+    rows = results.read_parquet(ok["file"][0].as_py(), columns=["device", "status", "params"]).to_pylist()
+    return _batch_sizes_of(rows)
+
+
+def _batch_sizes_of(rows: list[dict]) -> dict[str, int]:
+    """"device/precision" -> the batch size rows of ok status record, where a probe (or an earlier
+    attempt's probe) chose it; a size a config fixed is not recorded, as the config gives it again."""
+    chosen = {}
+    for row in rows:
+        params = json.loads(row["params"]) if row["status"] == "ok" else {}
+        batch = params.get("batch") or {}
+        if batch.get("chosen_by") in ("probe", "earlier attempt"):
+            chosen.setdefault(f"{row['device']}/{params.get('precision')}", int(batch["size"]))
+    return chosen
 
 
 def _warn_of_unlisted(keys: pa.Table, listing: pa.Table, results: Location) -> None:
@@ -300,7 +341,7 @@ def _label_errors(engine: Engine, certifiers: Sequence[Certifier], batch: dict[s
     decoded = [i for i, error in enumerate(errors) if not error]
     if not decoded:
         return errors
-    num_classes = certifiers[0].num_classes(engine, torch.from_numpy(batch["pixels"][decoded[0]]).float() / 255)
+    num_classes = certifiers[0].num_classes(engine, torch.tensor(batch["pixels"][decoded[0]]).float() / 255)
     for i in decoded:
         if labels[i] is not None and not 0 <= labels[i] < num_classes:
             errors[i] = f"{ids[i]}: label {labels[i]} is outside the model's classes 0..{num_classes - 1}"
@@ -456,6 +497,8 @@ def finish(run: Run, counts: dict[str, int]) -> RunSummary:
     results = read_results(run.results)
     if run.pending.num_rows:
         run.manifest["batch"] = batch_sizes(results, run.pending["image_id"])
+        chosen = _batch_sizes_of(results.select(["device", "status", "params"]).slice(0, 1000).to_pylist())
+        run.manifest["batch_sizes"] = {**chosen, **run.batch_sizes}
     run.manifest.update(status="finished", finished=_now(), counts={
         **counts, "rows": results.num_rows, "images": len(set(results["image_id"].to_pylist())),
         "error_rows": int(pc.sum(pc.equal(results["status"], "error")).as_py() or 0),

@@ -146,9 +146,11 @@ class Location:
     def write_parquet(self, name: str, table: pa.Table) -> None:
         self._atomic(name, lambda stream: pq.write_table(table, stream))
 
-    def read_parquet(self, name: str) -> pa.Table:
-        """The Parquet file `name` in this directory as a table (pyarrow's errors for a file that is not one)."""
-        return self.retrying(lambda: pq.read_table(self.join(name).path, filesystem=self.fs), f"reading {name} from")
+    def read_parquet(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        """The Parquet file `name` in this directory as a table, all columns or `columns` (pyarrow's errors for
+        a file that is not one)."""
+        return self.retrying(lambda: pq.read_table(self.join(name).path, filesystem=self.fs, columns=columns),
+                             f"reading {name} from")
 
     def remove_partials(self) -> int:
         """Removes the `.partial` files of writes that never completed (a process killed mid-write, a full

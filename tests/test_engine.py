@@ -135,7 +135,7 @@ def test_channels_last_and_compile_run_the_same_classifier(images):
     fast = engine.session().count(images, ids, 0, requests)
     assert seen["channels_last"]
     np.testing.assert_array_equal(plain[requests[0]], fast[requests[0]])
-    assert engine.settings() == {"precision": "fp32", "channels_last": True, "compile": "eager",
+    assert engine.settings() == {"precision": "fp32", "tf32": False, "channels_last": True, "compile": "eager",
                                  "batch": {"size": 128, "chosen_by": "config"}}
 
 

@@ -101,3 +101,44 @@ def test_fp32_runs_without_tf32_inside_the_forward_whatever_the_global_flags_and
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
         torch.set_float32_matmul_precision(saved[2])
+
+
+def test_a_resumed_run_reuses_the_batch_size_its_first_attempt_chose(tmp_path):
+    """The first attempt probes (batch_size auto) and is killed after one file; the rerun's workers take
+    the recorded size instead of probing again, so on a GPU its counts match an uninterrupted run's."""
+    import warnings
+
+    import numpy as np
+
+    from pipeline import run as lifecycle
+    from pipeline.config import validate
+    from pipeline.data.preprocess import decode_batch
+
+    config = validate({"certifiers": [{"name": "cohen", "sigma": 0.25, "n0": 10, "n": 60}], "output": str(tmp_path),
+                       "run_id": "r", "dataset": {"layout": "demo", "max": 4}, "batch_size": "auto"})
+    model = load_model(config.model)
+
+    def certify_first(run, count: int) -> int:
+        engine = lifecycle.engine_for(config, model, "cpu", run.batch_sizes)
+        batch = decode_batch(run.pending.slice(0, count).to_pydict(), config.dataset.transform)
+        batch["pixels"].setflags(write=False)  # as Ray hands batches over
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch's "NumPy array is not writable" warning among them
+            table = lifecycle.certify_batch(engine, run.certifiers, batch, config.seed, {**run.info, "node": "n"})
+        run.results.write_parquet(lifecycle.batch_file(batch["image_id"]), table)
+        assert {json.loads(p)["batch"]["size"] for p in table["params"].to_pylist()} == {engine.batch_size}
+        return engine
+
+    first = lifecycle.prepare(config)
+    assert first.batch_sizes == {}
+    probed = certify_first(first, 2)
+    assert probed.probe is not None
+    first.lease.release()  # the first attempt is killed here
+    second = lifecycle.prepare(config)
+    assert second.batch_sizes == {"cpu/fp32": probed.batch_size}
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["batch_sizes"] == second.batch_sizes
+    reused = certify_first(second, 2)
+    assert reused.probe is None and reused.batch_size == probed.batch_size
+    assert reused.settings()["batch"] == {"size": probed.batch_size, "chosen_by": "earlier attempt"}
+    summary = lifecycle.finish(second, {"certified": 2, "failed": 0})
+    assert summary.status == "finished" and np.all(np.asarray(summary.results["status"]) == "ok")

@@ -29,7 +29,6 @@ from pipeline.config import RunConfig
 from pipeline.data.preprocess import decode_batch
 from pipeline.data.sources import parquet_files
 from pipeline.distributed import init_ray
-from pipeline.engine import Engine
 from pipeline.models import load_model
 from pipeline.progress import Progress
 from pipeline.storage import Location, StorageOutage, WriteFailed
@@ -43,10 +42,9 @@ class CertifyActor:
     """Loads the classifier once; certifies batches of decoded images and writes their rows."""
 
     def __init__(self, config: RunConfig, certifiers: list[Certifier], results: Location, run_info: dict,
-                 device: str):
+                 device: str, batch_sizes: dict[str, int]):
         torch.set_num_threads(max(1, math.floor(config.actors.cpus)))
-        self.engine = Engine(load_model(config.model, config.storage), device=device, batch_size=config.batch_size,
-                             precision=config.precision, channels_last=config.channels_last, compile=config.compile)
+        self.engine = lifecycle.engine_for(config, load_model(config.model, config.storage), device, batch_sizes)
         self.certifiers, self.results, self.seed = certifiers, results, config.seed
         node_id = ray.get_runtime_context().get_node_id()[:12]  # two Ray nodes on one host share its name
         self.run_info = {**run_info, "node": f"{socket.gethostname()}/{node_id}"}
@@ -69,6 +67,14 @@ def _device_and_gpus(config: RunConfig) -> tuple[str, float]:
     if config.device == "cpu" or not cluster_gpus:
         return "cpu", 0.0
     return "cuda", gpus or 1.0
+
+
+def _actor_count(config: RunConfig, gpus: float) -> int:
+    """The actors of the pool: as configured, or with `count: auto` one per `gpus` of the cluster's GPUs (one
+    when certifying on CPUs)."""
+    if config.actors.count != "auto":
+        return config.actors.count
+    return max(1, math.floor(ray.cluster_resources().get("GPU", 0) / gpus)) if gpus else 1
 
 
 def _decoded(run: lifecycle.Run) -> ray.data.Dataset:
@@ -97,13 +103,15 @@ def certify_pending(run: lifecycle.Run, sigterm=None) -> dict[str, int]:
         if sigterm is not None:
             sigterm.install()
         device, gpus = _device_and_gpus(config)
+        count = counts["actors"] = _actor_count(config, gpus)
+        resources = {"num_gpus": gpus} if gpus else {"num_cpus": config.actors.cpus}  # as Ray's GPU pools do
+        kwargs = {"config": config, "certifiers": run.certifiers, "results": run.results, "run_info": run.info,
+                  "device": device, "batch_sizes": run.batch_sizes}
         certified = _decoded(run).map_batches(
             CertifyActor, batch_size=config.images_per_batch, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=config.actors.count), num_cpus=config.actors.cpus,
-            num_gpus=gpus, fn_constructor_kwargs={"config": config, "certifiers": run.certifiers,
-                                                  "results": run.results, "run_info": run.info, "device": device})
-        log.info("certifying %d images with %d settings on %d %s actor(s)", todo, len(run.certifiers),
-                 config.actors.count, device)
+            compute=ray.data.ActorPoolStrategy(size=count), **resources, fn_constructor_kwargs=kwargs)
+        log.info("certifying %d images with %d settings on %d %s actor(s)", todo, len(run.certifiers), count,
+                 device)
         try:
             for batch in certified.iter_batches(batch_size=None, batch_format="numpy"):
                 failed = int(batch["failed"].sum())

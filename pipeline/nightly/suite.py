@@ -81,7 +81,8 @@ def run_suite(suite: NightlySuite, date: str) -> tuple[pd.DataFrame, dict]:
         summary = run(config)
         seconds = time.perf_counter() - started
         results, certified_tonight = summary.results, summary.counts["certified"]
-        count = config.actors.count * max(1, int(config.actors.gpus))
+        actors = summary.counts.get("actors", config.actors.count if config.actors.count != "auto" else 1)
+        count = actors * max(1, int(config.actors.gpus))
         devices.append({"model": entry.label, "devices": count, "device": "gpu" if config.actors.gpus else "cpu",
                         "nodes": sorted(set(results["node"].to_pylist())), "certified_tonight": certified_tonight})
         identity = entry_identity(config)
