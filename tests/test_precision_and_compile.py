@@ -142,3 +142,31 @@ def test_a_resumed_run_reuses_the_batch_size_its_first_attempt_chose(tmp_path):
     assert reused.settings()["batch"] == {"size": probed.batch_size, "chosen_by": "earlier attempt"}
     summary = lifecycle.finish(second, {"certified": 2, "failed": 0})
     assert summary.status == "finished" and np.all(np.asarray(summary.results["status"]) == "ok")
+
+
+def test_gpu_actors_ask_ray_for_their_gpus_the_way_that_draws_no_experimental_warning():
+    """Ray Data warns ("Specifying both num_cpus and num_gpus for map tasks is experimental") when a map
+    stage names both; the pool names GPUs alone for GPU actors and CPUs alone for CPU actors."""
+    from ray.data._internal.execution.operators import map_operator
+
+    from pipeline.config import validate
+    from pipeline.distributed.certify import pool_resources
+
+    config = validate({"certifiers": [{"name": "cohen", "sigma": 0.25}], "actors": {"gpus": 1, "cpus": 4}})
+    assert pool_resources(config, 1.0) == {"num_gpus": 1.0}
+    assert pool_resources(config, 0.0) == {"num_cpus": 4}
+    warned = []
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            warned.append(record.getMessage())
+
+    handler = Seen(logging.WARNING)
+    map_operator.logger.addHandler(handler)  # Ray's loggers do not propagate to pytest's
+    try:
+        map_operator._canonicalize_ray_remote_args(pool_resources(config, 1.0))
+        assert not warned
+        map_operator._canonicalize_ray_remote_args({"num_cpus": 4, "num_gpus": 1.0})  # what the pool asked before
+        assert any("experimental" in message for message in warned)
+    finally:
+        map_operator.logger.removeHandler(handler)

@@ -35,7 +35,7 @@ from pipeline.storage import Location, StorageOutage, WriteFailed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CertifyActor", "certify_pending", "run"]
+__all__ = ["CertifyActor", "certify_pending", "pool_resources", "run"]
 
 
 class CertifyActor:
@@ -67,6 +67,12 @@ def _device_and_gpus(config: RunConfig) -> tuple[str, float]:
     if config.device == "cpu" or not cluster_gpus:
         return "cpu", 0.0
     return "cuda", gpus or 1.0
+
+
+def pool_resources(config: RunConfig, gpus: float) -> dict[str, float]:
+    """What each actor of the pool asks Ray for: its GPUs alone when it has some (as Ray documents GPU actor
+    pools; Ray adds the one CPU it reserves for GPU work, and warns when both are given), else its CPUs."""
+    return {"num_gpus": gpus} if gpus else {"num_cpus": config.actors.cpus}
 
 
 def _actor_count(config: RunConfig, gpus: float) -> int:
@@ -104,7 +110,7 @@ def certify_pending(run: lifecycle.Run, sigterm=None) -> dict[str, int]:
             sigterm.install()
         device, gpus = _device_and_gpus(config)
         count = counts["actors"] = _actor_count(config, gpus)
-        resources = {"num_gpus": gpus} if gpus else {"num_cpus": config.actors.cpus}  # as Ray's GPU pools do
+        resources = pool_resources(config, gpus)
         kwargs = {"config": config, "certifiers": run.certifiers, "results": run.results, "run_info": run.info,
                   "device": device, "batch_sizes": run.batch_sizes}
         certified = _decoded(run).map_batches(
