@@ -118,10 +118,13 @@ def _timm(name: str) -> Architecture:
         raise ValueError(f"{name!r}: {error} ({listing}, pretrained=True for the tags)") from error
     cfg = cfg or timm.models.PretrainedCfg()
     head = cfg.classifier[0] if isinstance(cfg.classifier, (tuple, list)) else cfg.classifier
-    return Architecture(name, CLASSIFIER,
-                        lambda classes: timm.create_model(model_name, pretrained=False, num_classes=classes),
-                        tuple(cfg.mean), tuple(cfg.std), None, family="timm", input_size=tuple(cfg.input_size),
-                        head=head, fallback_classes=cfg.num_classes or 1000)
+    fallback = cfg.num_classes or 1000
+
+    def build(classes: int | None) -> nn.Module:
+        return timm.create_model(model_name, pretrained=False, num_classes=fallback if classes is None else classes)
+
+    return Architecture(name, CLASSIFIER, build, tuple(cfg.mean), tuple(cfg.std), None, family="timm",
+                        input_size=tuple(cfg.input_size), head=head, fallback_classes=fallback)
 
 
 def architecture(name: str) -> Architecture:
