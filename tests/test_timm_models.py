@@ -1,6 +1,9 @@
 """timm classifiers by name (`model.name: timm/<architecture>`), their weights in `.safetensors` or `.pt`, the
 normalisation of timm's own `pretrained_cfg` inside the model."""
 
+import uuid
+
+import boto3
 import pytest
 import torch
 
@@ -9,6 +12,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from pipeline.config import ConfigError, validate  # noqa: E402
 from pipeline.models import Normalize, load_model  # noqa: E402
+from pipeline.storage import Storage  # noqa: E402
 
 
 def _config(name: str, weights=None, **model) -> dict:
@@ -63,6 +67,20 @@ def test_wrapped_timm_weights_and_mismatched_keys_are_named(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match=r"cannot load model weights from .*broken\.safetensors"):
         load_model(validate(_config("timm/resnet18", tmp_path / "broken.safetensors")).model)
+
+
+def test_safetensors_weights_load_from_object_storage(tmp_path, s3_endpoint):
+    reference = timm.create_model("resnet18", pretrained=False, num_classes=7).eval()
+    safetensors_torch.save_file(reference.state_dict(), tmp_path / "model.safetensors")
+    bucket = f"timm-{uuid.uuid4().hex[:8]}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket=bucket)
+    client.upload_file(str(tmp_path / "model.safetensors"), bucket, "resnet18/model.safetensors")
+    spec = validate(_config("timm/resnet18", f"s3://{bucket}/resnet18/model.safetensors")).model
+    model = load_model(spec, Storage(endpoint_url=s3_endpoint))
+    images = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(images), _timm_logits(reference, images), atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_timm_name_says_how_to_list_the_names():
