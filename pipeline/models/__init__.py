@@ -1,11 +1,11 @@
-"""Model registry: the demo CNN, the published CIFAR classifiers, torchvision's classifiers and the
-denoisers (`pipeline.models.architectures`), each with its normalisation first inside the model.
+"""Model registry: the demo CNN, the published CIFAR classifiers, torchvision's and timm's classifiers and
+the denoisers (`pipeline.models.architectures`), each with its normalisation first inside the model.
 
-Weights load from a path or URI the user gives, always with `torch.load(weights_only=True)`
-(`pipeline.models.checkpoints`): a plain state dict, or a published `{'arch', 'state_dict', ...}`
-checkpoint, with the `1.`, `module.` and `1.module.` prefixes of Sequential(normalize, model) and
-DataParallel wrappers removed. `model: {weights: PATH}` alone builds the checkpoint's `arch`; with a
-`name` as well, the two must agree.
+Weights load from a path or URI the user gives, `.safetensors` with safetensors and any other file always
+with `torch.load(weights_only=True)` (`pipeline.models.checkpoints`): a plain state dict, or a published
+`{'arch', 'state_dict', ...}` checkpoint, with the `1.`, `module.` and `1.module.` prefixes of
+Sequential(normalize, model) and DataParallel wrappers removed. `model: {weights: PATH}` alone builds the
+checkpoint's `arch`; with a `name` as well, the two must agree.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 from pipeline.models.architectures import (
     CLASSIFIER,
     DENOISER,
+    TIMM_PREFIX,
     Architecture,
     architecture,
     classifier_names,
@@ -39,13 +40,14 @@ __all__ = ["DemoCNN", "ModelSpec", "Normalize", "WithFeatures", "load_any_denois
 
 
 class ModelSpec(Section):
-    """A model entry of a config: a registry `name` (`model_names()`; none with `weights`: the checkpoint's
-    `arch`; neither: the demo CNN), `weights` (a path or URI; none: the demo's shipped weights, or a random
-    network), the normalisation put in front (`mean`, `std`; default: the architecture's, CIFAR-10's or
-    ImageNet's), `num_classes` (default: the architecture's; the demo CNN's shipped weights have 10, and
-    another count is refused), and a `denoiser` in front of the classifier (a project artifact or a published
-    denoiser checkpoint). A spec that exists is valid (its weights are read when the model is loaded: without
-    a name, their `arch` names the architecture)."""
+    """A model entry of a config: a registry `name` (`model_names()`, or `timm/<architecture>`; none with
+    `weights`: the checkpoint's `arch`; neither: the demo CNN), `weights` (a path or URI; none: the demo's
+    shipped weights, or a random network), the normalisation put in front (`mean`, `std`; default: the
+    architecture's, CIFAR-10's or ImageNet's, timm's `pretrained_cfg` for `timm/` names), `num_classes`
+    (default: the architecture's; for `timm/` names, the rows of the weights' classifier head, else timm's
+    default; the demo CNN's shipped weights have 10, and another count is refused), and a `denoiser` in front
+    of the classifier (a project artifact or a published denoiser checkpoint). A spec that exists is valid
+    (its weights are read when the model is loaded: without a name, their `arch` names the architecture)."""
 
     name: str | None = None
     weights: Annotated[str, Field(min_length=1)] | None = None
@@ -89,9 +91,15 @@ class ModelSpec(Section):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str | None) -> str | None:
-        if name is not None and name not in model_names():
+        if name is not None and name.startswith(TIMM_PREFIX):
+            try:
+                architecture(name)
+            except ValueError as error:
+                raise ValueError(f"{{where}}: {error}") from error
+        elif name is not None and name not in model_names():
             raise ValueError(f"{{where}}: unknown model {name!r}; use demo_cnn, a CIFAR architecture (cifar_resnet20, "
-                             f"cifar_resnet110, cifar_wrn28_10, cifar_wrn40_10) or a torchvision classifier name")
+                             f"cifar_resnet110, cifar_wrn28_10, cifar_wrn40_10), a torchvision classifier name or "
+                             f"timm/<architecture> (e.g. timm/vit_base_patch16_224)")
         return name
 
     @model_validator(mode="after")
@@ -130,7 +138,8 @@ class WithFeatures(nn.Module):
 
 
 def model_names() -> list[str]:
-    """The classifier names a config can give (project names, published `arch` names, torchvision's)."""
+    """The classifier names a config can give (project names, published `arch` names, torchvision's); timm's,
+    as `timm/<architecture>`, are timm's own list (`timm.list_models()`)."""
     return classifier_names()
 
 
@@ -183,7 +192,7 @@ def _load_classifier(spec: ModelSpec, storage: Storage) -> nn.Module:
         return load_demo_model(WEIGHTS)
     checkpoint = read_checkpoint(spec.weights, storage) if spec.weights else None
     arch = _resolve(spec, checkpoint)
-    num_classes = spec.num_classes if spec.num_classes is not None else arch.num_classes
+    num_classes = spec.num_classes if spec.num_classes is not None else _default_classes(arch, checkpoint)
     if checkpoint is not None:
         network = build_to_load(lambda: arch.build(int(num_classes)))
         fit_state(network, checkpoint.state, f"model.weights: {spec.weights}", arch.name)
@@ -195,6 +204,14 @@ def _load_classifier(spec: ModelSpec, storage: Storage) -> nn.Module:
     if mean is None:
         return network.eval()
     return nn.Sequential(Normalize(mean, std), network).eval()
+
+
+def _default_classes(arch: Architecture, checkpoint: Checkpoint | None) -> int:
+    """The class count of an architecture's default, else of its weights' head, else of its library's."""
+    if arch.num_classes is not None:
+        return arch.num_classes
+    found = arch.classes_in(strip_wrappers(checkpoint.state, {f"{arch.head}.weight"})[0]) if checkpoint else None
+    return found if found is not None else arch.fallback_classes
 
 
 def load_any_denoiser(uri: str, storage: Storage = DEFAULT_STORAGE) -> tuple[nn.Module, dict]:

@@ -7,6 +7,7 @@ published checkpoints give them.
 | `cifar_resnet20`, `cifar_resnet110` | `CifarResNet(20 / 110)` | the same | CIFAR-10 |
 | `cifar_wrn28_10`, `cifar_wrn40_10` | `WideResNet(28 / 40, 10)` | `cifar_wrn`, `cifar_wrn40` | CIFAR-10 |
 | any torchvision classifier (`resnet50`, ...) | torchvision's | the same | ImageNet |
+| `timm/<architecture>[.<tag>]` (`timm/vit_base_patch16_224`) | timm's, untrained | | timm's `pretrained_cfg` |
 | `dncnn` (denoiser) | `DnCNN(17, 64)` | `cifar_dncnn`, `imagenet_dncnn` | none |
 | `dncnn_wide` (denoiser) | `DnCNN(17, 128)` | `cifar_dncnn_wide` | none |
 | `memnet` (denoiser) | `MemNet(3, 64, 3, 6)` | `memnet`, `imagenet_memnet` | none |
@@ -36,15 +37,19 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLASSIFIER, DENOISER = "classifier", "denoiser"
+TIMM_PREFIX = "timm/"
+TIMM_MISSING = "timm/ models need timm and safetensors: pip install 'pipeline[timm]'"
 
 __all__ = ["ARCHITECTURES", "CIFAR10_MEAN", "CIFAR10_STD", "CLASSIFIER", "DENOISER", "IMAGENET_MEAN", "IMAGENET_STD",
-           "PUBLISHED_NAMES", "Architecture", "architecture", "classifier_names", "infer_denoiser"]
+           "PUBLISHED_NAMES", "TIMM_PREFIX", "Architecture", "architecture", "classifier_names", "infer_denoiser"]
 
 
 @dataclass(frozen=True)
 class Architecture:
     """A buildable network: `kind` (classifier or denoiser), `build(num_classes)`, the normalisation put in
-    front of it (`mean`, `std`; None when it takes [0, 1] pixels itself) and its default class count."""
+    front of it (`mean`, `std`; None when it takes [0, 1] pixels itself), its default class count (None: read
+    from the weights' `head` weight, else `fallback_classes`), its `family` (project, torchvision, timm) and
+    the (C, H, W) input it was trained on, where its library says."""
 
     name: str
     kind: str
@@ -52,6 +57,16 @@ class Architecture:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     num_classes: int | None = None
+    family: str = "project"
+    input_size: tuple[int, int, int] | None = None
+    head: str | None = None
+    fallback_classes: int | None = None
+
+    def classes_in(self, state: dict[str, torch.Tensor]) -> int | None:
+        """The class count of weights (wrapper prefixes removed) for an architecture without a default: the
+        rows of its `head` weight; None when the weights hold no such head."""
+        weight = state.get(f"{self.head}.weight") if self.head else None
+        return int(weight.shape[0]) if weight is not None and weight.dim() >= 1 else None
 
 
 def _cifar(name: str, build: Callable[[int], nn.Module]) -> Architecture:
@@ -83,23 +98,51 @@ def _torchvision(name: str) -> Architecture:
 
     return Architecture(name, CLASSIFIER, lambda classes: torchvision.models.get_model(name, weights=None,
                                                                                        num_classes=classes),
-                        IMAGENET_MEAN, IMAGENET_STD, 1000)
+                        IMAGENET_MEAN, IMAGENET_STD, 1000, family="torchvision")
+
+
+def _timm(name: str) -> Architecture:
+    """`timm/<architecture>[.<tag>]`: timm's network, built with `pretrained=False` (nothing is downloaded),
+    with the normalisation, input size and head of its `pretrained_cfg` (the tag's, else the default one)."""
+    try:
+        import timm
+    except ImportError as error:
+        raise ValueError(TIMM_MISSING) from error
+    model_name = name[len(TIMM_PREFIX):]
+    listing = "list timm's names with python -c \"import timm; print(timm.list_models('*vit*'))\""
+    if not timm.is_model(model_name):
+        raise ValueError(f"unknown timm architecture {model_name!r}; {listing}")
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+    except RuntimeError as error:  # an unknown tag
+        raise ValueError(f"{name!r}: {error} ({listing}, pretrained=True for the tags)") from error
+    cfg = cfg or timm.models.PretrainedCfg()
+    head = cfg.classifier[0] if isinstance(cfg.classifier, (tuple, list)) else cfg.classifier
+    fallback = cfg.num_classes or 1000
+
+    def build(classes: int | None) -> nn.Module:
+        return timm.create_model(model_name, pretrained=False, num_classes=fallback if classes is None else classes)
+
+    return Architecture(name, CLASSIFIER, build, tuple(cfg.mean), tuple(cfg.std), None, family="timm",
+                        input_size=tuple(cfg.input_size), head=head, fallback_classes=fallback)
 
 
 def architecture(name: str) -> Architecture:
-    """The architecture of a project name, a published `arch` or a torchvision classifier; ValueError
-    listing the known names otherwise."""
+    """The architecture of a project name, a published `arch`, a torchvision classifier or `timm/<name>`;
+    ValueError listing the known names otherwise (saying how to install timm, where it is missing)."""
+    if name.startswith(TIMM_PREFIX):
+        return _timm(name)
     name = PUBLISHED_NAMES.get(name, name)
     if name in ARCHITECTURES:
         return ARCHITECTURES[name]
     if name in _torchvision_classifiers():
         return _torchvision(name)
     raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}, the published names "
-                     f"{sorted(PUBLISHED_NAMES)} and torchvision's classifiers")
+                     f"{sorted(PUBLISHED_NAMES)}, torchvision's classifiers and timm/<architecture>")
 
 
 def classifier_names() -> list[str]:
-    """Every name `model.name` accepts."""
+    """Every name `model.name` accepts, but timm's (`timm/<architecture>`, listed by `timm.list_models()`)."""
     own = [name for name, arch in ARCHITECTURES.items() if arch.kind == CLASSIFIER]
     published = [name for name, own_name in PUBLISHED_NAMES.items() if ARCHITECTURES[own_name].kind == CLASSIFIER]
     return [*own, *published, *_torchvision_classifiers()]

@@ -1,11 +1,13 @@
-"""Checkpoints in the published layouts: reading them (always `torch.load(weights_only=True)`), fitting their
+"""Checkpoints in the published layouts: reading them (`.safetensors` with safetensors, any other file always
+with `torch.load(weights_only=True)`: neither runs pickled code), fitting their
 state dicts into a network with an error that names every key that does not fit, and writing them.
 
 The layouts read:
 - `{'arch', 'state_dict', ...}` (locuslab/smoothing's and denoised-smoothing's `checkpoint.pth.tar`; any
   other entries but the optimizer state, such as `epoch`, are kept as metadata);
-- a plain state dict (torchvision's weights, off-the-shelf denoisers, the project's demo weights);
-in either serialisation of `torch.save` (the zip format, or the legacy one of PyTorch before 1.6).
+- a plain state dict (torchvision's and timm's weights, off-the-shelf denoisers, the project's demo weights);
+in either serialisation of `torch.save` (the zip format, or the legacy one of PyTorch before 1.6), or as a
+`.safetensors` file (a plain state dict; timm's and Hugging Face's format).
 
 State dict keys carry the wrappers the network was trained in: `1.` for Sequential(normalize, model) (the
 CIFAR classifiers), `1.module.` when the model was also DataParallel (ImageNet), `module.` for
@@ -29,6 +31,7 @@ from pipeline.storage import DEFAULT_STORAGE, Storage, StorageError
 
 WRAPPER_PREFIXES = ("", "1.", "module.", "1.module.")
 SHOWN = 6  # keys named per kind of mismatch in an error
+SAFETENSORS = ".safetensors"
 
 __all__ = ["WRAPPER_PREFIXES", "Checkpoint", "build_to_load", "fit_state", "read_checkpoint", "save_checkpoint",
            "strip_wrappers"]
@@ -46,17 +49,19 @@ class Checkpoint:
 
 
 def read_checkpoint(uri: str, storage: Storage = DEFAULT_STORAGE) -> Checkpoint:
-    """The checkpoint at a local path or s3:// URI; ValueError naming the file when it cannot be read or
-    holds no state dict."""
+    """The checkpoint at a local path or s3:// URI (`.safetensors`: read by safetensors); ValueError naming the
+    file when it cannot be read or holds no state dict."""
     try:
         location = storage.open(uri)
-        if isinstance(location.fs, pafs.LocalFileSystem) and zipfile.is_zipfile(location.path):
+        if uri.lower().endswith(SAFETENSORS):
+            loaded = _read_safetensors(uri, location)
+        elif isinstance(location.fs, pafs.LocalFileSystem) and zipfile.is_zipfile(location.path):
             # memory-mapped: the tensors are read once, when they are copied into the network
             loaded = torch.load(location.path, map_location="cpu", weights_only=True, mmap=True)
         else:  # object storage, or the legacy (pre-1.6, not zip) format of older published checkpoints
             with location.fs.open_input_stream(location.path) as stream:
                 loaded = torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
-    except (OSError, StorageError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
+    except (OSError, StorageError, RuntimeError, pickle.UnpicklingError, EOFError, _SafetensorsError) as error:
         reason = "the file is empty" if isinstance(error, EOFError) else str(error) or type(error).__name__
         raise ValueError(f"cannot load model weights from {uri}: {reason}") from error
     if not isinstance(loaded, dict):
@@ -72,6 +77,27 @@ def read_checkpoint(uri: str, storage: Storage = DEFAULT_STORAGE) -> Checkpoint:
     if arch is not None and not isinstance(arch, str):
         raise ValueError(f"{uri}: 'arch' must name an architecture, found {type(arch).__name__}")
     return Checkpoint(uri, dict(state), arch, metadata)
+
+
+class _SafetensorsError(Exception):
+    """A `.safetensors` file safetensors cannot read (its own error, re-raised as this)."""
+
+
+def _read_safetensors(uri: str, location) -> dict[str, torch.Tensor]:
+    """The tensors of a `.safetensors` file, memory-mapped when local; ValueError naming the extra to install
+    when safetensors is missing."""
+    try:
+        import safetensors
+        import safetensors.torch
+    except ImportError as error:
+        raise ValueError(f"reading {uri} needs safetensors: pip install 'pipeline[timm]' (or safetensors)") from error
+    try:
+        if isinstance(location.fs, pafs.LocalFileSystem):
+            return safetensors.torch.load_file(location.path, device="cpu")
+        with location.fs.open_input_stream(location.path) as stream:
+            return safetensors.torch.load(stream.read())
+    except safetensors.SafetensorError as error:
+        raise _SafetensorsError(str(error)) from error
 
 
 def strip_wrappers(state: dict[str, torch.Tensor], expected: set[str]) -> tuple[dict[str, torch.Tensor], str]:
