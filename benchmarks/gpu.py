@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torchvision
-from throughput import best_rates, sync  # beside this script
+from throughput import best_rates, size_runs, sync  # beside this script
 
 from pipeline.engine import Draws, Engine
 
@@ -86,26 +86,6 @@ def build_model(sizes: Sizes) -> torch.nn.Module:
 
         return load_model(ModelSpec())
     return getattr(torchvision.models, sizes.model)(weights=None)
-
-
-def size_runs(engine: Engine, image: torch.Tensor, size: int, passes: int) -> dict:
-    """The forward-only and the floor run: `passes` batches of `size` rows in the engine's dtype and layout."""
-    device, shape = engine.device, tuple(image.shape)
-    dtype, layout = engine.input_format()
-    fixed = torch.rand(size, *shape, device=device).to(dtype).contiguous(memory_format=layout)
-    noise = torch.empty(size, *shape, device=device)
-
-    def forward_only():
-        for _ in range(passes):
-            engine.logits(fixed).argmax(1)
-
-    def floor():
-        for _ in range(passes):
-            torch.randn(noise.shape, out=noise)
-            noisy = (image + SIGMA * noise).to(dtype).contiguous(memory_format=layout)
-            engine.logits(noisy).argmax(1)
-
-    return {"forward": forward_only, "floor": floor}
 
 
 def sweep(model: torch.nn.Module, device: torch.device, sizes: Sizes) -> tuple[list[dict], dict[str, tuple]]:

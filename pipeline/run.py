@@ -255,10 +255,11 @@ def _drop_rows(results: Location, keys: pa.Table, pending: set[str]) -> int:
     rows (error rows, or rows of some settings only)."""
     if not keys.num_rows or not pending:
         return 0
-    held = keys.filter(pc.is_in(keys["image_id"], pa.array(sorted(pending), pa.string())))
+    retried = pa.array(sorted(pending), pa.string())
+    held = keys.filter(pc.is_in(keys["image_id"], retried))
     for name in sorted(set(held["file"].to_pylist())):
         table = results.read_parquet(name)
-        kept = table.filter(pc.invert(pc.is_in(table["image_id"], pa.array(sorted(pending), pa.string()))))
+        kept = table.filter(pc.invert(pc.is_in(table["image_id"], retried)))
         if kept.num_rows:
             results.write_parquet(name, kept)
         else:
