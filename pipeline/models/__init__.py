@@ -22,6 +22,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from pipeline.families import FAMILIES
 from pipeline.models.architectures import (
     CLASSIFIER,
     DENOISER,
@@ -50,16 +51,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FAMILIES", "DemoCNN", "LoadedModel", "ModelSpec", "Normalize", "Resize", "WithFeatures",
            "load_any_denoiser", "load_demo_model", "load_model", "load_state_dict", "model_names", "open_model"]
-
-FAMILIES = (
-    "the project's: demo_cnn, cifar_resnet20, cifar_resnet110, cifar_wrn28_10, cifar_wrn40_10",
-    "torchvision's, by name (resnet50, vit_b_16, ...; list them: python -c \"import torchvision; "
-    "print(torchvision.models.list_models())\")",
-    "timm's, as timm/<architecture>[.<tag>] (timm/vit_base_patch16_224; list them: python -c \"import timm; "
-    "print(timm.list_models('*vit*'))\")",
-    "Hugging Face image classifiers, as huggingface with model.weights a save_pretrained folder (local or s3://)",
-)
-
 
 class ModelSpec(Section):
     """A model entry of a config: a classifier `name` of one of the `FAMILIES` (none with `weights`: the
