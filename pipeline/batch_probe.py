@@ -30,9 +30,14 @@ SLOWER = 0.85  # a size below this fraction of the best rate ends the probe: lar
 __all__ = ["BUDGET_SECONDS", "is_out_of_memory", "probe_batch_size"]
 
 
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")  # CUDA's; the CPU allocator's
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """True for a device (or host) allocation failure, which a smaller batch may avoid."""
-    return isinstance(error, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(error).lower()
+    """True for a device (or host) allocation failure, which a smaller batch may avoid: CUDA's
+    OutOfMemoryError, and the CPU allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(error, torch.OutOfMemoryError | MemoryError) or any(
+        marker in str(error).lower() for marker in OUT_OF_MEMORY)
 
 
 def probe_batch_size(step: Callable[[int], None], device: torch.device, *, budget: float = BUDGET_SECONDS,

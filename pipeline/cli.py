@@ -20,6 +20,8 @@ import datetime
 import logging
 import sys
 
+from pipeline.families import FAMILIES
+
 log = logging.getLogger("pipeline")
 
 
@@ -58,6 +60,10 @@ CERTIFY_EXIT_CODES = """Exit codes:
   2    the configuration, the storage, the dataset or the run folder (a damaged manifest.json, a file in
        results/ this run did not write) refused before any work
   130  interrupted by Ctrl-C; 143: stopped by SIGTERM (`ray job stop`); the manifest says interrupted"""
+
+
+CLASSIFIERS = "Classifiers (model.name), by family:\n" + "\n".join(f"  - {family}" for family in FAMILIES)
+CERTIFY_EPILOG = f"{CLASSIFIERS}\n\n{CERTIFY_EXIT_CODES}"
 
 
 def certify_main(args: argparse.Namespace) -> int:
@@ -410,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Certify every image of the configured dataset with every configured certifier on Ray "
                     "(the cluster in RAY_ADDRESS, or a local instance). Writes OUTPUT/RUN_ID/results/*.parquet, "
                     "manifest.json and report/; re-running a run id certifies only the images it lacks (and "
-                    "retries those with error rows).", epilog=CERTIFY_EXIT_CODES,
+                    "retries those with error rows).", epilog=CERTIFY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_certify_arguments(certify)
     certify.set_defaults(handler=certify_main)

@@ -438,6 +438,18 @@ def _batch_sizes(manifest: dict) -> str:
                      for entry in entries)
 
 
+def _classifier(record: dict | None) -> str | None:
+    """One line of what the classifier was: family, name, input size (resized from), weights and digest."""
+    if not record:
+        return None
+    size = "x".join(map(str, record["input_size"])) if record.get("input_size") else "?"
+    resized = f" (resized from {'x'.join(map(str, record['resized_from']))})" if record.get("resized_from") else ""
+    weights = record.get("weights") or "shipped weights"
+    digest = f", sha256 {record['weights_sha256'][:12]}..." if record.get("weights_sha256") else ""
+    return f"{record['name']} ({record['family']}), {record['num_classes']} classes, {size} inputs{resized}; " \
+           f"{weights}{digest}"
+
+
 def _run_section(manifest: dict | None, sources: Sequence[Source]) -> str:
     """The run's settings from its manifest (dataset, model, seed, environment, counts) and the sources
     compared with it."""
@@ -447,7 +459,8 @@ def _run_section(manifest: dict | None, sources: Sequence[Source]) -> str:
         facts = {"run id": manifest.get("run_id"), "status": manifest.get("status"),
                  "attempts": manifest.get("attempts"), "started": manifest.get("started"),
                  "finished": manifest.get("finished"), "dataset": json.dumps(config.get("dataset")),
-                 "model": json.dumps(config.get("model")), "seed": config.get("seed"),
+                 "model": json.dumps(config.get("model")), "classifier": _classifier(manifest.get("classifier")),
+                 "seed": config.get("seed"),
                  "precision": config.get("precision"),
                  "batch size": _batch_sizes(manifest),
                  "actors": json.dumps(config.get("actors")), "code version": manifest.get("code_version"),

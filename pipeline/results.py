@@ -98,6 +98,10 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("run_id", pa.string(), True, "The run that wrote the row (null outside a run)."),
     ("model", pa.string(), True, "The classifier certified, as named in the run's config (its weights where the config "
                                    "names none)."),
+    ("classifier", pa.string(), True,
+     "JSON of the classifier that ran: family (project, torchvision, timm, huggingface), name, weights (as the "
+     "config gave them) and weights_sha256 (the file's SHA-256, as sha256sum prints it), num_classes, the mean "
+     "and std in front of it, input_size (C, H, W) and resized_from (the dataset's, where it was resized)."),
     ("node", pa.string(), True,
      "Where the image was certified: the host name and the first 12 hex digits of the Ray node id, as 'host/id' "
      "(two Ray nodes on one host differ)."),
@@ -106,7 +110,7 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
 
 # Columns that only some certifiers (the output certifiers) or only runs fill; null elsewhere.
 CERTIFIER_EXTRAS = ("eps_in", "eps_out", "smoothing_error", "metric", "output", "abstain_reason")
-RUN_COLUMNS = ("run_id", "model", "node", "code_version")
+RUN_COLUMNS = ("run_id", "model", "classifier", "node", "code_version")
 
 SCHEMA = pa.schema(
     [pa.field(name, dtype, nullable=nullable, metadata={"description": text})
@@ -360,7 +364,7 @@ def environment() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     packages = {}
-    for name in ("torch", "torchvision", "ray", "numpy", "scipy", "pyarrow"):
+    for name in ("torch", "torchvision", "ray", "numpy", "scipy", "pyarrow", "timm", "transformers", "safetensors"):
         try:
             packages[name] = version(name)
         except PackageNotFoundError:
@@ -382,6 +386,9 @@ def manifest_matches(earlier: dict, current: dict) -> None:
         return sections[key](**value) if key in sections and isinstance(value, dict) else value
 
     changed = [key for key in keys if setting(earlier.get("config", {}), key) != setting(current["config"], key)]
+    digests = [(manifest.get("classifier") or {}).get("weights_sha256") for manifest in (earlier, current)]
+    if None not in digests and digests[0] != digests[1]:
+        changed.append(f"model weights (the file's SHA-256 was {digests[0][:12]}..., is {digests[1][:12]}...)")
     if changed:
         raise ValueError(f"run {current['run_id']!r} already exists with different {', '.join(changed)}; "
                          f"resume it with the same settings or choose another run_id")

@@ -53,7 +53,7 @@ from pipeline.data.preprocess import NO_LABEL
 from pipeline.data.sources import list_images
 from pipeline.engine import AUTO, Engine
 from pipeline.lease import Lease, acquire
-from pipeline.models import load_model
+from pipeline.models import LoadedModel, open_model
 from pipeline.results import (
     RowContext,
     environment,
@@ -99,6 +99,7 @@ class Run:
     def info(self) -> dict:
         """The run columns of its rows (the node is added where a batch is certified)."""
         return {"run_id": self.config.run_id, "model": self.config.model.name or self.config.model.weights,
+                "classifier": json.dumps(self.manifest.get("classifier"), sort_keys=True),
                 "code_version": self.manifest["code_version"]}
 
 
@@ -128,8 +129,9 @@ def prepare(config: RunConfig) -> Run:
     try:
         check_writable(location)
         certifiers = config.certifiers
-        num_classes = check_model(load_model(config.model, config.storage), config.dataset.transform.shape,
-                                  certifiers)
+        loaded = open_model(config.model, config.storage, config.dataset.transform.shape)
+        num_classes = check_model(loaded.model, config.dataset.transform.shape, certifiers)
+        _tell_of_resize(loaded)
         listing = list_images(config.dataset, config.storage)
         _warn_of_labels(listing, num_classes)
         lease = acquire(location, config.run_id)
@@ -137,18 +139,18 @@ def prepare(config: RunConfig) -> Run:
         _remove_empty(created)
         raise
     try:
-        return _open(config, location, listing, lease)
+        return _open(config, location, listing, lease, loaded.record())
     except BaseException:
         lease.release()
         _remove_empty(created)
         raise
 
 
-def _open(config: RunConfig, location: Location, listing: pa.Table, lease: Lease) -> Run:
+def _open(config: RunConfig, location: Location, listing: pa.Table, lease: Lease, classifier: dict) -> Run:
     """The checks that read the run folder, then (only when they pass) the manifest `running`, the
     removal of stale partial files and of the rows of pending images, and the Run."""
     earlier = _earlier_manifest(location)
-    manifest = {"run_id": config.run_id, "config": config.to_dict(), **environment()}
+    manifest = {"run_id": config.run_id, "config": config.to_dict(), "classifier": classifier, **environment()}
     if earlier is not None:
         manifest_matches(earlier, manifest)
     settings = [certifier.setting for certifier in config.certifiers]
@@ -284,6 +286,17 @@ def check_model(model: torch.nn.Module, shape: tuple[int, int, int], certifiers:
     for certifier in certifiers:
         certifier.check_num_classes(num_classes)
     return num_classes
+
+
+def _tell_of_resize(loaded: LoadedModel) -> None:
+    if loaded.resized_from is not None:
+        log.info("%s takes %s inputs: the dataset's %s crops are resized in front of it (bicubic, antialiased; "
+                 "noise and radii stay in the dataset's pixels)", loaded.name, _shape(loaded.input_size),
+                 _shape(loaded.resized_from))
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
 
 
 def _warn_of_labels(listing: pa.Table, num_classes: int) -> None:

@@ -106,3 +106,6 @@ def test_help_reads_well():
                                text=True, cwd=ROOT).stdout
     for option in ("--config FILE", "--output URI", "--set KEY=VALUE", "certifiers.0.sigma=0.5"):
         assert option in help_text
+    for family in ("demo_cnn", "torchvision.models.list_models()", "timm/<architecture>[.<tag>]",
+                   "huggingface with model.weights a save_pretrained folder"):
+        assert family in help_text  # the classifier families, each with how to list its names

@@ -34,8 +34,8 @@ def test_unknown_keys_of_every_section_are_listed_with_the_known_ones():
     message = str(caught.value)
     assert "certifiers[0]: unknown setting(s) ['sigmaa'] for 'cohen'" in message
     assert "unknown config key(s) ['colour']; known: ['actors', 'batch_size', 'certifiers'" in message
-    assert "model: unknown key(s) ['nmae']; known: ['denoiser', 'mean', 'name', 'num_classes', 'std', 'weights']" \
-        in message
+    assert ("model: unknown key(s) ['nmae']; known: ['denoiser', 'input_size', 'mean', 'name', 'num_classes', "
+            "'std', 'weights']") in message
 
 
 @pytest.mark.parametrize("key", ["dataset.max", "dataset.skip", "dataset.max_pixels", "images_per_batch",

@@ -2,6 +2,10 @@
 by the `auto` probe)."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -190,6 +194,39 @@ def test_a_probe_that_runs_out_of_memory_falls_back_to_a_smaller_batch(images, f
         probe_batch_size(never_fits, torch.device("cuda"))
     with pytest.raises(ValueError, match="batch_size must be 'auto' or an integer"):
         Engine(SignOfMean(), batch_size="fast")
+
+
+# A model whose activations take 3 MB per row, certified under an address-space limit of 40 MB more than it
+# uses idle: the CPU allocator's own failure ("can't allocate memory"), not a simulated one.
+UNDER_A_MEMORY_LIMIT = textwrap.dedent("""
+    import json, resource, torch
+    from torch import nn
+    from pipeline.engine import Draws, Engine
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = nn.Sequential(nn.Upsample(scale_factor=16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4)).eval()
+    image, request = torch.rand(1, 3, 32, 32), Draws("estimation", 0.25, 200)
+    engine = Engine(model)
+    engine.logits(image)  # the thread pool and allocator, before the limit
+    idle = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (idle + 40 * 2**20, resource.RLIM_INFINITY))
+    limited = engine.session().count(image, ["x"], 0, [request])[request]
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    one_row = Engine(model, batch_size=1).session().count(image, ["x"], 0, [request])[request]
+    print(json.dumps({"probe": engine.probe, "limited": limited.tolist(), "one_row": one_row.tolist()}))
+""")
+
+
+def test_the_probe_falls_back_when_the_cpu_allocator_runs_out_under_a_memory_limit():
+    # a fixed mmap threshold: freed activations go back to the system, so what fits is what the probe saw
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    done = subprocess.run([sys.executable, "-c", UNDER_A_MEMORY_LIMIT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    probe = result["probe"]
+    assert probe["out_of_memory"] is not None and probe["size"] < probe["out_of_memory"] <= 64, probe
+    assert result["limited"] == result["one_row"]
 
 
 def test_each_session_keeps_its_own_record_and_only_the_cache_it_is_given_carries_votes(images):

@@ -1,6 +1,9 @@
 """timm classifiers by name (`model.name: timm/<architecture>`), their weights in `.safetensors` or `.pt`, the
 normalisation of timm's own `pretrained_cfg` inside the model."""
 
+import hashlib
+import json
+import logging
 import uuid
 
 import boto3
@@ -11,6 +14,7 @@ timm = pytest.importorskip("timm")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from pipeline.config import ConfigError, validate  # noqa: E402
+from pipeline.distributed.certify import run  # noqa: E402
 from pipeline.models import Normalize, load_model  # noqa: E402
 from pipeline.storage import Storage  # noqa: E402
 
@@ -94,3 +98,30 @@ def test_missing_timm_names_the_extra(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "timm", None)  # import timm raises ImportError
     with pytest.raises(ConfigError, match=r"model\.name: .*pip install 'pipeline\[timm\]'"):
         validate(_config("timm/resnet18"))
+
+
+def test_a_ray_run_certifies_the_demo_digits_resized_to_a_timm_classifiers_input(ray_cluster, tmp_path, caplog):
+    torch.manual_seed(0)
+    reference = timm.create_model("test_vit.r160_in1k", pretrained=False, num_classes=10).eval()
+    weights = tmp_path / "test_vit.safetensors"
+    safetensors_torch.save_file(reference.state_dict(), weights)
+    config = validate({"run_id": "timm-run", "output": str(tmp_path / "runs"), "seed": 0, "batch_size": 32,
+                       "actors": {"count": 1, "cpus": 1}, "dataset": {"layout": "demo", "max": 3},
+                       "model": {"name": "timm/test_vit.r160_in1k", "weights": str(weights)},
+                       "certifiers": [{"name": "cohen", "sigma": 0.25, "n0": 10, "n": 30}]})
+    with caplog.at_level(logging.INFO, logger="pipeline.run"):
+        summary = run(config)
+    assert "timm/test_vit.r160_in1k takes 3x160x160 inputs: the dataset's 3x32x32 crops are resized" in caplog.text
+    rows = summary.results.to_pylist()
+    assert len(rows) == 3 and all(row["status"] == "ok" for row in rows)
+    expected = {"family": "timm", "name": "timm/test_vit.r160_in1k", "weights": str(weights),
+                "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "num_classes": 10,
+                "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "input_size": [3, 160, 160],
+                "resized_from": [3, 32, 32]}
+    assert all(json.loads(row["classifier"]) == expected for row in rows)
+    manifest = json.loads((tmp_path / "runs" / "timm-run" / "manifest.json").read_text())
+    assert manifest["classifier"] == expected and manifest["packages"]["timm"] == timm.__version__
+
+    safetensors_torch.save_file({key: value + 1 for key, value in reference.state_dict().items()}, weights)
+    with pytest.raises(ValueError, match=r"already exists with different model weights \(the file's SHA-256"):
+        run(config)  # other weights at the same path: a resumed run would mix two classifiers

@@ -107,10 +107,11 @@ def gradient_spec(config: DenoiserConfig) -> ModelSpec:
 
 def prepare_training(config: DenoiserConfig, device: str = "cpu") -> TrainingData:
     """Loads the classifiers (frozen) and the subset: the same on every worker and on the driver."""
-    target = load_model(config.classifier, config.storage).to(device).eval()
+    shape = config.dataset.transform.shape  # a classifier trained on another input size is resized to
+    target = load_model(config.classifier, config.storage, shape).to(device).eval()
     gradient_model = target
     if config.access == "black_box":
-        gradient_model = load_model(gradient_spec(config), config.storage).to(device).eval()
+        gradient_model = load_model(gradient_spec(config), config.storage, shape).to(device).eval()
     for model in (target, gradient_model):
         for parameter in model.parameters():
             parameter.requires_grad_(False)

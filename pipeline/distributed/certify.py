@@ -44,7 +44,8 @@ class CertifyActor:
     def __init__(self, config: RunConfig, certifiers: list[Certifier], results: Location, run_info: dict,
                  device: str, batch_sizes: dict[str, int]):
         torch.set_num_threads(max(1, math.floor(config.actors.cpus)))
-        self.engine = lifecycle.engine_for(config, load_model(config.model, config.storage), device, batch_sizes)
+        model = load_model(config.model, config.storage, config.dataset.transform.shape)
+        self.engine = lifecycle.engine_for(config, model, device, batch_sizes)
         self.certifiers, self.results, self.seed = certifiers, results, config.seed
         node_id = ray.get_runtime_context().get_node_id()[:12]  # two Ray nodes on one host share its name
         self.run_info = {**run_info, "node": f"{socket.gethostname()}/{node_id}"}

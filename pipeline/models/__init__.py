@@ -1,5 +1,8 @@
-"""Model registry: the demo CNN, the published CIFAR classifiers, torchvision's and timm's classifiers and
-the denoisers (`pipeline.models.architectures`), each with its normalisation first inside the model.
+"""Model registry: the classifiers of four families (`FAMILIES`: the project's, torchvision's, timm's and
+Hugging Face folders) and the denoisers (`pipeline.models.architectures`, `pipeline.models.huggingface`),
+each with its normalisation first inside the model, and, where the classifier was trained on another input
+size than the dataset's crop, a resize in front of it (`pipeline.models.inputs`): noise and radii stay in
+the dataset's pixel space.
 
 Weights load from a path or URI the user gives, `.safetensors` with safetensors and any other file always
 with `torch.load(weights_only=True)` (`pipeline.models.checkpoints`): a plain state dict, or a published
@@ -11,6 +14,7 @@ checkpoint's `arch`; with a `name` as well, the two must agree.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 import pyarrow.fs as pafs
@@ -18,6 +22,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from pipeline.families import FAMILIES
 from pipeline.models.architectures import (
     CLASSIFIER,
     DENOISER,
@@ -27,33 +32,45 @@ from pipeline.models.architectures import (
     classifier_names,
     infer_denoiser,
 )
-from pipeline.models.checkpoints import Checkpoint, build_to_load, fit_state, read_checkpoint, strip_wrappers
-from pipeline.models.demo import WEIGHTS, DemoCNN, Normalize, load_demo_model
+from pipeline.models.checkpoints import (
+    Checkpoint,
+    build_to_load,
+    files_sha256,
+    fit_state,
+    read_checkpoint,
+    strip_wrappers,
+)
+from pipeline.models.demo import WEIGHTS, DemoCNN, load_demo_model
 from pipeline.models.denoisers import Denoised, classifier_digest, load_denoiser
+from pipeline.models.huggingface import HF_NAME, is_hf_folder, read_folder
+from pipeline.models.inputs import Normalize, Resize
 from pipeline.sections import Count, Listed, Number, Section
 from pipeline.storage import DEFAULT_STORAGE, Storage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DemoCNN", "ModelSpec", "Normalize", "WithFeatures", "load_any_denoiser",
-           "load_demo_model", "load_model", "load_state_dict", "model_names"]
-
+__all__ = ["FAMILIES", "DemoCNN", "LoadedModel", "ModelSpec", "Normalize", "Resize", "WithFeatures",
+           "load_any_denoiser", "load_demo_model", "load_model", "load_state_dict", "model_names", "open_model"]
 
 class ModelSpec(Section):
-    """A model entry of a config: a registry `name` (`model_names()`, or `timm/<architecture>`; none with
-    `weights`: the checkpoint's `arch`; neither: the demo CNN), `weights` (a path or URI; none: the demo's
-    shipped weights, or a random network), the normalisation put in front (`mean`, `std`; default: the
-    architecture's, CIFAR-10's or ImageNet's, timm's `pretrained_cfg` for `timm/` names), `num_classes`
-    (default: the architecture's; for `timm/` names, the rows of the weights' classifier head, else timm's
-    default; the demo CNN's shipped weights have 10, and another count is refused), and a `denoiser` in front
-    of the classifier (a project artifact or a published denoiser checkpoint). A spec that exists is valid
-    (its weights are read when the model is loaded: without a name, their `arch` names the architecture)."""
+    """A model entry of a config: a classifier `name` of one of the `FAMILIES` (none with `weights`: the
+    checkpoint's `arch`, or the Hugging Face folder's config; neither: the demo CNN), `weights` (a file or a
+    `save_pretrained` folder, a path or URI; none: the demo's shipped weights, or a random network), the
+    normalisation put in front (`mean`, `std`; default: the architecture's, CIFAR-10's or ImageNet's, timm's
+    `pretrained_cfg`, the Hugging Face image processor's), the `input_size` the classifier takes (the side of
+    its square input; default: timm's `pretrained_cfg`, the image processor's; none for the others), where
+    a dataset crop of another size is resized to, `num_classes` (default: the architecture's; for `timm/`
+    names, the rows of the weights' classifier head, else timm's default; a Hugging Face folder's labels;
+    the demo CNN's shipped weights have 10, and another count is refused), and a `denoiser` in front of the
+    classifier (a project artifact or a published denoiser checkpoint). A spec that exists is valid (its
+    weights are read when the model is loaded: without a name, their `arch` names the architecture)."""
 
     name: str | None = None
     weights: Annotated[str, Field(min_length=1)] | None = None
     mean: Annotated[tuple[Number, ...], Listed] | None = None
     std: Annotated[tuple[Number, ...], Listed] | None = None
     num_classes: Count | None = Field(None, ge=1)
+    input_size: Count | None = Field(None, ge=1)
     denoiser: Annotated[str, Field(min_length=1)] | None = None
 
     def __init__(self, name: str | None = None, /, **values):
@@ -96,14 +113,15 @@ class ModelSpec(Section):
                 architecture(name)
             except ValueError as error:
                 raise ValueError(f"{{where}}: {error}") from error
-        elif name is not None and name not in model_names():
-            raise ValueError(f"{{where}}: unknown model {name!r}; use demo_cnn, a CIFAR architecture (cifar_resnet20, "
-                             f"cifar_resnet110, cifar_wrn28_10, cifar_wrn40_10), a torchvision classifier name or "
-                             f"timm/<architecture> (e.g. timm/vit_base_patch16_224)")
+        elif name is not None and name != HF_NAME and name not in model_names():
+            raise ValueError(f"{{where}}: unknown model {name!r}; the classifier families: " + "; ".join(FAMILIES))
         return name
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
+        if self.name == HF_NAME and self.weights is None:
+            raise ValueError("{where}.weights: a huggingface classifier needs its save_pretrained folder (the "
+                             "one holding config.json), a path or s3:// URI")
         if (self.mean is None) != (self.std is None):
             raise ValueError("{where}: give both mean and std, or neither")
         if self.std is not None:
@@ -149,18 +167,57 @@ def load_state_dict(uri: str, storage: Storage = DEFAULT_STORAGE) -> dict[str, t
     return strip_wrappers(read_checkpoint(uri, storage).state, set())[0]
 
 
-def load_model(spec: ModelSpec, storage: Storage = DEFAULT_STORAGE) -> nn.Module:
-    """The classifier a model spec names, in eval mode; with a `denoiser`, the composition
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model in eval mode (the classifier, with any resize and normalisation in front of it and any
+    denoiser before those) and the record of the classifier that ran (`record()`)."""
+
+    model: nn.Module
+    family: str
+    name: str
+    weights: str | None
+    weight_files: tuple[str, ...]
+    num_classes: int
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    input_size: tuple[int, ...] | None
+    resized_from: tuple[int, ...] | None
+    storage: Storage = DEFAULT_STORAGE
+
+    def record(self) -> dict:
+        """What rows and manifests say of the classifier: family, name, weights (as the config gave them)
+        and the SHA-256 of the weights file (what `sha256sum` prints; `files_sha256` for a sharded folder),
+        class count, normalisation, the (C, H, W) input it takes and the dataset's, where resized from."""
+        return {"family": self.family, "name": self.name, "weights": self.weights,
+                "weights_sha256": files_sha256(self.weight_files, self.storage) if self.weight_files else None,
+                "num_classes": self.num_classes, "mean": _listed(self.mean), "std": _listed(self.std),
+                "input_size": _listed(self.input_size), "resized_from": _listed(self.resized_from)}
+
+
+def _listed(values: tuple | None) -> list | None:
+    return list(values) if values is not None else None
+
+
+def load_model(spec: ModelSpec, storage: Storage = DEFAULT_STORAGE,
+               input_shape: tuple[int, int, int] | None = None) -> nn.Module:
+    """The classifier a model spec names, in eval mode, for inputs of `input_shape` (C, H, W; resized in
+    front of the classifier where it takes another size); with a `denoiser`, the composition
     classifier(denoiser(x))."""
-    classifier = _load_classifier(spec, storage)
+    return open_model(spec, storage, input_shape).model
+
+
+def open_model(spec: ModelSpec, storage: Storage = DEFAULT_STORAGE,
+               input_shape: tuple[int, int, int] | None = None) -> LoadedModel:
+    """`load_model`, with what the classifier is (`LoadedModel`)."""
+    loaded = _load_classifier(spec, storage, input_shape)
     if not spec.denoiser:
-        return classifier
+        return loaded
     denoiser, metadata = load_any_denoiser(spec.denoiser, storage)
     trained_for = metadata.get("classifier")
-    if trained_for is not None and trained_for.get("sha256") != classifier_digest(classifier):
+    if trained_for is not None and trained_for.get("sha256") != classifier_digest(loaded.model):
         log.warning("denoiser %s was trained for another classifier (%s); certifying it in front of %s",
                     spec.denoiser, trained_for.get("spec"), spec.name or spec.weights)
-    return Denoised(classifier, denoiser).eval()
+    return replace(loaded, model=Denoised(loaded.model, denoiser).eval())
 
 
 def _resolve(spec: ModelSpec, checkpoint: Checkpoint | None) -> Architecture:
@@ -187,23 +244,39 @@ def _resolve(spec: ModelSpec, checkpoint: Checkpoint | None) -> Architecture:
     return chosen
 
 
-def _load_classifier(spec: ModelSpec, storage: Storage) -> nn.Module:
-    if spec.weights is None and spec.name == "demo_cnn":
-        return load_demo_model(WEIGHTS)
+def _source(spec: ModelSpec, storage: Storage) -> tuple[Architecture, Checkpoint | None, tuple[str, ...]]:
+    """(the architecture, its checkpoint or None, the weights files read): a Hugging Face folder (named
+    `huggingface`, or found holding config.json), else the checkpoint file and `model.name` / its `arch`."""
+    if spec.weights and (spec.name == HF_NAME or (spec.name is None and is_hf_folder(spec.weights, storage))):
+        folder = read_folder(spec.weights, storage)
+        return folder.architecture(), None, folder.weights  # its build reads the weights
     checkpoint = read_checkpoint(spec.weights, storage) if spec.weights else None
-    arch = _resolve(spec, checkpoint)
+    return _resolve(spec, checkpoint), checkpoint, (spec.weights,) if spec.weights else ()
+
+
+def _load_classifier(spec: ModelSpec, storage: Storage, input_shape: tuple[int, int, int] | None) -> LoadedModel:
+    if spec.weights is None and spec.name == "demo_cnn":
+        return LoadedModel(load_demo_model(WEIGHTS), "project", "demo_cnn", None, (str(WEIGHTS),), 10, None, None,
+                           input_shape, None)
+    arch, checkpoint, files = _source(spec, storage)
     num_classes = spec.num_classes if spec.num_classes is not None else _default_classes(arch, checkpoint)
     if checkpoint is not None:
         network = build_to_load(lambda: arch.build(int(num_classes)))
         fit_state(network, checkpoint.state, f"model.weights: {spec.weights}", arch.name)
     else:
         network = arch.build(int(num_classes))
-        log.warning("model %s has no weights: certifying a randomly initialised network", arch.name)
+        if not files:
+            log.warning("model %s has no weights: certifying a randomly initialised network", arch.name)
     mean = spec.mean if spec.mean is not None else arch.mean
     std = spec.std if spec.std is not None else arch.std
-    if mean is None:
-        return network.eval()
-    return nn.Sequential(Normalize(mean, std), network).eval()
+    size = (spec.input_size, spec.input_size) if spec.input_size else arch.input_size[1:] if arch.input_size else None
+    resized = input_shape is not None and size is not None and tuple(size) != tuple(input_shape[1:])
+    layers = [Resize(size)] if resized else []
+    layers += [Normalize(mean, std)] if mean is not None else []
+    model = nn.Sequential(*layers, network).eval() if layers else network.eval()
+    seen = (input_shape[0], *size) if resized else input_shape
+    return LoadedModel(model, arch.family, arch.name, spec.weights, files, int(num_classes), mean, std, seen,
+                       tuple(input_shape) if resized else None, storage)
 
 
 def _default_classes(arch: Architecture, checkpoint: Checkpoint | None) -> int:

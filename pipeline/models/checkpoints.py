@@ -17,6 +17,7 @@ those every key carries, under which the keys match the network best.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import zipfile
@@ -33,8 +34,16 @@ WRAPPER_PREFIXES = ("", "1.", "module.", "1.module.")
 SHOWN = 6  # keys named per kind of mismatch in an error
 SAFETENSORS = ".safetensors"
 
-__all__ = ["WRAPPER_PREFIXES", "Checkpoint", "build_to_load", "fit_state", "read_checkpoint", "save_checkpoint",
-           "strip_wrappers"]
+__all__ = [
+    "WRAPPER_PREFIXES",
+    "Checkpoint",
+    "build_to_load",
+    "files_sha256",
+    "fit_state",
+    "read_checkpoint",
+    "save_checkpoint",
+    "strip_wrappers",
+]
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,30 @@ def _read_safetensors(uri: str, location) -> dict[str, torch.Tensor]:
             return safetensors.torch.load(stream.read())
     except safetensors.SafetensorError as error:
         raise _SafetensorsError(str(error)) from error
+
+
+def files_sha256(uris: tuple[str, ...], storage: Storage = DEFAULT_STORAGE) -> str:
+    """The SHA-256 of a weights file's bytes (what `sha256sum` prints for it); of several files (the shards
+    of one model), the SHA-256 of their `sha256sum` listing: one "<digest>  <name>" line each, in order."""
+    digests = [_file_sha256(uri, storage) for uri in uris]
+    if len(digests) == 1:
+        return digests[0]
+    names = [uri.rstrip("/").rsplit("/", 1)[-1] for uri in uris]
+    listing = "".join(f"{digest}  {name}\n" for digest, name in zip(digests, names, strict=True))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _file_sha256(uri: str, storage: Storage) -> str:
+    location = storage.open(uri)
+
+    def read() -> str:
+        digest = hashlib.sha256()
+        with location.fs.open_input_stream(location.path) as stream:
+            while chunk := stream.read(1 << 24):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    return location.retrying(read, "hashing")
 
 
 def strip_wrappers(state: dict[str, torch.Tensor], expected: set[str]) -> tuple[dict[str, torch.Tensor], str]:

@@ -7,27 +7,16 @@ Normalisation is the model's first layer, so noise and radii live in pixel space
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipeline.models.inputs import Normalize
+
 WEIGHTS = Path(__file__).with_name("weights") / "demo_cnn.pt"
 
-__all__ = ["WEIGHTS", "DemoCNN", "Normalize", "load_demo_model"]
-
-
-class Normalize(nn.Module):
-    """(x - mean) / std per channel, as the first layer of a model."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+__all__ = ["WEIGHTS", "DemoCNN", "load_demo_model"]
 
 
 def _block(channels_in: int, channels_out: int, stride: int) -> nn.Sequential:
