@@ -242,7 +242,9 @@ def open_model(spec: ModelSpec, storage: Storage = DEFAULT_STORAGE,
     if trained_for is not None and trained_for.get("sha256") != classifier_digest(loaded.model):
         log.warning("denoiser %s was trained for another classifier (%s); certifying it in front of %s",
                     spec.denoiser, trained_for.get("spec"), spec.name or spec.weights)
-    files = (metadata["file"],) if metadata.get("file") else ()
+    location = storage.open(spec.denoiser)  # a checkpoint file, or an artifact folder holding denoiser.pt
+    files = (spec.denoiser if location.fs.get_file_info(location.path).type == pafs.FileType.File
+             else location.join("denoiser.pt").uri,)
     architecture = metadata.get("arch") or (metadata.get("architecture") or {}).get("name") or \
         type(denoiser).__name__
     return replace(loaded, model=Denoised(loaded.model, denoiser).eval(), denoiser=denoiser,
@@ -326,8 +328,7 @@ def load_any_denoiser(uri: str, storage: Storage = DEFAULT_STORAGE) -> tuple[nn.
     except OSError as error:
         raise ValueError(f"model.denoiser: cannot reach {uri}: {error}") from error
     if not is_file:
-        network, metadata = load_denoiser(uri, storage)
-        return network, {**metadata, "file": location.join("denoiser.pt").uri}
+        return load_denoiser(uri, storage)
     checkpoint = read_checkpoint(uri, storage)
     if checkpoint.arch is None:
         plain, _ = strip_wrappers(checkpoint.state, {"dncnn.0.weight", "feature_extractor.conv.weight"})
@@ -344,4 +345,4 @@ def load_any_denoiser(uri: str, storage: Storage = DEFAULT_STORAGE) -> tuple[nn.
             raise ValueError(f"model.denoiser: {uri} holds a {checkpoint.arch!r} classifier, not a denoiser")
         network = build_to_load(lambda: arch.build(0))
     fit_state(network, checkpoint.state, f"model.denoiser: {uri}", checkpoint.arch or type(network).__name__)
-    return network.eval(), {"arch": checkpoint.arch, **checkpoint.metadata, "file": uri}
+    return network.eval(), {"arch": checkpoint.arch, **checkpoint.metadata}
