@@ -12,6 +12,10 @@ do not depend on the batch size or on which images shared a batch. On a GPU, ker
 round differently, so counts can depend on the batch size, never on which images shared a batch. The
 precision, `channels_last` and `compile` are recorded with every certificate (`Engine.settings`), as what
 ran: a compilation that fails falls back to eager, and the record says so.
+
+A model that declares `noise_conditioned = True` (a diffusion denoiser in front of a classifier) takes each
+row's noise level with its noisy inputs, `model(inputs, sigma)`: the sessions hand `logits` the sigma of the
+stream every row was drawn from, and a clean pass gets sigma 0.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class Engine:
         self.compile_error: str | None = None
         self._num_classes: int | None = None
         self._padded: torch.Tensor | None = None
+        self._padded_sigma: torch.Tensor | None = None
 
     def settings(self) -> dict:
         """What the model ran as, for the certificate's record: precision, layout, compilation and the batch
@@ -129,21 +134,44 @@ class Engine:
                 self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return function(inputs)
 
-    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+    @property
+    def noise_conditioned(self) -> bool:
+        """True when the model takes each row's noise level (`model(inputs, sigma)`)."""
+        return bool(getattr(self.model, "noise_conditioned", False))
+
+    def logits(self, inputs: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
         """The model's output on a batch of noisy inputs, under inference mode and the configured precision:
-        compiled (padded to the batch size, so at one shape) once the batch size is known, else eager."""
+        compiled (padded to the batch size, so at one shape) once the batch size is known, else eager.
+        `sigma` [N]: each row's noise level, for a noise-conditioned model (None: clean inputs, sigma 0)."""
+        if self.noise_conditioned and sigma is None:
+            sigma = torch.zeros(len(inputs), device=inputs.device)
         if self._compiled is None or self.batch_size == AUTO or len(inputs) > self.batch_size:
-            return self.forward(self.model, inputs)
-        padded = self._pad(inputs)
+            return self.forward(self._bind(self.model, sigma), inputs)
+        padded, rows = self._pad(inputs), len(inputs)
         try:
-            return self.forward(self._compiled, padded)[:len(inputs)]
+            return self.forward(self._bind(self._compiled, self._pad_sigma(sigma)), padded)[:rows]
         except Exception as error:  # an unsupported model, no C++ compiler: say so once and run eager
             while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
                 error = inner  # the backend's own error, not dynamo's wrapper of it
             self._compiled, self.compile = None, False
             self.compile_error = f"{type(error).__name__}: {(str(error).strip() or '?').splitlines()[0][:300]}"
             log.warning("compile failed, running the model eager: %s", self.compile_error)
-            return self.forward(self.model, inputs)
+            return self.forward(self._bind(self.model, sigma), inputs)
+
+    def _bind(self, model, sigma: torch.Tensor | None):
+        """`model` as a function of the inputs alone (with the rows' noise levels, when it takes them)."""
+        if not self.noise_conditioned:
+            return model
+        return lambda inputs: model(inputs, sigma)
+
+    def _pad_sigma(self, sigma: torch.Tensor | None) -> torch.Tensor | None:
+        """The rows' noise levels padded like their inputs (`_pad`), in a kept buffer."""
+        if sigma is None or len(sigma) == self.batch_size:
+            return sigma
+        if self._padded_sigma is None or self._padded_sigma.device != sigma.device:
+            self._padded_sigma = torch.zeros(self.batch_size, device=sigma.device)
+        self._padded_sigma[:len(sigma)].copy_(sigma)
+        return self._padded_sigma
 
     def _pad(self, inputs: torch.Tensor) -> torch.Tensor:
         """`inputs` as a full batch (a partial one copied into a kept buffer of the batch's shape and layout)."""

@@ -102,6 +102,10 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
      "JSON of the classifier that ran: family (project, torchvision, timm, huggingface), name, weights (as the "
      "config gave them) and weights_sha256 (the file's SHA-256, as sha256sum prints it), num_classes, the mean "
      "and std in front of it, input_size (C, H, W) and resized_from (the dataset's, where it was resized)."),
+    ("denoiser", pa.string(), True,
+     "JSON of the denoiser in front of the classifier (null without one): its weights as given and their "
+     "SHA-256, its architecture and, for a diffusion denoiser, the timestep t_star it denoises this row's "
+     "sigma at and alpha_bar at t_star."),
     ("node", pa.string(), True,
      "Where the image was certified: the host name and the first 12 hex digits of the Ray node id, as 'host/id' "
      "(two Ray nodes on one host differ)."),
@@ -176,7 +180,14 @@ def result_row(certifier, certificate, image_index: int, image_id: str, label: i
         **dict.fromkeys(CERTIFIER_EXTRAS), **(certificate.extra or {}),
         "seed": context.seed, "precision": context.precision, "device": context.device,
         **{key: context.run.get(key) for key in RUN_COLUMNS},
+        "denoiser": _denoiser_of(context.run.get("denoiser"), certifier.sigma),
     }
+
+
+def _denoiser_of(records: dict | None, sigma: float) -> str | None:
+    """The denoiser's record for rows of noise level `sigma`, as JSON (a run keys them by repr(sigma))."""
+    record = (records or {}).get(repr(float(sigma)))
+    return json.dumps(record, sort_keys=True) if record is not None else None
 
 
 class ResultsUnreadable(ValueError):
@@ -373,6 +384,15 @@ def environment() -> dict:
             "driver_host": socket.gethostname()}
 
 
+def _weights_sha256(manifest: dict, key: str) -> str | None:
+    """The weights digest a manifest records for the classifier, or for the denoiser (one record per sigma,
+    all of the same file)."""
+    record = manifest.get(key) or {}
+    if key == "denoiser":
+        record = next(iter(record.values()), None) or {}
+    return record.get("weights_sha256")
+
+
 def manifest_matches(earlier: dict, current: dict) -> None:
     """Raises ValueError when a run id is reused with settings that would change its results. Sections are
     compared as their typed specs, so a manifest that spelled out only some keys (or was written before a
@@ -386,9 +406,10 @@ def manifest_matches(earlier: dict, current: dict) -> None:
         return sections[key](**value) if key in sections and isinstance(value, dict) else value
 
     changed = [key for key in keys if setting(earlier.get("config", {}), key) != setting(current["config"], key)]
-    digests = [(manifest.get("classifier") or {}).get("weights_sha256") for manifest in (earlier, current)]
-    if None not in digests and digests[0] != digests[1]:
-        changed.append(f"model weights (the file's SHA-256 was {digests[0][:12]}..., is {digests[1][:12]}...)")
+    for what, key in (("model weights", "classifier"), ("denoiser weights", "denoiser")):
+        digests = [_weights_sha256(manifest, key) for manifest in (earlier, current)]
+        if None not in digests and digests[0] != digests[1]:
+            changed.append(f"{what} (the file's SHA-256 was {digests[0][:12]}..., is {digests[1][:12]}...)")
     if changed:
         raise ValueError(f"run {current['run_id']!r} already exists with different {', '.join(changed)}; "
                          f"resume it with the same settings or choose another run_id")

@@ -100,6 +100,7 @@ class Run:
         """The run columns of its rows (the node is added where a batch is certified)."""
         return {"run_id": self.config.run_id, "model": self.config.model.name or self.config.model.weights,
                 "classifier": json.dumps(self.manifest.get("classifier"), sort_keys=True),
+                "denoiser": self.manifest.get("denoiser"),
                 "code_version": self.manifest["code_version"]}
 
 
@@ -139,18 +140,21 @@ def prepare(config: RunConfig) -> Run:
         _remove_empty(created)
         raise
     try:
-        return _open(config, location, listing, lease, loaded.record())
+        return _open(config, location, listing, lease, loaded)
     except BaseException:
         lease.release()
         _remove_empty(created)
         raise
 
 
-def _open(config: RunConfig, location: Location, listing: pa.Table, lease: Lease, classifier: dict) -> Run:
+def _open(config: RunConfig, location: Location, listing: pa.Table, lease: Lease, loaded: LoadedModel) -> Run:
     """The checks that read the run folder, then (only when they pass) the manifest `running`, the
     removal of stale partial files and of the rows of pending images, and the Run."""
     earlier = _earlier_manifest(location)
-    manifest = {"run_id": config.run_id, "config": config.to_dict(), "classifier": classifier, **environment()}
+    sigmas = sorted({float(certifier.sigma) for certifier in config.certifiers})
+    denoiser = {repr(sigma): loaded.denoiser_record(sigma) for sigma in sigmas} if loaded.denoiser else None
+    manifest = {"run_id": config.run_id, "config": config.to_dict(), "classifier": loaded.record(),
+                "denoiser": denoiser, **environment()}
     if earlier is not None:
         manifest_matches(earlier, manifest)
     settings = [certifier.setting for certifier in config.certifiers]
@@ -273,6 +277,10 @@ def check_model(model: torch.nn.Module, shape: tuple[int, int, int], certifiers:
     """One clean forward on a blank input of the dataset's shape, before any work: the model must run on it
     and return finite scores [1, num_classes >= 2] that every certifier can use. Returns num_classes."""
     engine = Engine(model)
+    headed = [certifier.name for certifier in certifiers if certifier.own_head]
+    if engine.noise_conditioned and headed:
+        raise ValueError(f"{', '.join(sorted(set(headed)))} run their own heads on the noisy inputs, which do not pass "
+                         f"the noise level a diffusion denoiser needs; certify it with cohen, topk, ssn or dssn")
     image = torch.zeros(shape)
     try:
         num_classes = certifiers[0].num_classes(engine, image)

@@ -160,7 +160,9 @@ class Session:
         cuts = sorted({cut for cut in wanted if cut <= draws.n} | {draws.n}) if votes and wanted else []
         tally = Tally(cuts, len(images), device)
 
-        def forward(inputs: torch.Tensor, slots: torch.Tensor, draw_index: torch.Tensor) -> None:
+        _refuse_head(self.engine, head)
+
+        def forward(inputs: torch.Tensor, slots: torch.Tensor, draw_index: torch.Tensor, _sigma) -> None:
             outputs = self.engine.forward(head, inputs)
             if votes:
                 logits, outputs = outputs
@@ -240,12 +242,22 @@ class _Procedures:
         self.pending[image] = request
 
 
+def _refuse_head(engine, head) -> None:
+    """A head runs the model on noisy inputs without their noise levels, which a noise-conditioned model
+    (a diffusion denoiser in front of a classifier) needs: refused rather than denoised as if clean."""
+    if head is not None and engine.noise_conditioned:
+        raise ValueError("this certifier runs its own head on the noisy inputs, which does not pass their noise "
+                         "level to a noise-conditioned model (a diffusion denoiser); certify it with cohen, topk, "
+                         "ssn or dssn")
+
+
 class _SlotCounts:
     """Per-slot class counts of the top-1 prediction, on the device; one `index_add_` per batch. Each slot
     belongs to one image (`image_of`), whose index a `head` receives with its inputs."""
 
     def __init__(self, engine, images, head):
         self.engine, self.head = engine, head
+        _refuse_head(engine, head)
         if head is None:
             self.num_classes = engine.num_classes(images[0])
         else:
@@ -264,9 +276,9 @@ class _SlotCounts:
         self.nonfinite = torch.cat([self.nonfinite, torch.zeros(len(images), dtype=torch.int64, device=device)])
         self.image_of = torch.cat([self.image_of, torch.as_tensor(images, dtype=torch.long, device=device)])
 
-    def add(self, inputs: torch.Tensor, slots: torch.Tensor, draws: torch.Tensor) -> None:
+    def add(self, inputs: torch.Tensor, slots: torch.Tensor, draws: torch.Tensor, sigma: torch.Tensor | None) -> None:
         if self.head is None:
-            scores = self.engine.logits(inputs)
+            scores = self.engine.logits(inputs, sigma)
         else:
             scores = self.engine.forward(lambda x: self.head(x, self.image_of[slots]), inputs)
         finite = torch.isfinite(scores).all(dim=1)  # a draw with a NaN or infinite score does not vote
@@ -281,7 +293,8 @@ class _SlotCounts:
 
 class _Packer:
     """Fills one preallocated batch with noisy draws of many images and hands each full batch to
-    `sink(inputs, slots, draw_index)`, counting the rows in the session's `forward_passes`.
+    `sink(inputs, slots, draw_index, sigma)` (sigma: each row's noise level, for a noise-conditioned model,
+    else None), counting the rows in the session's `forward_passes`.
 
     Whole blocks of draws are generated in place in the batch; the image is added (and the result cast to
     the model's input dtype and memory format) once per run of rows of one image, just before the forward.
@@ -298,6 +311,7 @@ class _Packer:
                                                           memory_format=layout)
         self.owner = np.empty(batch_size, dtype=np.int64)
         self.drawn = np.empty(batch_size, dtype=np.int64)
+        self.sigma = np.empty(batch_size, dtype=np.float32) if session.engine.noise_conditioned else None
         self.noises: dict[Stream, object] = {}
         self.runs: list[list] = []  # [first row, end row, image, noise]: rows made from one image with one noise
         self.rows = 0
@@ -326,6 +340,8 @@ class _Packer:
                 self.runs.append([rows, rows + take, image, noise])
             self.owner[rows:rows + take] = slot
             self.drawn[rows:rows + take] = np.arange(draw, draw + take)
+            if self.sigma is not None:
+                self.sigma[rows:rows + take] = stream.sigma
             self.rows += take
             draw += take
             if self.rows == self.batch_size:
@@ -340,7 +356,8 @@ class _Packer:
             out = None if self.inputs is self.batch else self.inputs[first:end]
             noise.apply(self.x[image], self.batch[first:end], out)
         self.runs.clear()
-        self.sink(self.inputs[:rows], self._to_device(self.owner[:rows]), self._to_device(self.drawn[:rows]))
+        sigma = None if self.sigma is None else self._to_device(self.sigma[:rows])
+        self.sink(self.inputs[:rows], self._to_device(self.owner[:rows]), self._to_device(self.drawn[:rows]), sigma)
         self.session.forward_passes += rows
         self.rows = 0
 

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import cli
 from pipeline.certifiers import Cohen, TopK
@@ -15,6 +16,14 @@ from pipeline.sweeps import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs" / "configs" / "demo.yaml"
+RUN_CONFIGS = sorted(path.name for path in (ROOT / "jobs" / "configs").glob("*.yaml")
+                     if "certifiers" in (yaml.safe_load(path.read_text()) or {}))
+
+
+@pytest.mark.parametrize("name", RUN_CONFIGS)
+def test_every_shipped_run_config_validates(name):
+    config = load_config(ROOT / "jobs" / "configs" / name)
+    assert config.certifiers
 
 
 def test_three_mistakes_in_three_sections_are_named_in_one_error():

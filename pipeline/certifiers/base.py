@@ -116,6 +116,7 @@ class Certifier:
     norm: ClassVar[str] = "l2"
     deterministic: ClassVar[bool] = False  # True: the certificate holds with certainty (alpha = 0)
     classifies: ClassVar[bool] = True  # False: certifies outputs, not a class (no prediction, no `correct`)
+    own_head: ClassVar[bool] = False  # True: runs its own head on the noisy inputs (not for noise-conditioned models)
 
     sigma: float
     alpha: float = 0.001

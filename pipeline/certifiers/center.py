@@ -120,6 +120,7 @@ class Center(Certifier):
 
     name: ClassVar[str] = "center"
     classifies: ClassVar[bool] = False
+    own_head: ClassVar[bool] = True
 
     alpha: float = 0.01  # always alpha1 + alpha2: set those
     eps_in: float

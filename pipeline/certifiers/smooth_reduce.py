@@ -139,6 +139,7 @@ class SmoothReduce(SequentialOptions, Certifier):
     decided, n being the budget (see `pipeline.certifiers.sequential`)."""
 
     name: ClassVar[str] = "smooth_reduce"
+    own_head: ClassVar[bool] = True
 
     patch_size: int
     num_patches: int | None = None

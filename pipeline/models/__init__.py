@@ -13,6 +13,7 @@ checkpoint's `arch`; with a `name` as well, the two must agree.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, replace
 from typing import Annotated
@@ -183,6 +184,10 @@ class LoadedModel:
     input_size: tuple[int, ...] | None
     resized_from: tuple[int, ...] | None
     storage: Storage = DEFAULT_STORAGE
+    denoiser: nn.Module | None = None
+    denoiser_weights: str | None = None
+    denoiser_files: tuple[str, ...] = ()
+    denoiser_arch: str | None = None
 
     def record(self) -> dict:
         """What rows and manifests say of the classifier: family, name, weights (as the config gave them)
@@ -192,6 +197,26 @@ class LoadedModel:
                 "weights_sha256": files_sha256(self.weight_files, self.storage) if self.weight_files else None,
                 "num_classes": self.num_classes, "mean": _listed(self.mean), "std": _listed(self.std),
                 "input_size": _listed(self.input_size), "resized_from": _listed(self.resized_from)}
+
+
+    @functools.cached_property
+    def _denoiser_sha256(self) -> str | None:
+        return files_sha256(self.denoiser_files, self.storage) if self.denoiser_files else None
+
+    def denoiser_record(self, sigma: float) -> dict | None:
+        """What rows of noise level `sigma` say of the denoiser (None without one): its weights as given and
+        their SHA-256, its architecture and, for a diffusion denoiser, the timestep t* it denoises `sigma` at
+        and abar at t* (`OneShotDenoiser.timestep`)."""
+        if self.denoiser is None:
+            return None
+        record = {"weights": self.denoiser_weights, "weights_sha256": self._denoiser_sha256,
+                  "architecture": self.denoiser_arch}
+        describe, timestep = getattr(self.denoiser, "describe", None), getattr(self.denoiser, "timestep", None)
+        if describe is not None:
+            record["architecture"] = describe()
+        if timestep is not None:
+            record["t_star"], record["alpha_bar"] = timestep(float(sigma))
+        return record
 
 
 def _listed(values: tuple | None) -> list | None:
@@ -217,7 +242,13 @@ def open_model(spec: ModelSpec, storage: Storage = DEFAULT_STORAGE,
     if trained_for is not None and trained_for.get("sha256") != classifier_digest(loaded.model):
         log.warning("denoiser %s was trained for another classifier (%s); certifying it in front of %s",
                     spec.denoiser, trained_for.get("spec"), spec.name or spec.weights)
-    return replace(loaded, model=Denoised(loaded.model, denoiser).eval())
+    location = storage.open(spec.denoiser)  # a checkpoint file, or an artifact folder holding denoiser.pt
+    files = (spec.denoiser if location.fs.get_file_info(location.path).type == pafs.FileType.File
+             else location.join("denoiser.pt").uri,)
+    architecture = metadata.get("arch") or (metadata.get("architecture") or {}).get("name") or \
+        type(denoiser).__name__
+    return replace(loaded, model=Denoised(loaded.model, denoiser).eval(), denoiser=denoiser,
+                   denoiser_weights=spec.denoiser, denoiser_files=files, denoiser_arch=architecture)
 
 
 def _resolve(spec: ModelSpec, checkpoint: Checkpoint | None) -> Architecture:

@@ -55,14 +55,20 @@ class DnCNN(nn.Module):
 
 
 class Denoised(nn.Module):
-    """classifier(denoiser(x)): the base classifier that denoised smoothing certifies."""
+    """classifier(denoiser(x)): the base classifier that denoised smoothing certifies. Behind a
+    noise-conditioned denoiser (a diffusion model, `denoiser(x, sigma)`) it is noise-conditioned itself:
+    `forward(x, sigma)` with each row's noise level (None: clean inputs, sigma 0)."""
 
     def __init__(self, classifier: nn.Module, denoiser: nn.Module):
         super().__init__()
         self.classifier, self.denoiser = classifier, denoiser
+        self.noise_conditioned = bool(getattr(denoiser, "noise_conditioned", False))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.denoiser(x))
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.noise_conditioned:
+            return self.classifier(self.denoiser(x))
+        sigma = torch.zeros(len(x), device=x.device) if sigma is None else sigma
+        return self.classifier(self.denoiser(x, sigma))
 
 
 def classifier_digest(model: nn.Module) -> str:
