@@ -31,7 +31,8 @@ from torch import nn
 from pipeline.models.checkpoints import WRAPPER_PREFIXES, build_to_load, fit_state
 from pipeline.models.unet import UNet, UNetConfig
 
-__all__ = ["GUIDED_256", "GUIDED_SCHEDULE", "IMPROVED_CIFAR", "IMPROVED_SCHEDULE", "OneShotDenoiser", "Schedule", "infer_config", "read_diffusion"]
+__all__ = ["GUIDED_256", "GUIDED_SCHEDULE", "IMPROVED_CIFAR", "IMPROVED_SCHEDULE", "OneShotDenoiser", "Schedule",
+           "infer_config", "read_diffusion"]
 
 # the published models' configurations (spec section 3): guided-diffusion's 256x256_diffusion_uncond.pt and
 # improved-diffusion's cifar10_uncond_50M_500K.pt
