@@ -98,6 +98,9 @@ def test_published_layouts_build_exactly(manifest, family, config, millions):
     assert round(sum(parameter.numel() for parameter in net.parameters()) / 1e6, 1) == millions
     published = {key: torch.empty(shape, device="meta") for key, shape in manifest["keys"][family].items()}
     assert infer_config(published) == (config, FAMILIES[family])
+    described = OneShotDenoiser(net, SCHEDULES[family], FAMILIES[family]).describe()
+    assert described["architecture"].endswith("256x256_diffusion_uncond.pt)" if family == "guided"
+                                              else "cifar10_uncond_50M_500K.pt)")
     assert infer_config({f"module.{key}": value for key, value in published.items()}) == (config, FAMILIES[family])
 
 
@@ -114,6 +117,21 @@ def test_small_configurations_are_read_from_their_keys(manifest, small, family):
     assert described["learn_sigma"] is settings["learn_sigma"]
 
 
+def test_heads_given_override_the_inferred_ones(fixtures, cases, small):
+    """The keys do not hold the number of heads: given ones are used, and the raw outputs tell them apart (2
+    heads instead of the fixture's 4 move them by about 2e-3, 20 times the tolerance the fixtures are met to)."""
+    state = torch.load(fixtures / "guided_small.pt", weights_only=True)
+    as_published = read_diffusion(state, num_head_channels=16)  # the fixture's own setting: 4 heads of 16
+    two_heads = read_diffusion(state, num_heads=2)
+    assert as_published.net.config.heads(64) == small["guided"].net.config.heads(64) == 4
+    t, abar = small["guided"].timestep(0.25)
+    x_t = float(np.sqrt(abar)) * (2 * torch.from_numpy(cases["guided_x_sigma0.25"][:1]) - 1)
+    reference, t_model = torch.from_numpy(cases["guided_net_sigma0.25"][:1]), torch.tensor([float(t)])
+    with torch.no_grad():
+        torch.testing.assert_close(as_published.net_output(x_t, t_model), reference, rtol=0, atol=1e-4)
+        assert (two_heads.net_output(x_t, t_model) - reference).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_t_star_is_the_authors_for_every_sigma(manifest, family):
     schedule = SCHEDULES[family]
@@ -127,6 +145,26 @@ def test_t_star_is_the_authors_for_every_sigma(manifest, family):
         assert t == 1 or np.sqrt(1 - abar[t - 1]) / np.sqrt(abar[t - 1]) < 2 * float(sigma)
     with pytest.raises(ValueError, match="beyond"):
         schedule.t_star(1e6)
+    with pytest.raises(ValueError, match="sigma > 0"):
+        schedule.t_star(0.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_t_star_is_the_first_step_reaching_twice_sigma(family):
+    schedule = SCHEDULES[family]
+    abar = schedule.alphas_cumprod
+    ratio = np.sqrt(1 - abar) / np.sqrt(abar)
+    assert np.all(np.diff(abar) < 0) and abar[0] < 1
+    last = 0
+    for sigma in np.geomspace(1e-3, ratio[-1] / 2, 400):
+        t, abar_t = schedule.t_star(float(sigma))
+        assert abar_t == abar[t] and ratio[t] >= 2 * sigma and (t == 1 or ratio[t - 1] < 2 * sigma)
+        assert t >= last  # more noise, a later step
+        last = t
+    if family == "improved":  # the cosine schedule's betas are clipped at 0.999: the last one is
+        assert abar[-1] / abar[-2] == pytest.approx(1 - 0.999, rel=1e-9)
+    else:  # linear betas from 1e-4 to 0.02
+        assert (1 - abar[0], 1 - abar[-1] / abar[-2]) == pytest.approx((1e-4, 0.02), rel=1e-12)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -158,8 +196,9 @@ def test_each_row_is_denoised_at_its_own_sigma(cases, small, family):
     torch.testing.assert_close(out[[0, 4, 5]], expected_half, rtol=0, atol=1e-4)
     assert torch.equal(out[[2, 6]], clean)  # sigma 0: unchanged, bit for bit
     assert torch.equal(small[family](clean, torch.zeros(2)), clean)
-    with pytest.raises(ValueError, match=">= 0"):
-        small[family](clean, torch.tensor([0.25, -0.25]))
+    for bad in (-0.25, float("nan")):
+        with pytest.raises(ValueError, match=">= 0"):
+            small[family](clean, torch.tensor([0.25, bad]))
 
 
 def test_bf16_autocast_runs_close_to_float32(cases, small):

@@ -71,8 +71,10 @@ class Schedule:
         return np.cumprod(1.0 - betas)
 
     def t_star(self, sigma: float) -> tuple[int, float]:
-        """(t*, abar_t*): the first t >= 1 with sqrt(1 - abar_t) / sqrt(abar_t) >= 2 sigma; ValueError when the
-        schedule's noise never reaches 2 sigma."""
+        """(t*, abar_t*): the first t >= 1 with sqrt(1 - abar_t) / sqrt(abar_t) >= 2 sigma; ValueError when sigma
+        is not positive (D_0 is the identity: no timestep) or the schedule's noise never reaches 2 sigma."""
+        if not sigma > 0:
+            raise ValueError(f"a timestep needs a noise level sigma > 0, got {sigma}")
         abar = self.alphas_cumprod
         ratio = np.sqrt(1.0 - abar) / np.sqrt(abar)
         reached = np.flatnonzero(ratio[1:] >= 2 * sigma)
@@ -113,8 +115,9 @@ class OneShotDenoiser(nn.Module):
     def forward(self, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(noisy.shape[0])
         levels = sigma.tolist()
-        if min(levels, default=0.0) < 0:
-            raise ValueError(f"noise levels must be >= 0, got {min(levels)}")
+        invalid = [level for level in levels if not level >= 0]
+        if invalid:
+            raise ValueError(f"noise levels must be >= 0, got {invalid[0]}")
         rows = [index for index, level in enumerate(levels) if level > 0]
         if not rows:
             return noisy
