@@ -108,12 +108,14 @@ class OneShotDenoiser(nn.Module):
         return self._steps[sigma]
 
     def net_output(self, x_t: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
-        """The network's raw output [N, 6, H, W] at (x_t in [-1, 1] units, t_model: the timestep as the network
-        takes it, already rescaled)."""
+        """The network's raw output [N, out_channels, H, W] (the noise prediction, then the variance channels) at
+        (x_t in [-1, 1] units, t_model [N]: the timestep as the network takes it, already rescaled)."""
         return self.net(x_t, t_model)
 
     def forward(self, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(noisy.shape[0])
+        """D_sigma(noisy) row by row: `noisy` [N, 3, H, W] = x + sigma eps in [0, 1] units, `sigma` [N] (or one
+        level for all rows). A fixed function of its inputs: no randomness; rows at sigma 0 come back as given."""
+        sigma = torch.as_tensor(sigma).detach().to("cpu", torch.float64).reshape(-1).expand(noisy.shape[0])
         levels = sigma.tolist()
         invalid = [level for level in levels if not level >= 0]
         if invalid:
