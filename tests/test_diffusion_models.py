@@ -224,3 +224,40 @@ def test_other_state_dicts_are_not_diffusion_models(fixtures):
     broken = {key: value for key, value in state.items() if key != "input_blocks.3.1.proj_out.weight"}
     with pytest.raises(ValueError, match=r"missing keys input_blocks\.3\.1\.proj_out\.weight"):
         read_diffusion(broken)
+
+
+def test_a_ray_run_certifies_two_sigmas_behind_one_diffusion_denoiser_and_records_t_star(
+        fixtures, manifest, ray_cluster, tmp_path):
+    """The config path end to end: the small guided-diffusion UNet (a published layout) as model.denoiser in
+    front of a timm classifier whose 160x160 input the 32x32 digits are resized to, cohen at sigma 0.25 and
+    0.5 in one run; each row records the t* and abar of its own sigma, and the manifest both."""
+    import hashlib
+
+    timm = pytest.importorskip("timm")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    from pipeline.config import validate
+    from pipeline.distributed.certify import run
+
+    torch.manual_seed(0)
+    classifier = tmp_path / "test_vit.safetensors"
+    safetensors_torch.save_file(timm.create_model("test_vit.r160_in1k", num_classes=10).state_dict(), classifier)
+    denoiser = fixtures / "guided_small.pt"
+    config = validate({"run_id": "diffusion", "output": str(tmp_path / "runs"), "seed": 0, "batch_size": 16,
+                       "actors": {"count": 1, "cpus": 1}, "dataset": {"layout": "demo", "max": 2},
+                       "model": {"name": "timm/test_vit.r160_in1k", "weights": str(classifier),
+                                 "denoiser": str(denoiser)},
+                       "certifiers": [{"name": "cohen", "sigma": sigma, "n0": 8, "n": 24} for sigma in (0.25, 0.5)]})
+    rows = run(config).results.to_pylist()
+    assert len(rows) == 4 and all(row["status"] == "ok" for row in rows)
+    digest = hashlib.sha256(denoiser.read_bytes()).hexdigest()
+    for row in rows:
+        record = json.loads(row["denoiser"])
+        t_star, alpha_bar = record["t_star"], record["alpha_bar"]
+        sigma = f"{row['sigma']:g}"
+        assert t_star == manifest["t_star"]["guided"][sigma][0]
+        assert alpha_bar == pytest.approx(manifest["t_star"]["guided_alpha_bar"][sigma], rel=1e-12)
+        assert record["weights"] == str(denoiser) and record["weights_sha256"] == digest
+        assert record["architecture"]["schedule"] == "linear" and record["architecture"]["steps"] == 1000
+        assert json.loads(row["classifier"])["resized_from"] == [3, 32, 32]
+    recorded = json.loads((tmp_path / "runs" / "diffusion" / "manifest.json").read_text())["denoiser"]
+    assert {key: value["t_star"] for key, value in recorded.items()} == {"0.25": 145, "0.5": 259}

@@ -43,6 +43,7 @@ from pipeline.models.checkpoints import (
 )
 from pipeline.models.demo import WEIGHTS, DemoCNN, load_demo_model
 from pipeline.models.denoisers import Denoised, classifier_digest, load_denoiser
+from pipeline.models.diffusion import read_diffusion
 from pipeline.models.huggingface import HF_NAME, is_hf_folder, read_folder
 from pipeline.models.inputs import Normalize, Resize
 from pipeline.sections import Count, Listed, Number, Section
@@ -321,7 +322,9 @@ def _default_classes(arch: Architecture, checkpoint: Checkpoint | None) -> int:
 def load_any_denoiser(uri: str, storage: Storage = DEFAULT_STORAGE) -> tuple[nn.Module, dict]:
     """(denoiser in eval mode, what is known of it): a project artifact (a directory or prefix with
     artifact.json, `pipeline.models.denoisers`) or a published denoiser checkpoint (a file: Salman et al.'s
-    {'arch', 'state_dict'}, or a plain DnCNN / MemNet state dict, sized by its shapes)."""
+    {'arch', 'state_dict'}, a plain DnCNN / MemNet state dict, sized by its shapes, or a published diffusion
+    model's, guided-diffusion's or improved-diffusion's UNet, as the noise-conditioned one-shot denoiser of
+    `pipeline.models.diffusion`)."""
     location = storage.open(uri)
     try:
         is_file = location.fs.get_file_info(location.path).type == pafs.FileType.File
@@ -331,6 +334,12 @@ def load_any_denoiser(uri: str, storage: Storage = DEFAULT_STORAGE) -> tuple[nn.
         return load_denoiser(uri, storage)
     checkpoint = read_checkpoint(uri, storage)
     if checkpoint.arch is None:
+        try:
+            diffusion = read_diffusion(checkpoint.state)
+        except ValueError as error:
+            raise ValueError(f"model.denoiser: {uri}: {error}") from error
+        if diffusion is not None:
+            return diffusion, {"arch": diffusion.describe()["architecture"], **checkpoint.metadata}
         plain, _ = strip_wrappers(checkpoint.state, {"dncnn.0.weight", "feature_extractor.conv.weight"})
         try:
             network = build_to_load(lambda: infer_denoiser(plain))
