@@ -112,6 +112,8 @@ def test_a_smaller_crop_is_resized_in_front_of_the_classifier(vit):
     with torch.inference_mode():
         torch.testing.assert_close(loaded.model(pixels), model(pixel_values=(resized - mean) / std).logits,
                                    atol=1e-5, rtol=1e-5)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert loaded.model(pixels.bfloat16()).shape == (2, 10)  # bf16 inputs, as precision bf16 hands them
     same = open_model(validate(_config(weights=str(folder), input_size=24)).model, input_shape=(3, 24, 24))
     assert not isinstance(same.model[0], Resize)  # model.input_size overrides the processor's
 

@@ -28,14 +28,15 @@ class Normalize(nn.Module):
 
 class Resize(nn.Module):
     """Images [N, C, H, W] resized to `size` (height, width): bicubic, antialiased when shrinking, the
-    resampling timm's and Hugging Face's ImageNet classifiers are evaluated behind."""
+    resampling timm's and Hugging Face's ImageNet classifiers are evaluated behind. Computed in float32
+    whatever the input's dtype (a bf16 input is widened exactly; not every device resamples bf16)."""
 
     def __init__(self, size: Sequence[int]):
         super().__init__()
         self.size = (int(size[0]), int(size[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return functional.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False)
+        return functional.interpolate(x.float(), size=self.size, mode="bicubic", antialias=True, align_corners=False)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, bicubic, antialias"
