@@ -73,7 +73,7 @@ class Sizes:
 
 
 TINY = dict(model="demo_cnn", shape=(3, 32, 32), batch_sizes=(4, 16), rows_per_size=16, repeats=1,
-            engine=(2, 32), compile="eager", counts=(2, 200), count_sizes=(7, 50), job_images=2,
+            engine=(2, 32), compile="eager", counts=(2, 64), count_sizes=(7, 50), job_images=2,
             job_pixels=(40, 40, 32), job_n=(10, 100), job_precision="fp32", job_cpus=1, images_per_batch=1,
             engine_precisions=("fp32",), job_compiled=False)
 

@@ -15,8 +15,8 @@ from pipeline.storage import open_location
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs" / "configs" / "demo.yaml"
-SMALL = ["dataset.skip=1", "dataset.max=8", "certifiers.0.n=200", "certifiers.1.n=200", "certifiers.3.n=200",
-         "certifiers.4.n=500", "certifiers.4.m=500", "certifiers.6.n=2000"]
+SMALL = ["dataset.skip=1", "dataset.max=8", "actors.count=1", "certifiers.0.n=200", "certifiers.1.n=200",
+         "certifiers.3.n=200", "certifiers.4.n=500", "certifiers.4.m=500", "certifiers.6.n=2000"]
 
 
 def test_demo_config_loads_and_overrides_apply():

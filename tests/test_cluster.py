@@ -76,6 +76,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.mark.skipif(shutil.which("ray", path=str(Path(sys.executable).parent)) is None, reason="no ray CLI")
 def test_ray_job_submit_runs_the_certification_job_on_a_head_node(tmp_path):
     port, dashboard, agent, agent_grpc, metrics, runtime_env_agent = (free_port() for _ in range(6))
@@ -93,13 +98,16 @@ def test_ray_job_submit_runs_the_certification_job_on_a_head_node(tmp_path):
     try:
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.monotonic() + 120
+        while not port_open(dashboard):  # cheap: each `ray job list` below is a Python start-up importing Ray
+            assert time.monotonic() < deadline and head.poll() is None, "the head node did not come up"
+            time.sleep(0.2)
         while subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True).returncode:
             assert time.monotonic() < deadline and head.poll() is None, "the head node did not come up"
             time.sleep(1)
         command = ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
                    "python", "jobs/certify.py", "--config", "jobs/configs/demo.yaml", "--output", str(tmp_path),
                    "--run-id", "submitted", "--set", "dataset.skip=1", "--set", "dataset.max=4",
-                   "--set", "actors.count=1",
+                   "--set", "actors.count=1", "--set", "batch_size=256",  # no probe: not what this test is about
                    "--set", "certifiers=[{name: cohen, sigma: 0.25, n0: 10, n: 50}]"]
         deadline = time.monotonic() + 120
         while True:  # the dashboard answers before the node's job agent is up: retry until it takes the job
@@ -152,7 +160,8 @@ def test_nightly_records_nights_reuses_a_rerun_date_and_names_a_changed_suite_an
         degraded.head.weight.copy_(torch.randn_like(degraded.head.weight))
     torch.save(degraded.state_dict(), tmp_path / "degraded.pt")
     settings = ["--config", str(ROOT / "jobs" / "configs" / "nightly_demo.yaml"), "--set", f"output={tmp_path}",
-                "--set", "run.dataset.max=20", "--set", "run.certifiers.0.n=300", "--set", "run.actors.count=1"]
+                "--set", "run.dataset.max=20", "--set", "run.certifiers.0.n=300", "--set", "run.actors.count=1",
+                "--set", "run.batch_size=256"]  # no probe per night: any batch size gives the same certificates
     broken = ["--set", f"models.0.model.weights={tmp_path / 'degraded.pt'}"]
     nights = tmp_path / "nightly"
     assert main([*settings, "--date", "2026-11-20"]) == 0

@@ -39,7 +39,7 @@ class Proxy:
     """A TCP proxy on 127.0.0.1 to `target`; while `down`, every connection it holds or gets is dropped."""
 
     def __init__(self, target: tuple[str, int]):
-        self.target, self.down, self.connections = target, threading.Event(), set()
+        self.target, self.down, self.connections, self.refused = target, threading.Event(), set(), 0
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -61,6 +61,7 @@ class Proxy:
             client, _ = self.server.accept()
             if self.down.is_set():
                 client.close()
+                self.refused += 1
                 continue
             upstream = socket.create_connection(self.target)
             self.connections |= {client, upstream}
@@ -124,7 +125,8 @@ def test_a_storage_outage_shorter_than_the_retry_time_is_ridden_out(outage, unin
     thread, outcome = in_background(lambda: run(cfg).uri)
     wait_until(lambda: result_files(client, bucket) >= 2)
     proxy.stop()
-    time.sleep(8)
+    wait_until(lambda: proxy.refused >= 2)  # writers met the outage and retry (not a fixed 8 s that may miss it)
+    time.sleep(1)
     proxy.start()
     thread.join(timeout=300)
     assert "error" not in outcome, outcome

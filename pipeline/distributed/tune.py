@@ -191,7 +191,10 @@ def _run_trials(sweep: SweepConfig, record: SweepRecord, todo: list[str]) -> Non
         tune_config=tune.TuneConfig(metric=sweep.metric, mode="max",
                                     scheduler=_scheduler(sweep, base.epochs + base.second_epochs),
                                     search_alg=_search_algorithm(sweep), num_samples=sweep.num_samples if optuna else 1,
-                                    max_concurrent_trials=sweep.max_concurrent),
+                                    max_concurrent_trials=sweep.max_concurrent,
+                                    # a finished trial's worker takes the next trial (each trial seeds its own
+                                    # training), instead of a new process importing torch for every trial
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name=f"attempt-{record.data['attempts']}", storage_path=tune_storage.path,
                                   storage_filesystem=tune_storage.fs,
                                   callbacks=[_Recorder(record), SweepProgress.of(sweep, record)],
