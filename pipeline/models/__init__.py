@@ -32,6 +32,7 @@ from pipeline.models.architectures import (
     architecture,
     classifier_names,
     infer_denoiser,
+    is_classifier_name,
 )
 from pipeline.models.checkpoints import (
     Checkpoint,
@@ -115,7 +116,7 @@ class ModelSpec(Section):
                 architecture(name)
             except ValueError as error:
                 raise ValueError(f"{{where}}: {error}") from error
-        elif name is not None and name != HF_NAME and name not in model_names():
+        elif name is not None and name != HF_NAME and not is_classifier_name(name):
             raise ValueError(f"{{where}}: unknown model {name!r}; the classifier families: " + "; ".join(FAMILIES))
         return name
 

@@ -41,7 +41,8 @@ TIMM_PREFIX = "timm/"
 TIMM_MISSING = "timm/ models need timm and safetensors: pip install 'pipeline[timm]'"
 
 __all__ = ["ARCHITECTURES", "CIFAR10_MEAN", "CIFAR10_STD", "CLASSIFIER", "DENOISER", "IMAGENET_MEAN", "IMAGENET_STD",
-           "PUBLISHED_NAMES", "TIMM_PREFIX", "Architecture", "architecture", "classifier_names", "infer_denoiser"]
+           "PUBLISHED_NAMES", "TIMM_PREFIX", "Architecture", "architecture", "classifier_names", "infer_denoiser",
+           "is_classifier_name"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,13 @@ def architecture(name: str) -> Architecture:
         return _torchvision(name)
     raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}, the published names "
                      f"{sorted(PUBLISHED_NAMES)}, torchvision's classifiers and timm/<architecture>")
+
+
+def is_classifier_name(name: str) -> bool:
+    """True for a name `classifier_names` lists; torchvision is imported only for a name that is not the
+    project's (so the default config never pays for it)."""
+    own = ARCHITECTURES.get(PUBLISHED_NAMES.get(name, name))
+    return own.kind == CLASSIFIER if own is not None else name in _torchvision_classifiers()
 
 
 def classifier_names() -> list[str]:
