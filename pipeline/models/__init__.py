@@ -185,7 +185,7 @@ class LoadedModel:
     std: tuple[float, ...] | None
     input_size: tuple[int, ...] | None
     resized_from: tuple[int, ...] | None
-    storage: Storage = DEFAULT_STORAGE
+    storage: Storage  # where the weights files are read from (and hashed)
     denoiser: nn.Module | None = None
     denoiser_weights: str | None = None
     denoiser_files: tuple[str, ...] = ()
@@ -290,7 +290,7 @@ def _source(spec: ModelSpec, storage: Storage) -> tuple[Architecture, Checkpoint
 def _load_classifier(spec: ModelSpec, storage: Storage, input_shape: tuple[int, int, int] | None) -> LoadedModel:
     if spec.weights is None and spec.name == "demo_cnn":
         return LoadedModel(load_demo_model(WEIGHTS), "project", "demo_cnn", None, (str(WEIGHTS),), 10, None, None,
-                           input_shape, None)
+                           input_shape, None, storage)
     arch, checkpoint, files = _source(spec, storage)
     num_classes = spec.num_classes if spec.num_classes is not None else _default_classes(arch, checkpoint)
     if checkpoint is not None:
