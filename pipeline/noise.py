@@ -138,13 +138,14 @@ def sound_masses(sigma: float, q: int = 255) -> tuple[int, ...]:
 
     Each mass is the bin's probability, computed by mpmath at SOUND_PRECISION_BITS bits (error far below
     2^-100), times 2^60, less 2^-40, rounded down: never above the true mass, and equal to
-    floor(2^60 P(bin)) unless that product lies within 2^-40 of an integer. Cached per (sigma, q)."""
+    floor(2^60 P(bin)) unless that product lies within 2^-40 of an integer (0 for a bin below one unit).
+    Cached per (sigma, q)."""
     _, reach = sound_reach(sigma, q)
     with mpmath.workprec(SOUND_PRECISION_BITS):
         scale, unit, margin = mpmath.mpf(sigma), mpmath.mpf(2) ** SOUND_UNIT_BITS, mpmath.mpf(2) ** -40
         cdf = [mpmath.ncdf((mpmath.mpf(j) - mpmath.mpf(1) / 2) / q, 0, scale) for j in range(-reach + 1, reach + 1)]
         cdf = [mpmath.mpf(0), *cdf, mpmath.mpf(1)]
-        return tuple(int(mpmath.floor((high - low) * unit - margin)) for low, high in itertools.pairwise(cdf))
+        return tuple(max(0, int(mpmath.floor((high - low) * unit - margin))) for low, high in itertools.pairwise(cdf))
 
 
 class SoundGaussian(NoiseStream):

@@ -2,8 +2,8 @@
 
 Every column carries its description in the schema's field metadata (`describe()` lists them), so a
 Parquet file of results documents itself. Each row also records what its certifier declares (`norm`,
-`kind`, `max_radius`, `targets`, `noise`, `covers`), so readers need nothing but the rows. Files are read against this schema:
-a column that an older file lacks reads as null.
+`kind`, `max_radius`, `targets`, `noise`, `covers`), so readers need nothing but the rows. Files are read
+against this schema: a column that an older file lacks reads as null.
 """
 
 from __future__ import annotations
