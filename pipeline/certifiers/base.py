@@ -301,8 +301,10 @@ class GaussianNoise:
                                  f"inputs, use gaussian='real' for others (its radius is not floating-point sound)")
 
     def _setting_items(self) -> dict:
-        """The settings, `gaussian` last and left out when "real" (the setting string rows had before the
-        choice existed, when all Gaussian noise was real)."""
+        """The settings, `gaussian` last, and only when "sound": the real noise keeps the setting string rows
+        had before the choice existed (all Gaussian noise was real then). An unresolved "auto" is named as
+        the real noise is, which is what it resolves to off the grid; rows always carry the resolved choice
+        (`pipeline.certification` resolves it for its inputs, a run config for 8-bit images)."""
         items = super()._setting_items()
         choice = items.pop("gaussian")
-        return items if choice == "real" else {**items, "gaussian": choice}
+        return {**items, "gaussian": choice} if choice == "sound" else items

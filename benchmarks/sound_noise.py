@@ -1,0 +1,140 @@
+"""The sound Gaussian noise on the 1/255 grid against the real-valued one: speed, and the demo's accuracy.
+
+    python benchmarks/sound_noise.py speed [--device cuda] [--draws 512] [--resnet-draws 64]
+    python benchmarks/sound_noise.py accuracy [--config jobs/configs/demo.yaml] [--images 30]
+
+`speed`: draws per second of `Session.count` (noise, add, cast, forward, count: the engine's whole work)
+with `noise="sound_gaussian"` and with `"gaussian"`, on the demo CNN (3x32x32) and ResNet-50 at 224, the
+same 8-bit images and batch size for both, best of `--repeats`; and the noise alone (fill + apply of one
+block, no model), which says where the time goes. Prints the ratios sound / real.
+
+`accuracy`: the config's Gaussian certifiers (cohen, topk, center, smooth_reduce) on the config's demo
+digits (its skip and max; at most `--images`) in this process, once with the sound noise (what
+`gaussian: auto` gives 8-bit images) and once with `gaussian: real`, same seed; prints the
+certified-accuracy table of both and the median radius change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torchvision
+
+from pipeline import report
+from pipeline.certification import certify_rows
+from pipeline.certifiers.base import ESTIMATION, GaussianNoise
+from pipeline.config import load_config
+from pipeline.data.demo import load_demo
+from pipeline.engine import Draws, Engine
+from pipeline.models import load_model
+from pipeline.models.demo import load_demo_model
+from pipeline.noise import DRAWS_PER_BLOCK, make_noise
+from pipeline.results import to_table
+
+KINDS = ("gaussian", "sound_gaussian")
+
+
+def best(function, repeats: int, device: torch.device) -> float:
+    """The shortest of `repeats` timed calls (after one warm-up), in seconds."""
+    function()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def noise_alone(shape: tuple, kind: str, device: torch.device, repeats: int) -> float:
+    """Draws per second of the noise of one block: fill, then apply to an 8-bit image."""
+    stream = make_noise(kind, shape, device, 0.25)
+    image = (torch.randint(0, 256, shape, device=device).float() / 255)
+    block = torch.empty((DRAWS_PER_BLOCK, *shape), device=device)
+    counter = iter(range(10**9))
+
+    def run():
+        stream.fill(block, 0, "bench", ESTIMATION, next(counter))
+        stream.apply(image, block)
+
+    return DRAWS_PER_BLOCK / best(run, repeats, device)
+
+
+def engine_rate(model, shape: tuple, kind: str, draws: int, batch: int, device: torch.device, repeats: int) -> float:
+    """Draws per second of `Session.count` on 2 images of `shape` (on the 1/255 grid)."""
+    engine = Engine(model, device=str(device), batch_size=batch)
+    images = torch.randint(0, 256, (2, *shape), generator=torch.Generator().manual_seed(0)).float() / 255
+    request = Draws(ESTIMATION, 0.25, draws, noise=kind)
+    return 2 * draws / best(lambda: engine.session().count(images, ["a", "b"], 0, [request]), repeats, device)
+
+
+def speed(args) -> None:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    models = {"demo_cnn": (load_demo_model(), (3, 32, 32), args.draws, 256),
+              "resnet50": (torchvision.models.resnet50(weights=None), (3, 224, 224), args.resnet_draws, 32)}
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, sigma 0.25, "
+          f"best of {args.repeats}")
+    print("| model | draws | batch | noise alone, real | sound | ratio | engine, real (draws/s) | sound | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (model, shape, draws, batch) in models.items():
+        model = model.to(device).eval()
+        alone = {kind: noise_alone(shape, kind, device, args.repeats) for kind in KINDS}
+        rates = {kind: engine_rate(model, shape, kind, draws, batch, device, args.repeats) for kind in KINDS}
+        print(f"| {name} | {2 * draws} | {batch} | {alone['gaussian']:,.0f} | {alone['sound_gaussian']:,.0f} | "
+              f"{alone['sound_gaussian'] / alone['gaussian']:.3f} | {rates['gaussian']:,.1f} | "
+              f"{rates['sound_gaussian']:,.1f} | {rates['sound_gaussian'] / rates['gaussian']:.3f} |", flush=True)
+
+
+def accuracy(args) -> None:
+    config = load_config(args.config, [])
+    sound = [c for c in config.certifiers if isinstance(c, GaussianNoise)]
+    real = [dataclasses.replace(c, gaussian="real") for c in sound]
+    model = load_model(config.model, config.storage)
+    pixels, labels, ids = load_demo(config.dataset.split)
+    last = len(ids) if config.dataset.max is None else min(len(ids), config.dataset.max)
+    keep = list(range(0, last, config.dataset.skip))[: args.images]  # the config's subsample
+    images, labels, ids = pixels[keep].float() / 255, labels[keep].tolist(), [ids[i] for i in keep]
+    tables = []
+    for certifiers in (sound, real):
+        started = time.perf_counter()
+        engine = Engine(model, batch_size=args.batch_size)
+        tables.append(to_table(certify_rows(engine, images, labels, certifiers, seed=config.seed, image_ids=ids)))
+        print(f"{certifiers[0].gaussian}: {time.perf_counter() - started:.0f} s", flush=True)
+    both = pa.concat_tables(tables)
+    frame = report.accuracy_table(report.combined_rows([report.Source("demo", both)]), "l2", args.radii)
+    print(report._markdown(frame, floatfmt=".3f"))
+    sound_rows, real_rows = (table.to_pandas() for table in tables)
+    delta = (sound_rows["radius"] - real_rows["radius"]).abs()
+    print(f"|radius(sound) - radius(real)| over {len(delta)} rows: median {np.median(delta):.4f}, "
+          f"max {delta.max():.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    fast = commands.add_parser("speed", help="draws per second, sound against real noise")
+    fast.add_argument("--device", default="cpu")
+    fast.add_argument("--draws", type=int, default=512, help="draws per image on the demo CNN (2 images)")
+    fast.add_argument("--resnet-draws", type=int, default=64, help="draws per image on ResNet-50 (2 images)")
+    fast.add_argument("--repeats", type=int, default=3)
+    table = commands.add_parser("accuracy", help="certified accuracy of a demo config, sound against real noise")
+    table.add_argument("--config", type=Path, default=Path("jobs/configs/demo.yaml"))
+    table.add_argument("--images", type=int, default=30, help="at most N of the config's digits")
+    table.add_argument("--batch-size", type=int, default=256)
+    table.add_argument("--radii", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
+    args = parser.parse_args()
+    (speed if args.command == "speed" else accuracy)(args)
+
+
+if __name__ == "__main__":
+    main()
