@@ -17,7 +17,15 @@ from torch import nn
 import pipeline
 from pipeline.certifiers import Center, Cohen, SmoothReduce, TopK
 from pipeline.engine import Draws, Engine
-from pipeline.noise import DRAWS_PER_BLOCK, NOISE_KINDS, SoundGaussian, register_noise, sound_masses, sound_reach
+from pipeline.noise import (
+    DRAWS_PER_BLOCK,
+    NOISE_KINDS,
+    SoundGaussian,
+    register_noise,
+    sound_guide,
+    sound_masses,
+    sound_reach,
+)
 
 UNIT = 2**60
 
@@ -99,6 +107,20 @@ def test_draws_are_a_pure_function_of_seed_image_stage_and_block():
     assert torch.equal(one, torch.round(one)) and one.abs().max() <= sound_reach(0.5)[1]
 
 
+@pytest.mark.parametrize("sigma", [0.25, 0.5])
+def test_the_guide_table_gives_what_searchsorted_gives_for_every_uniform(sigma):
+    """The sampler's offsets are `searchsorted` of its uniforms: the guide table only answers it early."""
+    stream = SoundGaussian((3, 32, 32), sigma=sigma)
+    block = stream.get(5, "guide", "selection", 3)
+    uniform = torch.randint(0, 2**60, block.shape, dtype=torch.int64,
+                            generator=stream._seeded(5, "guide", "selection", 3))
+    assert torch.equal(block, stream.offsets(uniform).float())
+    edges = torch.cat([stream.cumulative - 1, stream.cumulative, stream.cumulative + 1]).clamp(0, 2**60 - 1)
+    cells = torch.index_select(stream.guide, 0, edges >> 44)  # uniforms at and beside every bin edge
+    known = ~torch.isnan(cells)
+    assert torch.equal(cells[known], stream.offsets(edges)[known].float())
+
+
 def test_apply_is_the_integer_sum_clipped_and_divided_once():
     sigma = 0.5
     stream = SoundGaussian((3, 16, 16), sigma=sigma)
@@ -120,6 +142,7 @@ class LeakySound(SoundGaussian):
     def __init__(self, shape, device="cpu", *, sigma: float):
         super().__init__(shape, device, sigma=sigma)
         self.cumulative = self.cumulative * 2 // 3
+        self.guide = sound_guide(self.cumulative, self.reach)
 
 
 class Constant(nn.Module):
