@@ -171,11 +171,13 @@ class SoundGaussian(NoiseStream):
     the smoothed classifier is Cohen's smoothing of f o clip o round_grid evaluated at x: Cohen's bound holds,
     with the same formula, for every x' on the grid with ||x' - x||_2 < r.
 
-    Sampling: per coordinate one uniform 60-bit integer u (`torch.randint(0, 2^60)`, exact: 2^60 divides the
-    generator's 2^64); its bin is `torch.searchsorted(cumulative masses, u, right=True)`. That search runs
-    only on the u whose cell of 2^(60 - GUIDE_BITS) integers holds a bin edge (about 2% of them at 16 bits);
-    for every other u a guide table made once per table by the same search at the cells' ends gives the
-    same index by one lookup of its top bits (`sound_guide`), which is where the speed comes from. The sum
+    Sampling: per coordinate one uniform 60-bit integer u, whose bin is `torch.searchsorted(cumulative masses,
+    u, right=True)`. u is drawn in two parts, each exact (`torch.randint` over a power of two divides the
+    generator's 2^32 or 2^64): its top GUIDE_BITS = 16 bits c for every coordinate, then its low 44 bits only
+    where the cell [c 2^44, (c + 1) 2^44) holds a bin edge or leftover (about 2% of the draws), in the order
+    of the coordinates; the searchsorted runs on those u alone. For every other coordinate all 2^44 values of
+    u fall in one bin, which a guide table made once per table by the same search (`sound_guide`) gives from
+    c: the same law, at the cost of one 32-bit random number and one lookup per coordinate. The sum
     x_int + j is clipped to [-q k, q (k + 1)] and divided by q once (`apply`; all values are integers below
     2^24, so the fp32 sum is exact integer arithmetic). Everything after z (bf16 rounding, normalisation, a
     denoiser) is a function of z_int: post-processing, which keeps the guarantee.
@@ -207,13 +209,23 @@ class SoundGaussian(NoiseStream):
         cumulative masses <= u) - J, J + 1 for a u in the leftover; int64."""
         return torch.searchsorted(self.cumulative, uniform, right=True) - self.reach
 
+    def uniforms(self, seed, image_id, stage, block, out: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block's random numbers, in the order they are drawn: (the top 16 bits c of each coordinate's u,
+        int32; the flat positions whose cell is searched; the whole u of those positions, int64), with the
+        guide table's offsets (NaN at the searched positions) written to `out`."""
+        generator = self._seeded(seed, image_id, stage, block)
+        cells = torch.randint(0, 2**GUIDE_BITS, out.shape, dtype=torch.int32, device=self.device, generator=generator)
+        torch.index_select(self.guide, 0, cells.view(-1), out=out.view(-1))
+        searched = torch.nonzero(torch.isnan(out.view(-1))).squeeze(1)  # cells holding a bin edge: draw low bits
+        low = torch.randint(0, 2 ** (SOUND_UNIT_BITS - GUIDE_BITS), searched.shape, dtype=torch.int64,
+                            device=self.device, generator=generator)
+        return cells, searched, (cells.view(-1)[searched].long() << (SOUND_UNIT_BITS - GUIDE_BITS)) | low
+
     def fill(self, out, seed, image_id, stage, block):
-        uniform = torch.randint(0, 2**SOUND_UNIT_BITS, out.shape, dtype=torch.int64, device=self.device,
-                                generator=self._seeded(seed, image_id, stage, block))
+        _, searched, uniform = self.uniforms(seed, image_id, stage, block, out)
+        found = self.offsets(uniform)
         flat = out.view(-1)
-        torch.index_select(self.guide, 0, (uniform >> (SOUND_UNIT_BITS - GUIDE_BITS)).view(-1), out=flat)
-        searched = torch.nonzero(torch.isnan(flat)).squeeze(1)  # cells that hold a bin edge: search them
-        found = self.offsets(uniform.view(-1)[searched])
         flat[searched] = found.to(out.dtype)
         rejected = torch.div(searched[found > self.reach], flat.numel() // len(out), rounding_mode="floor")
         out[rejected] = math.nan  # a draw with a coordinate in the leftover: rejected whole

@@ -109,12 +109,16 @@ def test_draws_are_a_pure_function_of_seed_image_stage_and_block():
 
 @pytest.mark.parametrize("sigma", [0.25, 0.5])
 def test_the_guide_table_gives_what_searchsorted_gives_for_every_uniform(sigma):
-    """The sampler's offsets are `searchsorted` of its uniforms: the guide table only answers it early."""
+    """The sampler's offsets are `searchsorted` of its 60-bit uniforms: the low 44 bits drawn where the top
+    16 bits' cell holds a bin edge, and any low bits elsewhere (there the guide table answers for all)."""
     stream = SoundGaussian((3, 32, 32), sigma=sigma)
     block = stream.get(5, "guide", "selection", 3)
-    uniform = torch.randint(0, 2**60, block.shape, dtype=torch.int64,
-                            generator=stream._seeded(5, "guide", "selection", 3))
-    assert torch.equal(block, stream.offsets(uniform).float())
+    cells, searched, drawn = stream.uniforms(5, "guide", "selection", 3, torch.empty_like(block))
+    assert 0 < len(searched) < 0.05 * block.numel()
+    low = torch.randint(0, 2**44, block.shape, generator=torch.Generator().manual_seed(0)).view(-1)
+    uniform = (cells.view(-1).long() << 44) | low
+    uniform[searched] = drawn
+    assert torch.equal(block, stream.offsets(uniform).float().view(block.shape))
     edges = torch.cat([stream.cumulative - 1, stream.cumulative, stream.cumulative + 1]).clamp(0, 2**60 - 1)
     cells = torch.index_select(stream.guide, 0, edges >> 44)  # uniforms at and beside every bin edge
     known = ~torch.isnan(cells)
