@@ -1,12 +1,12 @@
 """The sound Gaussian noise on the 1/255 grid against the real-valued one: speed, and the demo's accuracy.
 
-    python benchmarks/sound_noise.py speed [--device cuda] [--draws 512] [--resnet-draws 64]
+    python benchmarks/sound_noise.py speed [--device cuda] [--draws 512] [--resnet-draws 64] [--threads 1]
     python benchmarks/sound_noise.py accuracy [--config jobs/configs/demo.yaml] [--images 30]
 
 `speed`: draws per second of `Session.count` (noise, add, cast, forward, count: the engine's whole work)
 with `noise="sound_gaussian"` and with `"gaussian"`, on the demo CNN (3x32x32) and ResNet-50 at 224, the
-same 8-bit images and batch size for both, best of `--repeats`; and the noise alone (fill + apply of one
-block, no model), which says where the time goes. Prints the ratios sound / real.
+same 8-bit images and batch size for both, best of `--repeats` alternating rounds; and the noise alone
+(fill + apply of one block, no model), which says where the time goes. Prints the ratios sound / real.
 
 `accuracy`: the config's Gaussian certifiers (cohen, topk, center, smooth_reduce) on the config's demo
 digits (its skip and max; at most `--images`) in this process, once with the sound noise (what
@@ -40,23 +40,31 @@ from pipeline.results import to_table
 KINDS = ("gaussian", "sound_gaussian")
 
 
-def best(function, repeats: int, device: torch.device) -> float:
-    """The shortest of `repeats` timed calls (after one warm-up), in seconds."""
+def timed(function, device: torch.device) -> float:
+    """Seconds of one call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
     function()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def best_rates(calls: dict, work: float, repeats: int, device: torch.device) -> dict[str, float]:
+    """Per kind, `work` over the shortest of `repeats` timed calls, the kinds alternating within each round
+    (so a drift in the machine's speed touches both), after one warm-up call each."""
+    for function in calls.values():
         function()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return min(times)
+    times: dict[str, list[float]] = {kind: [] for kind in calls}
+    for _ in range(repeats):
+        for kind, function in calls.items():
+            times[kind].append(timed(function, device))
+    return {kind: work / min(values) for kind, values in times.items()}
 
 
-def noise_alone(shape: tuple, kind: str, device: torch.device, repeats: int) -> float:
-    """Draws per second of the noise of one block: fill, then apply to an 8-bit image."""
+def noise_call(shape: tuple, kind: str, device: torch.device):
+    """One block of the noise: fill, then apply to an 8-bit image (a fresh block each call)."""
     stream = make_noise(kind, shape, device, 0.25)
     image = (torch.randint(0, 256, shape, device=device).float() / 255)
     block = torch.empty((DRAWS_PER_BLOCK, *shape), device=device)
@@ -66,33 +74,40 @@ def noise_alone(shape: tuple, kind: str, device: torch.device, repeats: int) -> 
         stream.fill(block, 0, "bench", ESTIMATION, next(counter))
         stream.apply(image, block)
 
-    return DRAWS_PER_BLOCK / best(run, repeats, device)
+    return run
 
 
-def engine_rate(model, shape: tuple, kind: str, draws: int, batch: int, device: torch.device, repeats: int) -> float:
-    """Draws per second of `Session.count` on 2 images of `shape` (on the 1/255 grid)."""
+def engine_call(model, shape: tuple, kind: str, draws: int, batch: int, device: torch.device):
+    """`Session.count` of `draws` draws on each of 2 images of `shape` (on the 1/255 grid)."""
     engine = Engine(model, device=str(device), batch_size=batch)
     images = torch.randint(0, 256, (2, *shape), generator=torch.Generator().manual_seed(0)).float() / 255
     request = Draws(ESTIMATION, 0.25, draws, noise=kind)
-    return 2 * draws / best(lambda: engine.session().count(images, ["a", "b"], 0, [request]), repeats, device)
+    return lambda: engine.session().count(images, ["a", "b"], 0, [request])
 
 
 def speed(args) -> None:
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    models = {"demo_cnn": (load_demo_model(), (3, 32, 32), args.draws, 256),
-              "resnet50": (torchvision.models.resnet50(weights=None), (3, 224, 224), args.resnet_draws, 32)}
+    models = {"demo_cnn": (load_demo_model, (3, 32, 32), args.draws, 256),
+              "resnet50": (lambda: torchvision.models.resnet50(weights=None), (3, 224, 224), args.resnet_draws, 32)}
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, sigma 0.25, "
-          f"best of {args.repeats}")
-    print("| model | draws | batch | noise alone, real | sound | ratio | engine, real (draws/s) | sound | ratio |")
+          f"best of {args.repeats} alternating rounds")
+    print("| model | draws | batch | noise alone, real (draws/s) | sound | ratio | engine, real (draws/s) | sound "
+          "| ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, (model, shape, draws, batch) in models.items():
-        model = model.to(device).eval()
-        alone = {kind: noise_alone(shape, kind, device, args.repeats) for kind in KINDS}
-        rates = {kind: engine_rate(model, shape, kind, draws, batch, device, args.repeats) for kind in KINDS}
-        print(f"| {name} | {2 * draws} | {batch} | {alone['gaussian']:,.0f} | {alone['sound_gaussian']:,.0f} | "
-              f"{alone['sound_gaussian'] / alone['gaussian']:.3f} | {rates['gaussian']:,.1f} | "
-              f"{rates['sound_gaussian']:,.1f} | {rates['sound_gaussian'] / rates['gaussian']:.3f} |", flush=True)
+    for name in args.models:
+        make, shape, draws, batch = models[name]
+        model = make().to(device).eval()
+        alone = best_rates({kind: noise_call(shape, kind, device) for kind in KINDS}, DRAWS_PER_BLOCK,
+                           args.repeats, device)
+        rates = best_rates({kind: engine_call(model, shape, kind, draws, batch, device) for kind in KINDS},
+                           2 * draws, args.repeats, device)
+        real, sound = "gaussian", "sound_gaussian"
+        print(f"| {name} | {2 * draws} | {batch} | {alone[real]:,.0f} | {alone[sound]:,.0f} | "
+              f"{alone[sound] / alone[real]:.3f} | {rates[real]:,.1f} | {rates[sound]:,.1f} | "
+              f"{rates[sound] / rates[real]:.3f} |", flush=True)
 
 
 def accuracy(args) -> None:
@@ -127,6 +142,8 @@ def main() -> None:
     fast.add_argument("--draws", type=int, default=512, help="draws per image on the demo CNN (2 images)")
     fast.add_argument("--resnet-draws", type=int, default=64, help="draws per image on ResNet-50 (2 images)")
     fast.add_argument("--repeats", type=int, default=3)
+    fast.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    fast.add_argument("--models", nargs="+", default=["demo_cnn", "resnet50"], choices=["demo_cnn", "resnet50"])
     table = commands.add_parser("accuracy", help="certified accuracy of a demo config, sound against real noise")
     table.add_argument("--config", type=Path, default=Path("jobs/configs/demo.yaml"))
     table.add_argument("--images", type=int, default=30, help="at most N of the config's digits")

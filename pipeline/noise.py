@@ -163,6 +163,14 @@ def sound_guide(cumulative: torch.Tensor, reach: int) -> torch.Tensor:
     return torch.where((low == high) & (high < len(cumulative)), (low - reach).to(torch.float32), math.nan)
 
 
+@functools.lru_cache(maxsize=32)
+def _sound_tables(sigma: float, q: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the cumulative masses, int64; the guide table) on a device, made once per (sigma, q, device)."""
+    _, reach = sound_reach(sigma, q)
+    cumulative = torch.as_tensor(np.cumsum(sound_masses(sigma, q), dtype=np.int64), device=device)
+    return cumulative, sound_guide(cumulative, reach)
+
+
 class SoundGaussian(NoiseStream):
     """Sound Gaussian noise on the 1/q grid (q = 255; Voracek & Hein 2023, done exactly as their spec asks).
 
@@ -199,10 +207,8 @@ class SoundGaussian(NoiseStream):
         super().__init__(shape, device)
         self.sigma, self.q = float(sigma), int(q)
         self.k, self.reach = sound_reach(self.sigma, self.q)
-        masses = sound_masses(self.sigma, self.q)
-        self.cumulative = torch.as_tensor(np.cumsum(masses, dtype=np.int64), device=self.device)
-        self.bins = len(masses)
-        self.guide = sound_guide(self.cumulative, self.reach)
+        self.cumulative, self.guide = _sound_tables(self.sigma, self.q, self.device)
+        self.bins = len(self.cumulative)
 
     def offsets(self, uniform: torch.Tensor) -> torch.Tensor:
         """The offsets j of 60-bit uniforms u (int64), as `searchsorted` gives them: j = (the number of
