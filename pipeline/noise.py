@@ -172,7 +172,7 @@ def _sound_tables(sigma: float, q: int, device: torch.device) -> tuple[torch.Ten
 
 
 class SoundGaussian(NoiseStream):
-    """Sound Gaussian noise on the 1/q grid (q = 255; Voracek & Hein 2023, done exactly as their spec asks).
+    """Sound Gaussian noise on the 1/q grid (q = 255; Voracek & Hein 2023, with the sum formed in integers).
 
     Guarantee: for x on the 1/q grid, the noisy input is z = clip(x_int + j) / q with j drawn from the masses
     of `sound_masses` (each at most the N(0, sigma^2) mass of its bin, which is the law of round(q eps)), so
@@ -182,7 +182,7 @@ class SoundGaussian(NoiseStream):
     Sampling: per coordinate one uniform 60-bit integer u, whose bin is `torch.searchsorted(cumulative masses,
     u, right=True)`. u is drawn in two parts, each exact (`torch.randint` over a power of two divides the
     generator's 2^32 or 2^64): its top GUIDE_BITS = 16 bits c for every coordinate, then its low 44 bits only
-    where the cell [c 2^44, (c + 1) 2^44) holds a bin edge or leftover (about 2% of the draws), in the order
+    where the cell [c 2^44, (c + 1) 2^44) holds a bin edge or leftover (about 2% of the coordinates), in the order
     of the coordinates; the searchsorted runs on those u alone. For every other coordinate all 2^44 values of
     u fall in one bin, which a guide table made once per table by the same search (`sound_guide`) gives from
     c: the same law, at the cost of one 32-bit random number and one lookup per coordinate. The sum
@@ -191,9 +191,10 @@ class SoundGaussian(NoiseStream):
     denoiser) is a function of z_int: post-processing, which keeps the guarantee.
 
     Leftover mass: u at or above the masses' total (at most 2J + 1 units of 2^-60 per coordinate: about 9e-16
-    at sigma 0.25, 1.8e-15 at 0.5) lands in no bin. A draw with such a coordinate is rejected, never redrawn:
-    its raw row is all NaN (`can_reject`), and the engine counts it for no class while n keeps counting it
-    (center smoothing, which needs every output, issues no certificate for its image instead). Why this keeps
+    at sigma 0.25, 1.8e-15 at 0.5) lands in no bin. A draw (one noisy copy, not its whole batch) with such a
+    coordinate is rejected, never redrawn: its raw row is all NaN (`can_reject`), and the engine counts it
+    for no class while n keeps counting it (center smoothing, which needs every output, issues no
+    certificate for its image instead). Why this keeps
     the guarantee: couple each coordinate with a true rounded Gaussian that equals the sampled bin whenever u
     is not in the leftover (possible as every sampled mass is below the true one); the draws that vote are then
     votes of the true smoothed classifier, so the count of any class is at most its count under exact
