@@ -11,7 +11,8 @@ same 8-bit images and batch size for both, best of `--repeats` alternating round
 `accuracy`: the config's Gaussian certifiers (cohen, topk, center, smooth_reduce) on the config's demo
 digits (its skip and max; at most `--images`) in this process, once with the sound noise (what
 `gaussian: auto` gives 8-bit images) and once with `gaussian: real`, same seed; prints the
-certified-accuracy table of both and the median radius change.
+certified-accuracy table of both and, per setting, how the radii moved (center: certified images and
+eps_out).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import torch
 import torchvision
@@ -128,10 +130,23 @@ def accuracy(args) -> None:
     both = pa.concat_tables(tables)
     frame = report.accuracy_table(report.combined_rows([report.Source("demo", both)]), "l2", args.radii)
     print(report._markdown(frame, floatfmt=".3f"))
-    sound_rows, real_rows = (table.to_pandas() for table in tables)
-    delta = (sound_rows["radius"] - real_rows["radius"]).abs()
-    print(f"|radius(sound) - radius(real)| over {len(delta)} rows: median {np.median(delta):.4f}, "
-          f"max {delta.max():.4f}")
+    changes(*(table.to_pandas() for table in tables))
+
+
+def changes(sound: pd.DataFrame, real: pd.DataFrame) -> None:
+    """Per setting, how the certificates moved from real to sound noise; the rows of both runs are in the same
+    order (image by image, certifier by certifier)."""
+    for name, group in sound.groupby("setting", sort=False):
+        other = real.loc[group.index]
+        if group["kind"].iloc[0] == "output":
+            print(f"{name}: certified {int(group['eps_out'].notna().sum())} (sound) vs "
+                  f"{int(other['eps_out'].notna().sum())} (real) images, median eps_out "
+                  f"{group['eps_out'].median():.3f} vs {other['eps_out'].median():.3f}")
+            continue
+        delta = (group["radius"].to_numpy() - other["radius"].to_numpy())
+        moved = int((group["prediction"].to_numpy() != other["prediction"].to_numpy()).sum())
+        print(f"{name}: |radius(sound) - radius(real)| median {np.median(np.abs(delta)):.4f}, max "
+              f"{np.abs(delta).max():.4f}; prediction differs on {moved} of {len(group)} images")
 
 
 def main() -> None:
