@@ -19,7 +19,7 @@ import torch
 
 from pipeline.certifiers.base import Certificate, Certifier
 from pipeline.engine import Engine
-from pipeline.noise import noise_scheme
+from pipeline.noise import GRID_TOLERANCE, grid_deviation, noise_scheme
 from pipeline.progress import Progress
 from pipeline.results import RowContext, result_row, to_table
 from pipeline.sampling import Session
@@ -95,7 +95,10 @@ def certify(model: torch.nn.Module, images, labels=None, certifiers: Sequence[Ce
     each image is a pure function of (`seed`, its id, stage, draw index): the table does not depend on
     `batch_size` (rows per forward pass; "auto": the fastest of a short timed probe, `pipeline.batch_probe`)
     or on the order of the images. Certifiers asking for the same noise share forward passes
-    (see `pipeline.certifiers`). `precision`, `channels_last` and `compile` as in `pipeline.engine.Engine`.
+    (see `pipeline.certifiers`). A Gaussian certifier left at `gaussian="auto"` draws the sound noise on the
+    1/255 grid when every image is on that grid (8-bit images), else the real-valued one; each row's
+    `setting`, `noise` and `covers` say which. `precision`, `channels_last` and `compile` as in
+    `pipeline.engine.Engine`.
     `progress` shows the certifiers done in the project's progress display (`pipeline.progress`).
     """
     engine = Engine(model, device=device, batch_size=batch_size, precision=precision, channels_last=channels_last,
@@ -146,6 +149,8 @@ def certify_rows(engine: Engine, images, labels, certifiers: Sequence[Certifier]
     `image_index` column; `progress`, when given, counts the certifiers done."""
     certifiers = _check_certifiers(certifiers)
     images = _check_images(images)
+    on_grid = bool((grid_deviation(images) <= GRID_TOLERANCE).all())
+    certifiers = [certifier.for_inputs(on_grid) for certifier in certifiers]  # gaussian="auto" resolved
     image_ids = content_ids(images) if image_ids is None else _check_ids(image_ids, len(images))
     labels, num_classes = _check_inputs(engine, images, image_ids, labels, certifiers)
     labeled = all(label is not None for label in labels)
@@ -195,7 +200,7 @@ def _fail_nonfinite(nonfinite: Counter, image_ids: Sequence[str], verdicts: Verd
         bad = nonfinite.get(image_id, 0)
         if bad:
             failed = Certificate.failed(f"the model returned NaN or infinite outputs on {bad} of this image's "
-                                        f"noisy copies; no certificate")
+                                        f"noisy copies (or the sound sampler rejected them); no certificate")
             for position in verdicts:
                 verdicts[position][index] = (failed, verdicts[position][index][1])
 

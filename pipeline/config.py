@@ -60,9 +60,11 @@ class Actors(Section):
 
 
 def _certifier(entry: Any) -> Certifier:
-    """One certifier built from its settings ({name, ...}); ValueError naming the setting."""
+    """One certifier built from its settings ({name, ...}); ValueError naming the setting. A run's images are
+    decoded to 8 bits (`pipeline.data.preprocess`), so they are on the 1/255 grid: a Gaussian certifier's
+    `gaussian: auto` is resolved here to the sound noise."""
     if isinstance(entry, Certifier):
-        return entry
+        return entry.for_inputs(on_grid=True)
     if not isinstance(entry, dict):
         raise ValueError("{where}: every entry must be a mapping with a 'name'")
     settings = dict(entry)
@@ -74,7 +76,7 @@ def _certifier(entry: Any) -> Certifier:
     if unknown:
         raise ValueError(f"{{where}}: unknown setting(s) {unknown} for {name!r}; known: {sorted(known)}")
     try:
-        return REGISTRY[name](**settings)
+        return REGISTRY[name](**settings).for_inputs(on_grid=True)
     except TypeError as error:
         raise ValueError(f"{name}: {error}") from error
 

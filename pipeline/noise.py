@@ -1,9 +1,14 @@
 """Seeded noise: every draw is a pure function of (run seed, image id, stage, draw index).
 
-Three kinds, each a `NoiseStream` that writes raw noise for a block of draws and then turns raw rows
+Four kinds, each a `NoiseStream` that writes raw noise for a block of draws and then turns raw rows
 into noisy inputs in place (`NOISE_KINDS`; `register_noise` adds another, defined in its own module):
 
-- `Gaussian(sigma)`: x + sigma * eps, eps ~ N(0, I) (Cohen et al.).
+- `Gaussian(sigma)`: x + sigma * eps, eps ~ N(0, I) (Cohen et al.), a float sum: the theorem is about
+  real-valued noise, which floating point only approximates (Voracek & Hein 2023).
+- `SoundGaussian(sigma)` ("sound_gaussian"): inputs on the 1/255 grid plus integer offsets from the
+  Gaussian discretised on the same grid, added exactly and converted to float once, so the smoothed
+  classifier is exactly Cohen's smoothing of f o clip o round and its certificates survive floating point
+  (for perturbations on the grid). See the class.
 - `Splitting(sigma)`: splitting noise, SSN (Levine & Feizi 2021). Each coordinate gets a fresh split
   offset s_i ~ U[0, 2 lambda), lambda = sqrt(3) sigma; the real line is cut at s_i + 2 lambda k and x_i is
   replaced by the centre of its cell, clipped to [0, 1].
@@ -25,17 +30,25 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import math
 from collections.abc import Sequence
 
+import mpmath
 import numpy as np
 import torch
 
 DRAWS_PER_BLOCK = 64
 
-__all__ = ["DRAWS_PER_BLOCK", "NOISE_KINDS", "DerandomizedSplitting", "Gaussian", "NoiseStream", "Splitting",
-           "SplittingAugment", "block_seed", "dssn_levels", "dssn_table", "dssn_template", "gaussian_draws",
-           "make_noise", "noise_scheme", "register_noise", "split_cells", "splitting_lambda", "splitting_width"]
+GRID_TOLERANCE = 1e-3  # in units of one level: float32 images of k/q are within ~1e-5 of the grid
+SOUND_UNIT_BITS = 60  # the sound sampler's probabilities are multiples of 2^-60
+SOUND_PRECISION_BITS = 160  # mpmath's working precision for its table (>= 80 bits asked)
+
+__all__ = ["DRAWS_PER_BLOCK", "GRID_TOLERANCE", "GUIDE_BITS", "NOISE_KINDS", "DerandomizedSplitting", "Gaussian",
+           "NoiseStream", "SoundGaussian", "Splitting", "SplittingAugment", "block_seed", "dssn_levels",
+           "dssn_table", "dssn_template", "gaussian_draws", "grid_deviation", "make_noise", "noise_scheme",
+           "register_noise", "sound_guide", "sound_masses", "sound_reach", "split_cells", "splitting_lambda",
+           "splitting_width"]
 
 
 def block_seed(seed: int, image_id: str, stage: str, block: int) -> int:
@@ -59,6 +72,7 @@ class NoiseStream:
     """
 
     seed_prefix: str = ""
+    can_reject: bool = False  # True: `fill` may mark a draw rejected (its raw row all NaN); see SoundGaussian
 
     def __init__(self, shape: Sequence[int], device: torch.device | str = "cpu"):
         self.shape = tuple(shape)
@@ -102,6 +116,132 @@ class Gaussian(NoiseStream):
 
     def apply(self, image, rows, out=None):
         torch.add(image, rows, alpha=self.sigma, out=rows if out is None else out)
+
+
+def grid_deviation(images: torch.Tensor, q: int = 255) -> torch.Tensor:
+    """Per image [B, ...], the largest distance of a value from the 1/q grid, in units of one level."""
+    scaled = images.double() * q
+    return (scaled - torch.round(scaled)).abs().flatten(1).amax(dim=1)
+
+
+def sound_reach(sigma: float, q: int = 255) -> tuple[int, int]:
+    """(k, J): the sound noise clips z to [-k, k + 1] (z_int to [-q k, q (k + 1)]), k = max(1, floor(6 sigma)),
+    and draws offsets j in [-J, J], J = q (k + 1): an offset beyond J clips to the same value as J itself for
+    every input in [0, 1], so the two tails are folded into the end bins and nothing is lost to them."""
+    k = max(1, math.floor(6 * sigma))
+    return k, q * (k + 1)
+
+
+@functools.lru_cache(maxsize=32)
+def sound_masses(sigma: float, q: int = 255) -> tuple[int, ...]:
+    """The integer masses (units of 2^-60) of the offsets j = -J..J of the discretised Gaussian: bin j is
+    [(j - 1/2)/q, (j + 1/2)/q) under N(0, sigma^2), the end bins reaching to -inf and +inf (`sound_reach`).
+
+    Each mass is the bin's probability, computed by mpmath at SOUND_PRECISION_BITS bits (error far below
+    2^-100), times 2^60, less 2^-40, rounded down: never above the true mass, and equal to
+    floor(2^60 P(bin)) unless that product lies within 2^-40 of an integer (0 for a bin below one unit).
+    Cached per (sigma, q)."""
+    _, reach = sound_reach(sigma, q)
+    with mpmath.workprec(SOUND_PRECISION_BITS):
+        scale, unit, margin = mpmath.mpf(sigma), mpmath.mpf(2) ** SOUND_UNIT_BITS, mpmath.mpf(2) ** -40
+        cdf = [mpmath.ncdf((mpmath.mpf(j) - mpmath.mpf(1) / 2) / q, 0, scale) for j in range(-reach + 1, reach + 1)]
+        cdf = [mpmath.mpf(0), *cdf, mpmath.mpf(1)]
+        return tuple(max(0, int(mpmath.floor((high - low) * unit - margin))) for low, high in itertools.pairwise(cdf))
+
+
+GUIDE_BITS = 16  # the sound sampler's guide table has 2^16 cells
+
+
+def sound_guide(cumulative: torch.Tensor, reach: int) -> torch.Tensor:
+    """Per cell c of the 60-bit uniforms ([c 2^44, (c + 1) 2^44)), the offset j every u in it gets
+    (`searchsorted` at the cell's first and last u agree), or NaN where they differ or the cell reaches the
+    leftover (it holds a bin edge, or u that are rejected). float32: offsets are integers below 2^24."""
+    width = 2 ** (SOUND_UNIT_BITS - GUIDE_BITS)
+    first = torch.arange(2**GUIDE_BITS, dtype=torch.int64, device=cumulative.device) * width
+    low = torch.searchsorted(cumulative, first, right=True)
+    high = torch.searchsorted(cumulative, first + (width - 1), right=True)
+    return torch.where((low == high) & (high < len(cumulative)), (low - reach).to(torch.float32), math.nan)
+
+
+@functools.lru_cache(maxsize=32)
+def _sound_tables(sigma: float, q: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the cumulative masses, int64; the guide table) on a device, made once per (sigma, q, device)."""
+    _, reach = sound_reach(sigma, q)
+    cumulative = torch.as_tensor(np.cumsum(sound_masses(sigma, q), dtype=np.int64), device=device)
+    return cumulative, sound_guide(cumulative, reach)
+
+
+class SoundGaussian(NoiseStream):
+    """Sound Gaussian noise on the 1/q grid (q = 255; Voracek & Hein 2023, with the sum formed in integers).
+
+    Guarantee: for x on the 1/q grid, the noisy input is z = clip(x_int + j) / q with j drawn from the masses
+    of `sound_masses` (each at most the N(0, sigma^2) mass of its bin, which is the law of round(q eps)), so
+    the smoothed classifier is Cohen's smoothing of f o clip o round_grid evaluated at x: Cohen's bound holds,
+    with the same formula, for every x' on the grid with ||x' - x||_2 < r.
+
+    Sampling: per coordinate one uniform 60-bit integer u, whose bin is `torch.searchsorted(cumulative masses,
+    u, right=True)`. u is drawn in two parts, each exact (`torch.randint` over a power of two divides the
+    generator's 2^32 or 2^64): its top GUIDE_BITS = 16 bits c for every coordinate, then its low 44 bits only
+    where the cell [c 2^44, (c + 1) 2^44) holds a bin edge or leftover (about 2% of the coordinates), in the order
+    of the coordinates; the searchsorted runs on those u alone. For every other coordinate all 2^44 values of
+    u fall in one bin, which a guide table made once per table by the same search (`sound_guide`) gives from
+    c: the same law, at the cost of one 32-bit random number and one lookup per coordinate. The sum
+    x_int + j is clipped to [-q k, q (k + 1)] and divided by q once (`apply`; all values are integers below
+    2^24, so the fp32 sum is exact integer arithmetic). Everything after z (bf16 rounding, normalisation, a
+    denoiser) is a function of z_int: post-processing, which keeps the guarantee.
+
+    Leftover mass: u at or above the masses' total (at most 2J + 1 units of 2^-60 per coordinate: about 9e-16
+    at sigma 0.25, 1.8e-15 at 0.5) lands in no bin. A draw (one noisy copy, not its whole batch) with such a
+    coordinate is rejected, never redrawn: its raw row is all NaN (`can_reject`), and the engine counts it
+    for no class while n keeps counting it (center smoothing, which needs every output, issues no
+    certificate for its image instead). Why this keeps
+    the guarantee: couple each coordinate with a true rounded Gaussian that equals the sampled bin whenever u
+    is not in the leftover (possible as every sampled mass is below the true one); the draws that vote are then
+    votes of the true smoothed classifier, so the count of any class is at most its count under exact
+    sampling, and a lower confidence bound on it stays valid. Redrawing would renormalise the masses upward,
+    which no longer dominates."""
+
+    seed_prefix = "sound/"
+    can_reject = True
+
+    def __init__(self, shape, device="cpu", *, sigma: float, q: int = 255):
+        super().__init__(shape, device)
+        self.sigma, self.q = float(sigma), int(q)
+        self.k, self.reach = sound_reach(self.sigma, self.q)
+        self.cumulative, self.guide = _sound_tables(self.sigma, self.q, self.device)
+        self.bins = len(self.cumulative)
+
+    def offsets(self, uniform: torch.Tensor) -> torch.Tensor:
+        """The offsets j of 60-bit uniforms u (int64), as `searchsorted` gives them: j = (the number of
+        cumulative masses <= u) - J, J + 1 for a u in the leftover; int64."""
+        return torch.searchsorted(self.cumulative, uniform, right=True) - self.reach
+
+    def uniforms(self, seed, image_id, stage, block, out: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block's random numbers, in the order they are drawn: (the top 16 bits c of each coordinate's u,
+        int32; the flat positions whose cell is searched; the whole u of those positions, int64), with the
+        guide table's offsets (NaN at the searched positions) written to `out`."""
+        generator = self._seeded(seed, image_id, stage, block)
+        cells = torch.randint(0, 2**GUIDE_BITS, out.shape, dtype=torch.int32, device=self.device, generator=generator)
+        torch.index_select(self.guide, 0, cells.view(-1), out=out.view(-1))
+        searched = torch.nonzero(torch.isnan(out.view(-1))).squeeze(1)  # cells holding a bin edge: draw low bits
+        low = torch.randint(0, 2 ** (SOUND_UNIT_BITS - GUIDE_BITS), searched.shape, dtype=torch.int64,
+                            device=self.device, generator=generator)
+        return cells, searched, (cells.view(-1)[searched].long() << (SOUND_UNIT_BITS - GUIDE_BITS)) | low
+
+    def fill(self, out, seed, image_id, stage, block):
+        _, searched, uniform = self.uniforms(seed, image_id, stage, block, out)
+        found = self.offsets(uniform)
+        flat = out.view(-1)
+        flat[searched] = found.to(out.dtype)
+        rejected = torch.div(searched[found > self.reach], flat.numel() // len(out), rounding_mode="floor")
+        out[rejected] = math.nan  # a draw with a coordinate in the leftover: rejected whole
+
+    def apply(self, image, rows, out=None):
+        level = torch.round(image * self.q)
+        rows.add_(level).clamp_(-self.q * self.k, self.q * (self.k + 1)).div_(self.q)
+        if out is not None:
+            out.copy_(rows)
 
 
 def splitting_lambda(sigma: float) -> float:
@@ -220,7 +360,8 @@ def _doubled_table(levels: int, q: int, dtype: torch.dtype, device: torch.device
 
 
 # Noise kind (a `Draws`'s `noise`) -> its stream class; `register_noise` adds one.
-NOISE_KINDS: dict[str, type[NoiseStream]] = {"gaussian": Gaussian, "ssn": Splitting, "dssn": DerandomizedSplitting}
+NOISE_KINDS: dict[str, type[NoiseStream]] = {"gaussian": Gaussian, "sound_gaussian": SoundGaussian, "ssn": Splitting,
+                                             "dssn": DerandomizedSplitting}
 
 
 def register_noise(kind: str, stream: type[NoiseStream]) -> type[NoiseStream]:
@@ -235,8 +376,8 @@ def register_noise(kind: str, stream: type[NoiseStream]) -> type[NoiseStream]:
 
 
 def make_noise(kind: str, shape: Sequence[int], device, sigma: float, options: tuple = ()) -> NoiseStream:
-    """The noise stream of a kind (`NOISE_KINDS`: "gaussian", "ssn", "dssn", and those registered) with its
-    options ((name, value) pairs)."""
+    """The noise stream of a kind (`NOISE_KINDS`: "gaussian", "sound_gaussian", "ssn", "dssn", and those
+    registered) with its options ((name, value) pairs)."""
     if kind not in NOISE_KINDS:
         raise ValueError(f"unknown noise kind {kind!r}; known: {sorted(NOISE_KINDS)}")
     return NOISE_KINDS[kind](shape, device, sigma=sigma, **dict(options))

@@ -16,8 +16,9 @@ existed read them as null: every radius, no marker. A norm's tables use `DEFAULT
 else a grid of round radii up to the largest radius its settings reach.
 
 Tables and plots name settings by short names (`pipeline.labels`); the legend table maps each to its full
-setting. Other sources (runs, or published logs read by `pipeline.results.read_certify_log`) can be
-reported beside the run (`Source`): they share the tables and the axes.
+setting, its noise and what its radius covers (`COVERS_NOTE` says it in a sentence in every report). Other
+sources (runs, or published logs read by `pipeline.results.read_certify_log`) can be reported beside the run
+(`Source`): they share the tables and the axes.
 
 `certified_correct`, `accuracy_at`, `certified_counts` and `acr` are the one definition of these figures;
 the nightly benchmark and the sweep's objective use them too.
@@ -25,6 +26,7 @@ the nightly benchmark and the sweep's objective use them too.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import textwrap
@@ -44,7 +46,7 @@ from pipeline.storage import Location
 DEFAULT_RADII = {"l2": (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0), "l1": (0.0, 0.25, 0.5, 0.75, 1.0, 2.0, 3.0, 4.0)}
 RHO = 0.001
 OUTPUT = "output"  # the `kind` of an output certifier's rows (pipeline.certifiers.base.OUTPUT)
-DECLARED = ("kind", "max_radius", "targets")  # what certifiers record about themselves (pipeline.results)
+DECLARED = ("kind", "max_radius", "targets", "noise", "covers")  # what certifiers record about themselves
 
 __all__ = ["Source", "accuracy_at", "accuracy_table", "acr", "brief", "certified_accuracy",
            "certified_correct", "certified_counts", "certified_radius", "combined_rows", "curves_figure",
@@ -256,12 +258,29 @@ def _outputs(rows: pd.DataFrame) -> pd.DataFrame:
     return _index(pd.DataFrame.from_dict(out, orient="index"), several)
 
 
+COVERS_NOTE = ("What a radius covers (column `covers`): 'grid 1/255', every perturbed input on the 1/255 grid "
+               "(8-bit images) within the radius, with noise drawn exactly on that grid (noise 'sound_gaussian', "
+               "'dssn'), so the certificate holds for the network as floating point runs it; 'real', every real "
+               "perturbed input within the radius as the theorem for real-valued noise states, which noise added "
+               "in floating point (noise 'gaussian') does not guarantee (Voracek & Hein 2023).")
+
+
+def _recorded(group: pd.DataFrame, column: str):
+    """The group's value of a column rows written before it existed lack (None then)."""
+    if column not in group:
+        return None
+    values = group[column].dropna()
+    return ", ".join(sorted(set(values))) if len(values) else None
+
+
 def legend_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """Short name -> certifier, norm, full setting and the sources that hold it."""
+    """Short name -> certifier, norm, noise, what its radius covers, full setting and the sources that hold it."""
     records = [{"setting": name, "certifier": group["certifier"].iloc[0], "norm": group["norm"].iloc[0],
+                "noise": _recorded(group, "noise"), "covers": _recorded(group, "covers"),
                 "sources": ", ".join(dict.fromkeys(group["source"])), "full setting": full}
                for (name, full), group in rows.groupby(["name", "setting"], sort=True)]
-    frame = pd.DataFrame(records, columns=["setting", "certifier", "norm", "sources", "full setting"])
+    frame = pd.DataFrame(records, columns=["setting", "certifier", "norm", "noise", "covers", "sources",
+                                           "full setting"])
     return frame if rows["source"].nunique() > 1 else frame.drop(columns="sources")
 
 
@@ -325,7 +344,7 @@ def summary(table: pa.Table, radii: Sequence[float] | None = None, compared: Seq
                       f"{1 - RHO:g})", "", _markdown(accuracy_table(rows, norm, norm_radii, bound=True))]
     errors = _errors(rows)
     parts += ["", "## Error rows", "", _markdown(errors) if len(errors) else "None."]
-    parts += ["", "## Settings", "", _markdown(legend_table(rows))]
+    parts += ["", "## Settings", "", COVERS_NOTE, "", _markdown(legend_table(rows))]
     return "\n".join(parts)
 
 
@@ -409,7 +428,8 @@ def _page(rows: pd.DataFrame, radii, images: dict[str, bytes], manifest: dict | 
         "<h3>Cost per image</h3>", table(_overview(rows), "{:.4g}"),
         "<h3>Abstentions</h3>", table(abstentions) if len(abstentions) else "<p>None.</p>",
         "<h3>Error rows</h3>", table(errors, index=False) if len(errors) else "<p>None.</p>"])))
-    sections.append(("Settings", table(legend_table(rows), index=False)))
+    sections.append(("Settings", f'<p class="note">{html.escape(COVERS_NOTE)}</p>'
+                                 + table(legend_table(rows), index=False)))
     sections.append(("Run", _run_section(manifest, sources)))
     title = f"Certification report: {sources[0].label}"
     return html_page.document(title, sections, subtitle=_subtitle(manifest, rows))

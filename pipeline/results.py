@@ -2,8 +2,8 @@
 
 Every column carries its description in the schema's field metadata (`describe()` lists them), so a
 Parquet file of results documents itself. Each row also records what its certifier declares (`norm`,
-`kind`, `max_radius`, `targets`), so readers need nothing but the rows. Files are read against this schema:
-a column that an older file lacks reads as null.
+`kind`, `max_radius`, `targets`, `noise`, `covers`), so readers need nothing but the rows. Files are read
+against this schema: a column that an older file lacks reads as null.
 """
 
 from __future__ import annotations
@@ -55,6 +55,15 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("targets", pa.list_(pa.float64()), True,
      "The only radii the setting decides (mode=sequential's target radii); empty: every radius. Null in rows "
      "written before it was recorded."),
+    ("noise", pa.string(), True,
+     "The noise the certificate was sampled with (`pipeline.noise.NOISE_KINDS`): 'sound_gaussian' (integer "
+     "noise on the 1/255 grid, exact in floating point), 'gaussian' (real-valued, added in float), 'ssn', "
+     "'dssn'. Null in rows written before it was recorded (those used 'gaussian' for the l2 certifiers)."),
+    ("covers", pa.string(), True,
+     "What the radius covers: 'grid 1/255' (every perturbed input on the 1/255 grid within the radius: sound "
+     "noise, dssn) or 'real' (every real perturbed input within the radius, as the theorem for real-valued "
+     "noise states; floating-point sampling does not guarantee it). Null in rows written before it was "
+     "recorded."),
     ("p_lower", pa.float64(), True,
      "Lower confidence bound on the probability under noise of the class examined (cohen, ssn: the selected "
      "top class; topk: the label), also when it abstains; dssn: the exact vote share c_A / L."),
@@ -172,7 +181,8 @@ def result_row(certifier, certificate, image_index: int, image_id: str, label: i
         "prediction": certificate.prediction if classifies else None, "abstained": certificate.abstained,
         "radius": certificate.radius, "norm": certifier.norm, "kind": certifier.kind,
         "max_radius": certifier.max_radius(context.num_classes, certificate.details),
-        "targets": list(certifier.targets), "p_lower": certificate.p_lower,
+        "targets": list(certifier.targets), "noise": certifier.noise_kind, "covers": certifier.covers,
+        "p_lower": certificate.p_lower,
         "count": certificate.count, "n": cost.n, "n0": cost.n0, "alpha": float(certifier.failure_probability),
         "correct": correct, "topk_labels": certificate.topk_labels, "forward_passes": cost.forward_passes,
         "wall_time_s": seconds, "status": "error" if failed else "ok", "error": certificate.error,
@@ -333,7 +343,7 @@ def read_certify_log(path: str | Path, sigma: float, alpha: float = 0.001, n: in
     lines = Path(path).read_text().splitlines()
     if lines[0].split() != ["idx", "label", "predict", "radius", "correct", "time"]:
         raise ValueError(f"{path}: not a certify.py log (header {lines[0]!r})")
-    cohen = Cohen(sigma=sigma, alpha=alpha, n0=n0, n=n)
+    cohen = Cohen(sigma=sigma, alpha=alpha, n0=n0, n=n, gaussian="real")
     context = RowContext(seed=0, precision="fp32", device="cuda")
     rows = []
     for line in lines[1:]:

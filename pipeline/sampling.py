@@ -147,7 +147,8 @@ class Session:
     def outputs(self, images: torch.Tensor, image_ids: Sequence[str], seed: int, draws: Draws, head,
                 sink, votes: bool = False) -> None:
         """Runs `head` on the `draws.n` noisy copies of every image, batched like `count`; calls
-        `sink(outputs, image_index, draw_index)` for each batch, the indices as device tensors.
+        `sink(outputs, image_index, draw_index)` for each batch, the indices as device tensors. A draw the
+        sound sampler rejected (`pipeline.noise.SoundGaussian`) counts as a non-finite output of its image.
 
         With `votes`, `head` returns (the model's logits, outputs) from one forward pass, and the model's
         top-1 votes on these draws are counted at the cuts the cache wants for this stream and kept in it,
@@ -162,12 +163,15 @@ class Session:
 
         _refuse_head(self.engine, head)
 
-        def forward(inputs: torch.Tensor, slots: torch.Tensor, draw_index: torch.Tensor, _sigma) -> None:
+        def forward(inputs: torch.Tensor, slots: torch.Tensor, draw_index: torch.Tensor, _sigma,
+                    rejected: torch.Tensor | None) -> None:
             outputs = self.engine.forward(head, inputs)
             if votes:
                 logits, outputs = outputs
-                tally.add(logits, slots, draw_index)
-            nonfinite.index_add_(0, slots, (~torch.isfinite(outputs.flatten(1)).all(dim=1)).long())
+                tally.add(logits, slots, draw_index, rejected)
+            # an output needed for every draw: a draw the sampler rejected leaves its image without a certificate
+            bad = ~torch.isfinite(outputs.flatten(1)).all(dim=1)
+            nonfinite.index_add_(0, slots, (bad if rejected is None else bad | rejected).long())
             sink(outputs, slots, draw_index)
 
         if draws.n:
@@ -276,14 +280,19 @@ class _SlotCounts:
         self.nonfinite = torch.cat([self.nonfinite, torch.zeros(len(images), dtype=torch.int64, device=device)])
         self.image_of = torch.cat([self.image_of, torch.as_tensor(images, dtype=torch.long, device=device)])
 
-    def add(self, inputs: torch.Tensor, slots: torch.Tensor, draws: torch.Tensor, sigma: torch.Tensor | None) -> None:
+    def add(self, inputs: torch.Tensor, slots: torch.Tensor, draws: torch.Tensor, sigma: torch.Tensor | None,
+            rejected: torch.Tensor | None) -> None:
         if self.head is None:
             scores = self.engine.logits(inputs, sigma)
         else:
             scores = self.engine.forward(lambda x: self.head(x, self.image_of[slots]), inputs)
         finite = torch.isfinite(scores).all(dim=1)  # a draw with a NaN or infinite score does not vote
+        if rejected is not None:  # a draw the sampler rejected votes for no class, and is no model fault
+            finite, faulty = finite & ~rejected, ~finite & ~rejected
+        else:
+            faulty = ~finite
         self.counts.view(-1).index_add_(0, slots * self.num_classes + scores.argmax(dim=1), finite.long())
-        self.nonfinite.index_add_(0, slots, (~finite).long())
+        self.nonfinite.index_add_(0, slots, faulty.long())
 
     def nonfinite_per_image(self, images: int) -> torch.Tensor:
         """Non-finite draws per image, summed over its slots."""
@@ -293,8 +302,9 @@ class _SlotCounts:
 
 class _Packer:
     """Fills one preallocated batch with noisy draws of many images and hands each full batch to
-    `sink(inputs, slots, draw_index, sigma)` (sigma: each row's noise level, for a noise-conditioned model,
-    else None), counting the rows in the session's `forward_passes`.
+    `sink(inputs, slots, draw_index, sigma, rejected)` (sigma: each row's noise level, for a noise-conditioned
+    model, else None; rejected: a mask of the draws the sound sampler rejected, when the batch holds draws of
+    a noise that can reject, else None), counting the rows in the session's `forward_passes`.
 
     Whole blocks of draws are generated in place in the batch; the image is added (and the result cast to
     the model's input dtype and memory format) once per run of rows of one image, just before the forward.
@@ -352,12 +362,18 @@ class _Packer:
         rows = self.rows
         if not rows:
             return
+        rejected = None
         for first, end, image, noise in self.runs:
+            if noise.can_reject:  # a rejected draw's raw row is all NaN
+                if rejected is None:
+                    rejected = torch.zeros(rows, dtype=torch.bool, device=self.device)
+                rejected[first:end] = torch.isnan(self.batch[first:end].flatten(1)[:, 0])
             out = None if self.inputs is self.batch else self.inputs[first:end]
             noise.apply(self.x[image], self.batch[first:end], out)
         self.runs.clear()
+        owner, drawn = self._to_device(self.owner[:rows]), self._to_device(self.drawn[:rows])
         sigma = None if self.sigma is None else self._to_device(self.sigma[:rows])
-        self.sink(self.inputs[:rows], self._to_device(self.owner[:rows]), self._to_device(self.drawn[:rows]), sigma)
+        self.sink(self.inputs[:rows], owner, drawn, sigma, rejected)
         self.session.forward_passes += rows
         self.rows = 0
 

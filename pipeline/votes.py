@@ -20,8 +20,8 @@ __all__ = ["Draws", "Stream", "Tally", "VoteCache"]
 
 @dataclass(frozen=True)
 class Stream:
-    """A noise stream: draws of `stage` at scale `sigma`, of kind `noise` ("gaussian", "ssn", "dssn"; see
-    `pipeline.noise`) with `options` as (name, value) pairs."""
+    """A noise stream: draws of `stage` at scale `sigma`, of kind `noise` ("gaussian", "sound_gaussian", "ssn",
+    "dssn"; see `pipeline.noise`) with `options` as (name, value) pairs."""
 
     stage: str
     sigma: float
@@ -97,7 +97,9 @@ class Tally:
         self.bounds = torch.as_tensor(cuts, dtype=torch.long, device=device)
         self.counts: torch.Tensor | None = None  # [images, cuts, classes]: votes of draws in [cut j-1, cut j)
 
-    def add(self, logits: torch.Tensor, images: torch.Tensor, draws: torch.Tensor) -> None:
+    def add(self, logits: torch.Tensor, images: torch.Tensor, draws: torch.Tensor,
+            rejected: torch.Tensor | None = None) -> None:
+        """Counts the votes of a batch; draws in `rejected` (rejected by the sampler) vote for no class."""
         if not self.cuts:
             return
         classes = logits.shape[1]
@@ -105,6 +107,8 @@ class Tally:
             self.counts = torch.zeros((self.images, len(self.cuts), classes), dtype=torch.int64, device=self.device)
         segment = torch.searchsorted(self.bounds, draws, right=True)  # cuts <= draw: the draw counts beyond them
         counted = torch.isfinite(logits).all(dim=1) & (segment < len(self.cuts))  # NaN or inf scores never vote
+        if rejected is not None:
+            counted &= ~rejected
         flat = (images * len(self.cuts) + segment.clamp(max=len(self.cuts) - 1)) * classes + logits.argmax(dim=1)
         self.counts.view(-1).index_add_(0, flat, counted.long())
 

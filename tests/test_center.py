@@ -322,6 +322,7 @@ def test_center_beside_cohen_and_topk_gives_them_its_votes_and_changes_no_certif
     certifiers = [Cohen(sigma=0.25, n0=50, n=300), TopK(sigma=0.25, k=2, n=600),
                   Center(sigma=0.25, eps_in=0.1, n=200, m=500),
                   Cohen(sigma=0.25, n0=50, n=2_000, mode="sequential", radii=[0.25])]
+    certifiers = [certifier.for_inputs(on_grid=True) for certifier in certifiers]  # 8-bit images: sound noise
     columns = ["image_id", "setting", "prediction", "radius", "p_lower", "count", "n", "forward_passes", "eps_out"]
     counted = CountingModel(model)
     together = to_table(certify_rows(Engine(counted, batch_size=128), images, labels, certifiers, seed=0,

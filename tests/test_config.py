@@ -63,8 +63,9 @@ def test_a_count_given_as_1e5_is_taken_as_100000(key):
 def test_certifiers_are_built_once_and_the_manifest_records_them_as_given():
     given = [{"name": "cohen", "sigma": 0.25, "n": 1e5}, {"name": "topk", "sigma": 0.5, "k": 2, "n": 200}]
     config = validate({"certifiers": given})
-    assert isinstance(config.certifiers, tuple) and config.certifiers == (
-        Cohen(sigma=0.25, n=100_000), TopK(sigma=0.5, k=2, n=200))
+    assert isinstance(config.certifiers, tuple) and config.certifiers == (  # 8-bit images: gaussian auto is sound
+        Cohen(sigma=0.25, n=100_000, gaussian="sound"), TopK(sigma=0.5, k=2, n=200, gaussian="sound"))
+    assert validate({"certifiers": [{**given[0], "gaussian": "real"}]}).certifiers[0].noise_kind == "gaussian"
     assert config.to_dict()["certifiers"] == given
     assert validate(config.to_dict()) == config  # the dict reads back
     earlier = {"run_id": "demo", "config": json.loads(json.dumps(config.to_dict()))}

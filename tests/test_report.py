@@ -124,8 +124,10 @@ def test_tables_use_short_names_and_a_sequential_setting_only_at_its_targets():
     assert (table.drop(index=sequential.name)["r=0.4"].notna()).all()
     text = report.summary(results())
     assert "| cohen sigma=0.25 n=2000 " in text and "img-bad: cannot decode" in text
-    legend = r"\| cohen sigma=0\.25 n=2000\s+\| cohen\s+\| l2\s+\| " + re.escape(CERTIFIERS[0].setting)
-    assert re.search(legend, text)  # the legend maps the name to the full setting
+    legend = (r"\| cohen sigma=0\.25 n=2000\s+\| cohen\s+\| l2\s+\| gaussian\s+\| [^|]+\| "
+              + re.escape(CERTIFIERS[0].setting))
+    assert re.search(legend, text)  # the legend maps the name to its noise, what it covers and the full setting
+    assert report.COVERS_NOTE in text and "| dssn " in text and "grid 1/255" in text
 
 
 def test_report_html_is_self_contained_with_a_table_per_norm(tmp_path):

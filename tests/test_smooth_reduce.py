@@ -103,12 +103,13 @@ def test_one_whole_patch_without_resize_is_cohen(noise):
     images, labels, ids = load_demo("test")
     images, labels, ids = images[:4].float() / 255, labels[:4], ids[:4]
     rows = pipeline.certify(load_demo_model(), images, labels,
-                            [Cohen(sigma=0.25, n0=50, n=300),
+                            [Cohen(sigma=0.25, n0=50, n=300, gaussian="sound" if noise == "shared" else "real"),
                              SmoothReduce(sigma=0.25, patch_size=32, n0=50, n=300, noise=noise, scores="logits")],
                             image_ids=ids, batch_size=256).to_pylist()
     for cohen, reduced in zip(rows[::2], rows[1::2], strict=True):
         assert (reduced["prediction"], reduced["count"]) == (cohen["prediction"], cohen["count"])
         assert reduced["radius"] == pytest.approx(cohen["radius"], rel=1e-12)
+        assert reduced["noise"] == cohen["noise"] == ("sound_gaussian" if noise == "shared" else "gaussian")
 
 
 def test_invalid_settings_give_clear_errors():

@@ -95,6 +95,7 @@ def test_toys_certify_through_the_engine_on_their_own_noise():
     assert list(rows.groupby("certifier", sort=False)["norm"].first()) == ["l1", "linf", "l2"]
     laplace = rows[rows["certifier"] == "toy_laplace"]
     assert (laplace["forward_passes"] == 32 + 256).all() and (laplace["max_radius"] >= laplace["radius"]).all()
-    gaussian = pipeline.certify(load_demo_model(), images, labels[:4].tolist(), [Cohen(sigma=0.25, n0=32, n=256)],
-                                image_ids=ids[:4], batch_size=256).to_pandas()
+    gaussian = pipeline.certify(load_demo_model(), images, labels[:4].tolist(),
+                                [Cohen(sigma=0.25, n0=32, n=256, gaussian="real")], image_ids=ids[:4],
+                                batch_size=256).to_pandas()
     assert list(laplace["count"]) != list(gaussian["count"])  # the Laplace draws, not the Gaussian ones

@@ -19,7 +19,15 @@ every forward pass included (a clean pass, one per patch): the row's `forward_pa
 alone. Every certifier also states its `norm`, its `max_radius` (the largest radius its settings can
 certify, None where there is none fixed) and its `targets` (the only radii a sequential mode decides),
 which the row builder records, so that reports read columns and never re-derive a certifier from its
-setting string.
+setting string. It also states the noise it draws (`noise_kind`) and what its radius covers (`covers`):
+"real" (every real perturbation in the ball, under the theorem's real-valued noise) or "grid 1/255" (every
+perturbation on the 1/255 grid in the ball, under noise that floating point draws exactly).
+
+`GaussianNoise` is the choice of the Gaussian certifiers (Cohen, TopK, Center, Smooth-Reduce):
+`gaussian="sound"` draws `pipeline.noise.SoundGaussian` (inputs on the 1/255 grid, refused otherwise),
+`"real"` the float Gaussian, and `"auto"` (the default) resolves to "sound" for inputs that are all on the
+1/255 grid (every 8-bit image: the run configs resolve it so, as decoded images always are) and to "real"
+otherwise (`for_inputs`); rows record the resolved choice.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from typing import ClassVar
 import numpy as np
 
 from pipeline.engine import Draws
+from pipeline.noise import GRID_TOLERANCE, grid_deviation
 
 ABSTAIN = -1
 
@@ -52,8 +61,14 @@ SAMPLING = "sampling"
 OUTPUT = "output"
 KINDS = (COUNTING, SAMPLING, OUTPUT)
 
+# What a radius covers (the rows' `covers` column) and the Gaussian certifiers' choices of noise.
+REAL = "real"
+GRID = "grid 1/255"
+GAUSSIAN_CHOICES = ("auto", "sound", "real")
+
 __all__ = ["ABSTAIN", "CENTER_CANDIDATES", "CENTER_CHECK", "CENTER_SEARCH", "COUNTING", "DSSN_OFFSETS",
-           "ESTIMATION", "KINDS", "OUTPUT", "SAMPLING", "SELECTION", "Certificate", "Certifier", "Cost"]
+           "ESTIMATION", "GAUSSIAN_CHOICES", "GRID", "KINDS", "OUTPUT", "REAL", "SAMPLING", "SELECTION", "Certificate",
+           "Certifier", "Cost", "GaussianNoise"]
 
 
 def _is_real(value) -> bool:
@@ -157,6 +172,22 @@ class Certifier:
     def check_images(self, images, image_ids) -> None:
         """Raises ValueError, naming the image, when an input lies outside the certifier's threat model."""
 
+    def for_inputs(self, on_grid: bool) -> Certifier:
+        """This certifier for inputs that are all on the 1/255 grid (`on_grid`) or not: itself, unless a
+        setting depends on it (`GaussianNoise`'s "auto")."""
+        return self
+
+    @property
+    def noise_kind(self) -> str:
+        """The noise kind(s) it draws (`pipeline.noise.NOISE_KINDS`), for the row's `noise` column."""
+        requests = [*self.draws(labeled=True).values(), *self.reusable_draws(labeled=True)]
+        return ",".join(sorted({draws.noise for draws in requests})) or "gaussian"
+
+    @property
+    def covers(self) -> str:
+        """What its radius covers: REAL (every real perturbation in the ball) or GRID (those on the grid)."""
+        return REAL
+
     @property
     def self_sampling(self) -> bool:
         """True when later draws depend on earlier ones, so the certifier samples through `run`."""
@@ -229,3 +260,52 @@ class Certifier:
         """A readable identity of the settings, e.g. 'cohen(sigma=0.25, alpha=0.001, n0=100, n=100000, ...)'."""
         values = ", ".join(f"{key}={value}" for key, value in self._setting_items().items())
         return f"{self.name}({values})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GaussianNoise:
+    """The Gaussian certifiers' noise (mixed in before `Certifier`): `gaussian` = "sound" (integer noise on the
+    1/255 grid, `pipeline.noise.SoundGaussian`: the radius covers perturbations on the grid, and holds for the
+    network as floating point runs it), "real" (x + sigma eps in float: the radius of the real-valued theorem,
+    which floating point does not guarantee) or "auto" (sound for inputs on the grid, else real; see
+    `for_inputs`). Every request for draws goes through `noise_draws`."""
+
+    gaussian: str = "auto"
+
+    def _check_gaussian(self) -> None:
+        self._require_choice("gaussian", GAUSSIAN_CHOICES)
+
+    @property
+    def noise_kind(self) -> str:
+        return "sound_gaussian" if self.gaussian == "sound" else "gaussian"
+
+    @property
+    def covers(self) -> str:
+        return {"sound": GRID, "real": REAL}.get(self.gaussian, f"{GRID} or {REAL}, resolved per input")
+
+    def noise_draws(self, stage: str, n: int) -> Draws:
+        """A request for n draws of `stage` of this certifier's Gaussian noise at its sigma."""
+        return Draws(stage, self.sigma, n, noise=self.noise_kind)
+
+    def for_inputs(self, on_grid: bool):
+        if self.gaussian != "auto":
+            return self
+        return dataclasses.replace(self, gaussian="sound" if on_grid else "real")
+
+    def check_images(self, images, image_ids) -> None:
+        if self.gaussian != "sound":
+            return
+        for image_id, deviation in zip(image_ids, grid_deviation(images).tolist(), strict=True):
+            if deviation > GRID_TOLERANCE:
+                raise ValueError(f"{self.name}: image {image_id} is not on the 1/255 grid (largest deviation "
+                                 f"{deviation / 255:.3g} from a multiple of 1/255); gaussian='sound' needs 8-bit "
+                                 f"inputs, use gaussian='real' for others (its radius is not floating-point sound)")
+
+    def _setting_items(self) -> dict:
+        """The settings, `gaussian` last, and only when "sound": the real noise keeps the setting string rows
+        had before the choice existed (all Gaussian noise was real then). An unresolved "auto" is named as
+        the real noise is, which is what it resolves to off the grid; rows always carry the resolved choice
+        (`pipeline.certification` resolves it for its inputs, a run config for 8-bit images)."""
+        items = super()._setting_items()
+        choice = items.pop("gaussian")
+        return {**items, "gaussian": choice} if choice == "sound" else items

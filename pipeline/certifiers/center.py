@@ -39,9 +39,9 @@ from pipeline.certifiers.base import (
     Certificate,
     Certifier,
     Cost,
+    GaussianNoise,
 )
 from pipeline.distances import METRICS, get_metric
-from pipeline.engine import Draws
 from pipeline.models import WithFeatures
 from pipeline.sampling import Session
 
@@ -115,8 +115,9 @@ def output_head(model: torch.nn.Module, output: str, with_logits: bool = False):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Center(Certifier):
-    """Center smoothing of the model's `output` under `metric`, certified for ||delta||_2 <= eps_in."""
+class Center(GaussianNoise, Certifier):
+    """Center smoothing of the model's `output` under `metric`, certified for ||delta||_2 <= eps_in; `gaussian`
+    picks the input noise (`GaussianNoise`: sound on the 1/255 grid, or real)."""
 
     name: ClassVar[str] = "center"
     classifies: ClassVar[bool] = False
@@ -139,6 +140,7 @@ class Center(Certifier):
                              f"alpha2 instead of alpha={self.alpha!r}")
         object.__setattr__(self, "alpha", self.alpha1 + self.alpha2)
         super().__post_init__()
+        self._check_gaussian()
         self._require_count("n", 1)
         self._require_count("m", 1)
         self._require_choice("output", OUTPUTS)
@@ -211,7 +213,7 @@ class Center(Certifier):
         def count_within(outputs, image, draw):
             within.index_add_(0, image, (distance.paired(outputs, centres[image]) <= radii[image]).long())
 
-        session.outputs(images, image_ids, seed, Draws(CENTER_CHECK, self.sigma, self.n), head, count_within)
+        session.outputs(images, image_ids, seed, self.noise_draws(CENTER_CHECK, self.n), head, count_within)
         return centres, radii, within.double() / self.n
 
     def run(self, session: Session, images: torch.Tensor, image_ids: list[str], seed: int,
@@ -233,7 +235,7 @@ class Center(Certifier):
         # the m certification draws are the estimation stream at sigma: one forward pass gives this stage its
         # outputs and the model's votes, which answer Cohen's and TopK's estimation draws at the same sigma
         voting = self.feeds_counts and not engine.compile
-        session.outputs(images, image_ids, seed, Draws(ESTIMATION, self.sigma, self.m),
+        session.outputs(images, image_ids, seed, self.noise_draws(ESTIMATION, self.m),
                         output_head(engine.model, self.output, with_logits=True) if voting else head, keep_distances,
                         votes=voting)
 
@@ -264,7 +266,7 @@ class Center(Certifier):
             candidates[image, draw] = outputs.float()
 
         stage = CENTER_SEARCH if self.centers == "exact" else CENTER_CANDIDATES
-        session.outputs(images, image_ids, seed, Draws(stage, self.sigma, candidates_count), head, keep)
+        session.outputs(images, image_ids, seed, self.noise_draws(stage, candidates_count), head, keep)
         if self.centers == "exact":
             medians = torch.stack([median_distances(distance, candidates[i], candidates[i])
                                    for i in range(len(images))])
@@ -277,7 +279,7 @@ class Center(Certifier):
                                          outputs[:, None].expand(rows, candidates_count, *shape).flatten(0, 1))
                 to_samples[image, :, draw] = paired.view(rows, candidates_count).float()
 
-            session.outputs(images, image_ids, seed, Draws(CENTER_SEARCH, self.sigma, self.n), head, measure)
+            session.outputs(images, image_ids, seed, self.noise_draws(CENTER_SEARCH, self.n), head, measure)
             medians = to_samples.median(dim=2).values
         best = medians.argmin(dim=1)
         index = torch.arange(len(images), device=engine.device)

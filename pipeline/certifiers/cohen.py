@@ -17,7 +17,7 @@ from scipy.special import ndtr
 from scipy.stats import norm
 
 from pipeline import stats
-from pipeline.certifiers.base import ABSTAIN, ESTIMATION, SELECTION, Certificate, Certifier, Cost
+from pipeline.certifiers.base import ABSTAIN, ESTIMATION, SELECTION, Certificate, Certifier, Cost, GaussianNoise
 from pipeline.certifiers.sequential import SEQUENTIAL_MODES, Outcome, SequentialOptions, top_class
 from pipeline.engine import Draws
 
@@ -82,12 +82,13 @@ def predict_from_counts(counts, alpha: float) -> int:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Cohen(SequentialOptions, Certifier):
+class Cohen(GaussianNoise, SequentialOptions, Certifier):
     """Cohen et al.'s smoothed classifier: `mode="certify"` (CERTIFY: n0 selection draws, n fresh
     estimation draws) or `mode="predict"` (PREDICT on n draws, no radius); `mode="sequential"` (target
     `radii`) and `mode="max_radius"` stop each image as soon as it is decided, n being the budget (see
     `pipeline.certifiers.sequential`; same guarantee as CERTIFY). A model with a denoiser in front is
-    denoised smoothing (Salman et al.), certified the same way."""
+    denoised smoothing (Salman et al.), certified the same way. `gaussian` picks the noise (`GaussianNoise`:
+    sound on the 1/255 grid, or real)."""
 
     name: ClassVar[str] = "cohen"
 
@@ -101,6 +102,7 @@ class Cohen(SequentialOptions, Certifier):
         self._require_count("n", 1)
         self._require_choice("mode", ("certify", "predict", *SEQUENTIAL_MODES))
         self._check_sequential()
+        self._check_gaussian()
 
     def max_radius(self, num_classes: int | None = None, details: Mapping | None = None) -> float | None:
         """CERTIFY's radius when all n draws vote for the selected class (`max_radius`); PREDICT certifies
@@ -108,10 +110,10 @@ class Cohen(SequentialOptions, Certifier):
         return super().max_radius(num_classes, details) if self.mode == "certify" else None
 
     def draws(self, labeled: bool) -> dict[str, Draws]:
-        estimation = Draws(ESTIMATION, self.sigma, self.n)
+        estimation = self.noise_draws(ESTIMATION, self.n)
         if self.mode == "predict":
             return {ESTIMATION: estimation}
-        return {SELECTION: Draws(SELECTION, self.sigma, self.n0), ESTIMATION: estimation}
+        return {SELECTION: self.noise_draws(SELECTION, self.n0), ESTIMATION: estimation}
 
     def certify(self, counts: Mapping[str, np.ndarray], label: int | None) -> Certificate:
         if self.mode == "predict":

@@ -66,6 +66,10 @@ class DSSN(Certifier):
                              f"= {self.levels} levels; sigma must be at least {smallest:.4g}")
 
     @property
+    def covers(self) -> str:
+        return f"grid 1/{self.q}"
+
+    @property
     def levels(self) -> int:
         return dssn_levels(self.sigma, self.q)
 

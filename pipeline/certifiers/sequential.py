@@ -152,7 +152,7 @@ class SequentialOptions:
         certificate keeps its own guarantee: a look's counts are the same whoever drew them."""
         if not self.sequential:
             return []
-        return [Draws(SELECTION, self.sigma, self.n0), *(Draws(ESTIMATION, self.sigma, n) for n in self.looks())]
+        return [self.noise_draws(SELECTION, self.n0), *(self.noise_draws(ESTIMATION, n) for n in self.looks())]
 
     def looks(self) -> list[int]:
         return block_looks(self.first_look, self.look_ratio, self.n)
@@ -166,7 +166,7 @@ class SequentialOptions:
         best, worst = -math.inf, math.inf
         stopped = "budget"
         for look, n in enumerate(looks, 1):
-            counts = yield Draws(ESTIMATION, self.sigma, n)
+            counts = yield self.noise_draws(ESTIMATION, n)
             low, high = radii_at(counts, look)
             best, worst = max(best, low), min(worst, high)
             if self.mode == "sequential":
@@ -191,7 +191,7 @@ def top_class(certifier, scale: float = 1.0) -> Generator[Draws, np.ndarray, tup
     """Sequential CERTIFY for a smoothed top-1 vote (Cohen; Smooth-Reduce): the top class of `n0`
     selection draws, then estimation looks with radius scale * sigma * Phi^-1(bound on its probability).
     Returns (top class, outcome)."""
-    selection = yield Draws(SELECTION, certifier.sigma, certifier.n0)
+    selection = yield certifier.noise_draws(SELECTION, certifier.n0)
     top = int(np.argmax(selection))
 
     def radii_at(counts: np.ndarray, look: int) -> tuple[float, float]:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.certifiers.base import ESTIMATION, SELECTION, Certificate, Certifier, Cost
+from pipeline.certifiers.base import ESTIMATION, SELECTION, Certificate, Certifier, Cost, GaussianNoise
 from pipeline.certifiers.cohen import certificate_from_counts, sequential_certificate
 from pipeline.certifiers.cohen import max_radius as cohen_max_radius
 from pipeline.certifiers.sequential import SEQUENTIAL_MODES, SequentialOptions, top_class
@@ -133,10 +133,12 @@ class PatchVote(torch.nn.Module):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SmoothReduce(SequentialOptions, Certifier):
+class SmoothReduce(GaussianNoise, SequentialOptions, Certifier):
     """Smooth-Reduce with Cohen's CERTIFY on the reduced votes; the radius is in the original input space.
     `mode="sequential"` (target `radii`, in input space) and `mode="max_radius"` stop each image once
-    decided, n being the budget (see `pipeline.certifiers.sequential`)."""
+    decided, n being the budget (see `pipeline.certifiers.sequential`). `gaussian` picks the noise
+    (`GaussianNoise`); the sound noise needs `noise="shared"` (independent noise is drawn on resized patches,
+    which are off the grid), so "auto" resolves to "real" with independent noise."""
 
     name: ClassVar[str] = "smooth_reduce"
     own_head: ClassVar[bool] = True
@@ -164,6 +166,10 @@ class SmoothReduce(SequentialOptions, Certifier):
         self._require_choice("reduce", REDUCTIONS)
         self._require_choice("scores", ("softmax", "logits"))
         self._require_choice("noise", ("shared", "independent"))
+        self._check_gaussian()
+        if self.gaussian == "sound" and self.noise == "independent":
+            raise ValueError(f"{self.name}: gaussian='sound' needs noise='shared': independent noise is drawn on "
+                             f"the resized patches, which are not on the 1/255 grid")
         if self.num_patches is not None:
             self._require_count("num_patches", 1)
         elif self.placement == "random":
@@ -205,6 +211,10 @@ class SmoothReduce(SequentialOptions, Certifier):
         """None: the votes are the patch ensemble's, not the base model's."""
         return []
 
+    def for_inputs(self, on_grid: bool) -> SmoothReduce:
+        """"auto" resolves as for every Gaussian certifier, but to "real" with independent noise."""
+        return super().for_inputs(on_grid and self.noise == "shared")
+
     def run(self, session: Session, images: torch.Tensor, image_ids: list[str], seed: int,
             labels: list[int | None] | None = None) -> list[Certificate]:
         """Votes of the patch ensemble through the session; each draw's forward pass per patch is in its
@@ -233,7 +243,7 @@ class SmoothReduce(SequentialOptions, Certifier):
             voted = session.sequential(inputs, image_ids, seed, [procedure() for _ in image_ids], head=head,
                                        batch_size=batch_size)
         else:
-            selection, estimation = Draws(SELECTION, self.sigma, self.n0), Draws(ESTIMATION, self.sigma, self.n)
+            selection, estimation = self.noise_draws(SELECTION, self.n0), self.noise_draws(ESTIMATION, self.n)
             counts = session.count(inputs, image_ids, seed, [selection, estimation], head=head, batch_size=batch_size)
             voted = [certificate_from_counts(counts[selection][index], counts[estimation][index], self.sigma,
                                              self.alpha) for index in range(len(images))]

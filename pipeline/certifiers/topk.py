@@ -23,7 +23,7 @@ import numpy as np
 from scipy.special import ndtr, ndtri
 
 from pipeline import stats
-from pipeline.certifiers.base import ABSTAIN, ESTIMATION, SELECTION, Certificate, Certifier, Cost
+from pipeline.certifiers.base import ABSTAIN, ESTIMATION, SELECTION, Certificate, Certifier, Cost, GaussianNoise
 from pipeline.certifiers.sequential import SEQUENTIAL_MODES, SequentialOptions
 from pipeline.engine import Draws
 
@@ -136,14 +136,15 @@ def predict_from_counts(counts, k: int, alpha: float) -> list[int] | None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TopK(SequentialOptions, Certifier):
+class TopK(GaussianNoise, SequentialOptions, Certifier):
     """Jia et al.'s top-k CERTIFY for the true label, on n draws.
 
     With no labels, the label to certify is the top class of n0 separate selection draws, so it is
     chosen independently of the n estimation draws. `topk_labels` holds top-k PREDICT on the
     estimation draws (its own guarantee at level alpha; not given in the sequential modes, whose
     sample size depends on the data). `mode="sequential"` (target `radii`) and `mode="max_radius"` stop
-    each image once decided, n being the budget (see `pipeline.certifiers.sequential`).
+    each image once decided, n being the budget (see `pipeline.certifiers.sequential`). `gaussian` picks the
+    noise (`GaussianNoise`).
     """
 
     name: ClassVar[str] = "topk"
@@ -165,6 +166,7 @@ class TopK(SequentialOptions, Certifier):
         if not self.tolerance > 0:
             raise ValueError(f"{self.name}: tolerance must be > 0, got {self.tolerance!r}")
         self._check_sequential()
+        self._check_gaussian()
 
     def max_radius(self, num_classes: int | None = None, details: Mapping | None = None) -> float | None:
         """The radius when all n draws vote for the label; its bounds depend on the number of classes, so
@@ -177,10 +179,10 @@ class TopK(SequentialOptions, Certifier):
                              f"got k={self.k}")
 
     def draws(self, labeled: bool) -> dict[str, Draws]:
-        estimation = Draws(ESTIMATION, self.sigma, self.n)
+        estimation = self.noise_draws(ESTIMATION, self.n)
         if labeled:
             return {ESTIMATION: estimation}
-        return {SELECTION: Draws(SELECTION, self.sigma, self.n0), ESTIMATION: estimation}
+        return {SELECTION: self.noise_draws(SELECTION, self.n0), ESTIMATION: estimation}
 
     def certify(self, counts: Mapping[str, np.ndarray], label: int | None) -> Certificate:
         estimation = counts[ESTIMATION]
@@ -203,7 +205,7 @@ class TopK(SequentialOptions, Certifier):
 
         def procedure(label: int | None):
             if unlabeled:
-                label = int(np.argmax((yield Draws(SELECTION, self.sigma, self.n0))))
+                label = int(np.argmax((yield self.noise_draws(SELECTION, self.n0))))
 
             def radii_at(counts: np.ndarray, look: int) -> tuple[float, float]:
                 p_lower, upper, p_upper, lower = sequential_label_bounds(counts, label, look, self.alpha, self.bound,
