@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 __all__ = ["FAMILIES", "DemoCNN", "LoadedModel", "ModelSpec", "Normalize", "Resize", "WithFeatures",
            "load_any_denoiser", "load_demo_model", "load_model", "load_state_dict", "model_names", "open_model"]
 
+
 class ModelSpec(Section):
     """A model entry of a config: a classifier `name` of one of the `FAMILIES` (none with `weights`: the
     checkpoint's `arch`, or the Hugging Face folder's config; neither: the demo CNN), `weights` (a file or a
