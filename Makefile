@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet --no-compile -e '.[test]'  # bytecode is compiled on first import, for what is imported
+	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 test: $(STAMP)
