@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 import torchvision
+from throughput import best_rates  # beside this script
 
 from pipeline import report
 from pipeline.certification import certify_rows
@@ -40,29 +41,6 @@ from pipeline.noise import DRAWS_PER_BLOCK, make_noise
 from pipeline.results import to_table
 
 KINDS = ("gaussian", "sound_gaussian")
-
-
-def timed(function, device: torch.device) -> float:
-    """Seconds of one call."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    function()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
-
-
-def best_rates(calls: dict, work: float, repeats: int, device: torch.device) -> dict[str, float]:
-    """Per kind, `work` over the shortest of `repeats` timed calls, the kinds alternating within each round
-    (so a drift in the machine's speed touches both), after one warm-up call each."""
-    for function in calls.values():
-        function()
-    times: dict[str, list[float]] = {kind: [] for kind in calls}
-    for _ in range(repeats):
-        for kind, function in calls.items():
-            times[kind].append(timed(function, device))
-    return {kind: work / min(values) for kind, values in times.items()}
 
 
 def noise_call(shape: tuple, kind: str, device: torch.device):
@@ -102,10 +80,10 @@ def speed(args) -> None:
     for name in args.models:
         make, shape, draws, batch = models[name]
         model = make().to(device).eval()
-        alone = best_rates({kind: noise_call(shape, kind, device) for kind in KINDS}, DRAWS_PER_BLOCK,
-                           args.repeats, device)
+        alone = best_rates({kind: noise_call(shape, kind, device) for kind in KINDS},
+                           dict.fromkeys(KINDS, DRAWS_PER_BLOCK), args.repeats, device)
         rates = best_rates({kind: engine_call(model, shape, kind, draws, batch, device) for kind in KINDS},
-                           2 * draws, args.repeats, device)
+                           dict.fromkeys(KINDS, 2 * draws), args.repeats, device)
         real, sound = "gaussian", "sound_gaussian"
         print(f"| {name} | {2 * draws} | {batch} | {alone[real]:,.0f} | {alone[sound]:,.0f} | "
               f"{alone[sound] / alone[real]:.3f} | {rates[real]:,.1f} | {rates[sound]:,.1f} | "
