@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models import load_demo_model
+from pipeline.models import load_any_denoiser, load_demo_model
 from pipeline.models.diffusion import (
     GUIDED_256,
     GUIDED_SCHEDULE,
@@ -52,8 +52,10 @@ def cases(fixtures) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def small(fixtures) -> dict[str, OneShotDenoiser]:
-    return {family: read_diffusion(torch.load(fixtures / f"{family}_small.pt", weights_only=True))
-            for family in FAMILIES}
+    """The small fixture models as `model.denoiser: <file>` loads them (`load_any_denoiser`)."""
+    loaded = {family: load_any_denoiser(str(fixtures / f"{family}_small.pt"))[0] for family in FAMILIES}
+    assert all(isinstance(denoiser, OneShotDenoiser) for denoiser in loaded.values())
+    return loaded
 
 
 def reference_config(family: str, settings: dict) -> UNetConfig:
